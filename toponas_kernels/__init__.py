@@ -1,0 +1,7 @@
+"""toponas_kernels: fused kernels and TopoNAS topological simplification for one-shot NAS."""
+
+from ._version import __version__
+from . import ops
+from ._lib import available_backends
+
+__all__ = ["__version__", "ops", "available_backends"]

@@ -103,14 +103,14 @@ def _extensions(cfg):
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is left to torch (C++17 up to 2.13, C++20 from 2.14)
     define_macros = []
     if sys.platform != "win32":
         cxx += ["-fopenmp"]
     extra = {"cxx": cxx}
     if cfg["cuda"]:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo"]
         define_macros.append(("TOPONAS_WITH_CUDA", None))
         ext = CUDAExtension(
             "toponas_kernels._C",

@@ -1,27 +1,433 @@
-# TEMPORARY placeholder while the fused kernels are written; replaced in this session.
+"""Family 1: the fused masked mixed operation (DESIGN.md sections 1 and 9).
+
+    out = sum_k w_k * y_k                  one pass over the K candidate outputs
+    grad_y_k = w_k * grad_out              grad_w_k = <grad_out, y_k>  (deterministic)
+
+plus the weights around it: the masked softmax p_k = m_k exp(a_k / tau) / sum_j m_j exp(a_j / tau)
+and the Gumbel-softmax of GDAS built on it. A masked candidate is simply not among the outputs:
+nothing is ever read for it.
+
+Layout of this file, top to bottom: Triton kernels and launchers, the ``toponas::`` custom ops
+(one forward and one backward op per function, each dispatching on ``backend``), their autograd
+registrations, and the public functions.
+"""
+
+from __future__ import annotations
+
+import math
+
 import torch
+from torch import Tensor
+
+from .. import backend as _backend
 from . import reference as _ref
+from ._common import (
+    HAS_TRITON,
+    as_tensor_list,
+    block_size,
+    check_like,
+    check_tensor,
+    register_kernel_fake,
+    tl,
+    triton,
+)
+
+# How many candidate pointers one Triton launch takes; larger K runs in chunks of this size.
+_CHUNK = 8
+
+# ============================================================================ Triton kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_term(w_ptr, k, y_ptr, offs, mask, ACC: tl.constexpr):
+        w = tl.load(w_ptr + k).to(ACC)
+        return w * tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+    @triton.jit
+    def _mixed_sum_fwd_kernel(
+        out_ptr, acc_ptr, w_ptr, y0, y1, y2, y3, y4, y5, y6, y7, n, k0,
+        NUM: tl.constexpr, ACCUMULATE: tl.constexpr, FINAL: tl.constexpr,
+        BLOCK: tl.constexpr, ACC: tl.constexpr,
+    ):
+        # One pass: read NUM candidate outputs once, write the weighted sum once. With K > 8 the
+        # running sum lives in acc_ptr (accumulation dtype) between chunks.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        if ACCUMULATE:
+            acc = tl.load(acc_ptr + offs, mask=m, other=0.0).to(ACC)
+        else:
+            acc = tl.zeros([BLOCK], dtype=ACC)
+        acc += _load_term(w_ptr, k0, y0, offs, m, ACC)
+        if NUM > 1:
+            acc += _load_term(w_ptr, k0 + 1, y1, offs, m, ACC)
+        if NUM > 2:
+            acc += _load_term(w_ptr, k0 + 2, y2, offs, m, ACC)
+        if NUM > 3:
+            acc += _load_term(w_ptr, k0 + 3, y3, offs, m, ACC)
+        if NUM > 4:
+            acc += _load_term(w_ptr, k0 + 4, y4, offs, m, ACC)
+        if NUM > 5:
+            acc += _load_term(w_ptr, k0 + 5, y5, offs, m, ACC)
+        if NUM > 6:
+            acc += _load_term(w_ptr, k0 + 6, y6, offs, m, ACC)
+        if NUM > 7:
+            acc += _load_term(w_ptr, k0 + 7, y7, offs, m, ACC)
+        if FINAL:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(acc_ptr + offs, acc, mask=m)
+
+    @triton.jit
+    def _grad_one(g, w_ptr, k, y_ptr, gy_ptr, part_ptr, nprog, pid, offs, mask, ACC: tl.constexpr):
+        w = tl.load(w_ptr + k).to(ACC)
+        tl.store(gy_ptr + offs, (w * g).to(gy_ptr.dtype.element_ty), mask=mask)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(part_ptr + k * nprog + pid, tl.sum(g * y, axis=0))
+
+    @triton.jit
+    def _mixed_sum_bwd_kernel(
+        g_ptr, w_ptr, part_ptr, n, nprog, k0,
+        y0, y1, y2, y3, y4, y5, y6, y7, gy0, gy1, gy2, gy3, gy4, gy5, gy6, gy7,
+        NUM: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    ):
+        # grad_out is read once per chunk; each program writes one partial <g, y_k> per k into
+        # part[k, pid], summed afterwards in a fixed order (deterministic, no atomics).
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+        _grad_one(g, w_ptr, k0, y0, gy0, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 1:
+            _grad_one(g, w_ptr, k0 + 1, y1, gy1, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 2:
+            _grad_one(g, w_ptr, k0 + 2, y2, gy2, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 3:
+            _grad_one(g, w_ptr, k0 + 3, y3, gy3, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 4:
+            _grad_one(g, w_ptr, k0 + 4, y4, gy4, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 5:
+            _grad_one(g, w_ptr, k0 + 5, y5, gy5, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 6:
+            _grad_one(g, w_ptr, k0 + 6, y6, gy6, part_ptr, nprog, pid, offs, m, ACC)
+        if NUM > 7:
+            _grad_one(g, w_ptr, k0 + 7, y7, gy7, part_ptr, nprog, pid, offs, m, ACC)
+
+    @triton.jit
+    def _masked_softmax_fwd_kernel(x_ptr, m_ptr, p_ptr, K, inv_tau, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+        # One row per program: only the active entries are read.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_K)
+        active = (cols < K) & (tl.load(m_ptr + row * K + cols, mask=cols < K, other=0) != 0)
+        x = tl.load(x_ptr + row * K + cols, mask=active, other=0.0).to(ACC) * inv_tau
+        x = tl.where(active, x, -float("inf"))
+        e = tl.where(active, tl.exp(x - tl.max(x, axis=0)), 0.0)
+        p = e / tl.sum(e, axis=0)
+        tl.store(p_ptr + row * K + cols, p.to(p_ptr.dtype.element_ty), mask=cols < K)
+
+    @triton.jit
+    def _masked_softmax_bwd_kernel(g_ptr, p_ptr, gx_ptr, K, inv_tau, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+        # d logits = p * (g - <g, p>) / tau; masked entries have p = 0, hence gradient 0.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_K)
+        inb = cols < K
+        p = tl.load(p_ptr + row * K + cols, mask=inb, other=0.0).to(ACC)
+        g = tl.load(g_ptr + row * K + cols, mask=inb, other=0.0).to(ACC)
+        gx = p * (g - tl.sum(g * p, axis=0)) * inv_tau
+        tl.store(gx_ptr + row * K + cols, gx.to(gx_ptr.dtype.element_ty), mask=inb)
 
 
-def mixed_sum(outputs, weights, *, backend=None):
-    if isinstance(outputs, torch.Tensor):
-        outputs = list(outputs.unbind(0))
-    return _ref.mixed_sum_ref(list(outputs), weights)
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def masked_softmax(logits, mask=None, *, tau=1.0, backend=None):
+def _padded(tensors: list[Tensor], start: int) -> tuple[list[Tensor], int]:
+    """Up to _CHUNK tensors from ``start``, padded with the first (unused slots are never read)."""
+    chunk = tensors[start : start + _CHUNK]
+    return chunk + [chunk[0]] * (_CHUNK - len(chunk)), len(chunk)
+
+
+def _mixed_sum_triton(outputs: list[Tensor], weights: Tensor) -> Tensor:
+    ys = [y.contiguous() for y in outputs]
+    out = torch.empty_like(ys[0])
+    n, k_total = out.numel(), len(ys)
+    if n == 0:
+        return out
+    block = block_size(n, 1024)
+    grid = (triton.cdiv(n, block),)
+    acc_dtype = _ref.acc_dtype(out.dtype)
+    # The running sum between chunks (K > 8 only) is kept in the accumulation dtype.
+    scratch = out if k_total <= _CHUNK else torch.empty(n, dtype=acc_dtype, device=out.device)
+    for start in range(0, k_total, _CHUNK):
+        chunk, num = _padded(ys, start)
+        _mixed_sum_fwd_kernel[grid](
+            out, scratch, weights, *chunk, n, start,
+            NUM=num, ACCUMULATE=start > 0, FINAL=start + num == k_total,
+            BLOCK=block, ACC=_tl_acc(out.dtype),
+        )
+    return out
+
+
+def _mixed_sum_backward_triton(grad: Tensor, outputs: list[Tensor], weights: Tensor) -> list[Tensor]:
+    g = grad.contiguous()
+    ys = [y.contiguous() for y in outputs]
+    gys = [torch.empty_like(y) for y in ys]
+    n, k_total = g.numel(), len(ys)
+    if n == 0:
+        return gys + [torch.zeros_like(weights)]
+    block = block_size(n, 1024)
+    nprog = triton.cdiv(n, block)
+    parts = torch.empty(k_total, nprog, dtype=_ref.acc_dtype(g.dtype), device=g.device)
+    for start in range(0, k_total, _CHUNK):
+        chunk, num = _padded(ys, start)
+        gchunk, _ = _padded(gys, start)
+        _mixed_sum_bwd_kernel[(nprog,)](
+            g, weights, parts, n, nprog, start, *chunk, *gchunk,
+            NUM=num, BLOCK=block, ACC=_tl_acc(g.dtype),
+        )
+    return gys + [parts.sum(dim=1).to(weights.dtype)]
+
+
+def _masked_softmax_triton(logits: Tensor, mask: Tensor, tau: float) -> Tensor:
+    x = logits.contiguous()
+    p = torch.empty_like(x)
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if x.numel() == 0:
+        return p
+    m = mask.contiguous().view(torch.uint8)
+    _masked_softmax_fwd_kernel[(rows,)](
+        x, m, p, k, 1.0 / tau, BLOCK_K=triton.next_power_of_2(k), ACC=_tl_acc(x.dtype)
+    )
+    return p
+
+
+def _masked_softmax_backward_triton(grad: Tensor, probs: Tensor, tau: float) -> Tensor:
+    g, p = grad.contiguous(), probs.contiguous()
+    gx = torch.empty_like(p)
+    k = p.shape[-1]
+    if p.numel() == 0:
+        return gx
+    _masked_softmax_bwd_kernel[(p.numel() // k,)](
+        g, p, gx, k, 1.0 / tau, BLOCK_K=triton.next_power_of_2(k), ACC=_tl_acc(p.dtype)
+    )
+    return gx
+
+
+# ============================================================================ eager backward formulas
+# Inside a custom op autograd is off, so the reference backend spells its backward out.
+def _mixed_sum_backward_ref(grad: Tensor, outputs: list[Tensor], weights: Tensor) -> list[Tensor]:
+    acc = _ref.acc_dtype(grad.dtype)
+    g = grad.to(acc)
+    w = weights.to(acc)
+    gys = [(w[k] * g).to(grad.dtype) for k in range(len(outputs))]
+    gw = torch.stack([(g * y.to(acc)).sum() for y in outputs]).to(weights.dtype)
+    return gys + [gw]
+
+
+def _masked_softmax_backward_ref(grad: Tensor, probs: Tensor, tau: float) -> Tensor:
+    acc = _ref.acc_dtype(probs.dtype)
+    g, p = grad.to(acc), probs.to(acc)
+    return (p * (g - (g * p).sum(-1, keepdim=True)) / tau).to(probs.dtype)
+
+
+# ============================================================================ custom ops
+@torch.library.custom_op("toponas::mixed_sum", mutates_args=())
+def _mixed_sum_op(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
+    if backend == "reference":
+        return _ref.mixed_sum_ref(outputs, weights)
+    if backend == "triton":
+        return _mixed_sum_triton(outputs, weights)
+    return torch.ops.toponas.mixed_sum_kernel([y.contiguous() for y in outputs], weights.contiguous())
+
+
+@_mixed_sum_op.register_fake
+def _(outputs, weights, backend):
+    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("toponas::mixed_sum_backward", mutates_args=())
+def _mixed_sum_backward_op(grad: Tensor, outputs: list[Tensor], weights: Tensor, backend: str) -> list[Tensor]:
+    """Returns K output gradients followed by the weight gradient."""
+    if backend == "reference":
+        return _mixed_sum_backward_ref(grad, outputs, weights)
+    if backend == "triton":
+        return _mixed_sum_backward_triton(grad, outputs, weights)
+    return torch.ops.toponas.mixed_sum_backward_kernel(
+        grad.contiguous(), [y.contiguous() for y in outputs], weights.contiguous()
+    )
+
+
+@_mixed_sum_backward_op.register_fake
+def _(grad, outputs, weights, backend):
+    return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in outputs] + [
+        torch.empty_like(weights)
+    ]
+
+
+def _mixed_sum_setup(ctx, inputs, output):
+    outputs, weights, backend = inputs
+    ctx.save_for_backward(*outputs, weights)
+    ctx.backend = backend
+
+
+def _mixed_sum_grad(ctx, grad):
+    *outputs, weights = ctx.saved_tensors
+    grads = _mixed_sum_backward_op(grad, outputs, weights, ctx.backend)
+    return list(grads[:-1]), grads[-1], None
+
+
+_mixed_sum_op.register_autograd(_mixed_sum_grad, setup_context=_mixed_sum_setup)
+
+
+@torch.library.custom_op("toponas::masked_softmax", mutates_args=())
+def _masked_softmax_op(logits: Tensor, mask: Tensor, tau: float, backend: str) -> Tensor:
+    if backend == "reference":
+        return _ref.masked_softmax_ref(logits, mask, tau)
+    if backend == "triton":
+        return _masked_softmax_triton(logits, mask, tau)
+    return torch.ops.toponas.masked_softmax_kernel(logits.contiguous(), mask.contiguous(), tau)
+
+
+@_masked_softmax_op.register_fake
+def _(logits, mask, tau, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("toponas::masked_softmax_backward", mutates_args=())
+def _masked_softmax_backward_op(grad: Tensor, probs: Tensor, tau: float, backend: str) -> Tensor:
+    if backend == "reference":
+        return _masked_softmax_backward_ref(grad, probs, tau)
+    if backend == "triton":
+        return _masked_softmax_backward_triton(grad, probs, tau)
+    return torch.ops.toponas.masked_softmax_backward_kernel(grad.contiguous(), probs.contiguous(), tau)
+
+
+@_masked_softmax_backward_op.register_fake
+def _(grad, probs, tau, backend):
+    return torch.empty_like(probs, memory_format=torch.contiguous_format)
+
+
+def _masked_softmax_setup(ctx, inputs, output):
+    _, _, tau, backend = inputs
+    ctx.save_for_backward(output)
+    ctx.tau, ctx.backend = tau, backend
+
+
+def _masked_softmax_grad(ctx, grad):
+    (probs,) = ctx.saved_tensors
+    return _masked_softmax_backward_op(grad, probs, ctx.tau, ctx.backend), None, None, None
+
+
+_masked_softmax_op.register_autograd(_masked_softmax_grad, setup_context=_masked_softmax_setup)
+
+
+# Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
+@register_kernel_fake("mixed_sum_kernel")
+def _(outputs, weights):
+    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+
+
+@register_kernel_fake("mixed_sum_backward_kernel")
+def _(grad, outputs, weights):
+    return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in outputs] + [
+        torch.empty_like(weights)
+    ]
+
+
+@register_kernel_fake("masked_softmax_kernel")
+def _(logits, mask, tau):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@register_kernel_fake("masked_softmax_backward_kernel")
+def _(grad, probs, tau):
+    return torch.empty_like(probs, memory_format=torch.contiguous_format)
+
+
+# ============================================================================ public functions
+def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor:
+    """``sum_k weights[k] * outputs[k]`` in one pass, differentiable in both arguments.
+
+    Args:
+        outputs: K same-shaped tensors, or one stacked ``[K, ...]`` tensor. Only the candidates
+            that run belong here: a masked candidate is left out, with its weight.
+        weights: ``[K]`` tensor of the same dtype and device.
+        backend: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` or None/``"auto"``.
+    """
+    ys = as_tensor_list("outputs", outputs)
+    first = check_tensor("outputs[0]", ys[0])
+    for k, y in enumerate(ys[1:], start=1):
+        check_tensor(f"outputs[{k}]", y)
+        check_like(f"outputs[{k}]", y, "outputs[0]", first)
+    check_tensor("weights", weights, dim=1)
+    if weights.shape[0] != len(ys):
+        raise ValueError(f"weights has {weights.shape[0]} entries but there are {len(ys)} outputs; one weight per output")
+    check_like("weights", weights, "outputs[0]", first, shape=False)
+    return _mixed_sum_op(ys, weights, _backend.resolve(backend, first.device))
+
+
+def _check_mask(mask, logits: Tensor) -> Tensor:
     if mask is None:
-        mask = torch.ones_like(logits, dtype=torch.bool)
-    return _ref.masked_softmax_ref(logits, mask, tau)
+        return torch.ones_like(logits, dtype=torch.bool)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.device != logits.device:
+        raise ValueError(f"mask is on {mask.device} but logits is on {logits.device}")
+    if mask.shape != logits.shape:
+        try:
+            mask = mask.expand(logits.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}, not broadcastable to logits {tuple(logits.shape)}"
+            ) from None
+    if not bool(mask.any(dim=-1).all()):
+        raise ValueError("mask leaves a row with no active candidate; keep at least one per row")
+    return mask
 
 
-def gumbel_softmax(logits, mask=None, *, tau=1.0, hard=True, generator=None, backend=None):
-    if mask is None:
-        mask = torch.ones_like(logits, dtype=torch.bool)
-    u = torch.empty_like(logits).exponential_(generator=generator)
-    probs = _ref.masked_softmax_ref(logits - u.log(), mask, tau)
+def _check_logits(logits, tau: float) -> Tensor:
+    check_tensor("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits needs a non-empty last dim (the K candidates), got shape {tuple(logits.shape)}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    return logits
+
+
+def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0, backend: str | None = None) -> Tensor:
+    """Softmax of ``logits / tau`` over the last dim, restricted to ``mask`` (masked entries are
+    exactly 0, get zero gradient and take no part in the normalisation)."""
+    _check_logits(logits, tau)
+    mask = _check_mask(mask, logits)
+    return _masked_softmax_op(logits, mask, float(tau), _backend.resolve(backend, logits.device))
+
+
+def gumbel_softmax(
+    logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    hard: bool = True,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """GDAS weights: ``softmax((log_softmax(logits) + g) / tau)`` with g = -log(Exponential(1))
+    noise, restricted to ``mask``; ``hard`` returns the one-hot of the argmax with the
+    straight-through gradient ``one_hot - probs.detach() + probs``. (log_softmax only shifts a
+    row by a constant, so it is left out.) Noise that gives inf/NaN is drawn again."""
+    _check_logits(logits, tau)
+    mask = _check_mask(mask, logits)
+    resolved = _backend.resolve(backend, logits.device)
+    for _ in range(100):
+        noise = -torch.empty_like(logits).exponential_(generator=generator).log()
+        probs = _masked_softmax_op(logits + noise, mask, float(tau), resolved)
+        if bool(torch.isfinite(probs).all()):
+            break
+    else:  # pragma: no cover - needs non-finite logits
+        raise ValueError("gumbel_softmax gave non-finite weights 100 times: are the logits finite?")
     if not hard:
         return probs
-    index = probs.argmax(-1, keepdim=True)
-    one_hot = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+    one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
     return one_hot - probs.detach() + probs

@@ -1,0 +1,27 @@
+// Argument checks shared by the CPU and CUDA kernels. The Python wrappers check first and name
+// the user's argument; these are the last line for direct torch.ops.toponas.* callers.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+namespace toponas {
+
+inline void check_same_like(const at::Tensor& t, const at::Tensor& ref, const char* what) {
+  TORCH_CHECK(t.device() == ref.device(), what, " is on ", t.device(), " but expected ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), what, " has dtype ", t.scalar_type(),
+              " but expected ", ref.scalar_type());
+}
+
+inline void check_candidates(at::TensorList outputs, const at::Tensor& weights) {
+  TORCH_CHECK(outputs.size() > 0, "outputs is empty: at least one candidate (K >= 1) is needed");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(outputs.size()),
+              "weights must have shape [", outputs.size(), "], got ", weights.sizes());
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    check_same_like(outputs[k], outputs[0], "outputs[k]");
+    TORCH_CHECK(outputs[k].sizes() == outputs[0].sizes(), "outputs[", k, "] has shape ",
+                outputs[k].sizes(), " but outputs[0] has ", outputs[0].sizes());
+  }
+  check_same_like(weights, outputs[0], "weights");
+}
+
+}  // namespace toponas

@@ -1,0 +1,261 @@
+// Family 1 on NVIDIA GPUs: the weighted sum of K candidate outputs, its backward, and the
+// masked softmax.
+//
+// Forward reads each candidate once and writes the sum once (memory bound). Up to kChunk
+// candidate pointers travel in the kernel's parameter block; larger K runs in chunks with the
+// running sum kept in the accumulation dtype. Backward writes grad_y_k = w_k * g and one
+// partial <g, y_k> per (k, block) into a [K, blocks] buffer that is summed afterwards: a fixed
+// grid and a fixed reduction order make it deterministic (no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common.h"
+
+namespace toponas {
+namespace {
+
+constexpr int kChunk = 16;
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 2048;
+
+template <typename T>
+struct PtrPack {
+  T* p[kChunk];
+};
+
+int64_t blocks_for(int64_t n, int per_thread) {
+  const int64_t b = (n + static_cast<int64_t>(kThreads) * per_thread - 1) / (static_cast<int64_t>(kThreads) * per_thread);
+  return std::max<int64_t>(1, std::min<int64_t>(b, kMaxBlocks * 8));
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void mixed_sum_fwd_kernel(PtrPack<const scalar_t> ys, const scalar_t* __restrict__ w,
+                                     int num, int k0, acc_t* __restrict__ acc_buf,
+                                     scalar_t* __restrict__ out, int64_t n, bool accumulate,
+                                     bool final) {
+  acc_t wk[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) wk[j] = j < num ? static_cast<acc_t>(w[k0 + j]) : acc_t(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    acc_t acc = accumulate ? acc_buf[i] : acc_t(0);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      if (j < num) acc += wk[j] * static_cast<acc_t>(ys.p[j][i]);
+    if (final)
+      out[i] = static_cast<scalar_t>(acc);
+    else
+      acc_buf[i] = acc;
+  }
+}
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* shared) {
+  // Warp shuffle, then one warp over the warp sums: a fixed order for a fixed block size.
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? shared[lane] : acc_t(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  __syncthreads();
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void mixed_sum_bwd_kernel(const scalar_t* __restrict__ g, PtrPack<const scalar_t> ys,
+                                     PtrPack<scalar_t> gys, const scalar_t* __restrict__ w, int num,
+                                     int k0, acc_t* __restrict__ parts, int64_t n) {
+  __shared__ acc_t shared[32];
+  acc_t wk[kChunk], dot[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    wk[j] = j < num ? static_cast<acc_t>(w[k0 + j]) : acc_t(0);
+    dot[j] = acc_t(0);
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      if (j < num) {
+        gys.p[j][i] = static_cast<scalar_t>(wk[j] * gi);
+        dot[j] += gi * static_cast<acc_t>(ys.p[j][i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < num) {  // num is uniform across the block: every thread takes the same branches
+      const acc_t total = block_sum(dot[j], shared);
+      if (threadIdx.x == 0) parts[static_cast<int64_t>(k0 + j) * gridDim.x + blockIdx.x] = total;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void masked_softmax_fwd_kernel(const scalar_t* __restrict__ x, const bool* __restrict__ m,
+                                          scalar_t* __restrict__ p, int64_t rows, int64_t K,
+                                          acc_t inv_tau) {
+  // K is small (the candidates of an edge): one thread per row.
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const scalar_t* xr = x + r * K;
+  const bool* mr = m + r * K;
+  acc_t mx = -INFINITY;
+  for (int64_t k = 0; k < K; ++k)
+    if (mr[k]) mx = max(mx, static_cast<acc_t>(xr[k]) * inv_tau);
+  acc_t sum = 0;
+  for (int64_t k = 0; k < K; ++k)
+    if (mr[k]) sum += exp(static_cast<acc_t>(xr[k]) * inv_tau - mx);
+  for (int64_t k = 0; k < K; ++k)
+    p[r * K + k] = mr[k] ? static_cast<scalar_t>(exp(static_cast<acc_t>(xr[k]) * inv_tau - mx) / sum)
+                         : static_cast<scalar_t>(0);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void masked_softmax_bwd_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ p,
+                                          scalar_t* __restrict__ gx, int64_t rows, int64_t K,
+                                          acc_t inv_tau) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  acc_t dot = 0;
+  for (int64_t k = 0; k < K; ++k) dot += static_cast<acc_t>(g[r * K + k]) * static_cast<acc_t>(p[r * K + k]);
+  for (int64_t k = 0; k < K; ++k)
+    gx[r * K + k] = static_cast<scalar_t>(static_cast<acc_t>(p[r * K + k]) *
+                                          (static_cast<acc_t>(g[r * K + k]) - dot) * inv_tau);
+}
+
+at::Tensor mixed_sum_cuda(at::TensorList outputs, const at::Tensor& weights) {
+  check_candidates(outputs, weights);
+  const c10::cuda::CUDAGuard guard(outputs[0].device());
+  std::vector<at::Tensor> ys;
+  for (const auto& y : outputs) ys.push_back(y.contiguous());
+  auto w = weights.contiguous();
+  auto out = at::empty_like(ys[0], at::MemoryFormat::Contiguous);
+  const int64_t n = out.numel();
+  const int num_total = static_cast<int>(ys.size());
+  if (n == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = blocks_for(n, 4);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_sum_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor scratch;
+    if (num_total > kChunk) scratch = at::empty({n}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    for (int k0 = 0; k0 < num_total; k0 += kChunk) {
+      const int num = std::min(kChunk, num_total - k0);
+      PtrPack<const scalar_t> pack{};
+      for (int j = 0; j < kChunk; ++j) pack.p[j] = ys[k0 + std::min(j, num - 1)].data_ptr<scalar_t>();
+      mixed_sum_fwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          pack, w.data_ptr<scalar_t>(), num, k0,
+          scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr, out.data_ptr<scalar_t>(), n,
+          k0 > 0, k0 + num == num_total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> mixed_sum_backward_cuda(const at::Tensor& grad, at::TensorList outputs,
+                                                const at::Tensor& weights) {
+  check_candidates(outputs, weights);
+  check_same_like(grad, outputs[0], "grad");
+  TORCH_CHECK(grad.sizes() == outputs[0].sizes(), "grad has shape ", grad.sizes(),
+              " but the outputs have ", outputs[0].sizes());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto g = grad.contiguous();
+  std::vector<at::Tensor> ys;
+  for (const auto& y : outputs) ys.push_back(y.contiguous());
+  auto w = weights.contiguous();
+  const int64_t n = g.numel();
+  const int num_total = static_cast<int>(ys.size());
+  std::vector<at::Tensor> result;
+  for (const auto& y : ys) result.push_back(at::empty_like(y, at::MemoryFormat::Contiguous));
+  if (n == 0) {
+    result.push_back(at::zeros_like(w));
+    return result;
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min<int64_t>(blocks_for(n, 4), kMaxBlocks);
+  at::Tensor grad_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mixed_sum_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto parts = at::empty({num_total, blocks}, g.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    for (int k0 = 0; k0 < num_total; k0 += kChunk) {
+      const int num = std::min(kChunk, num_total - k0);
+      PtrPack<const scalar_t> yp{};
+      PtrPack<scalar_t> gp{};
+      for (int j = 0; j < kChunk; ++j) {
+        yp.p[j] = ys[k0 + std::min(j, num - 1)].data_ptr<scalar_t>();
+        gp.p[j] = result[k0 + std::min(j, num - 1)].data_ptr<scalar_t>();
+      }
+      mixed_sum_bwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          g.data_ptr<scalar_t>(), yp, gp, w.data_ptr<scalar_t>(), num, k0, parts.data_ptr<acc_t>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    grad_w = parts.sum(1).to(w.scalar_type());
+  });
+  result.push_back(grad_w);
+  return result;
+}
+
+at::Tensor masked_softmax_cuda(const at::Tensor& logits, const at::Tensor& mask, double tau) {
+  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logits needs a non-empty last dim");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == logits.sizes() &&
+                  mask.device() == logits.device(),
+              "mask must be a bool tensor of the logits' shape and device");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto x = logits.contiguous();
+  auto m = mask.contiguous();
+  auto p = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t K = x.size(-1), rows = x.numel() / K;
+  if (rows == 0) return p;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_softmax_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    masked_softmax_fwd_kernel<scalar_t, acc_t><<<(rows + 127) / 128, 128, 0, stream>>>(
+        x.data_ptr<scalar_t>(), m.data_ptr<bool>(), p.data_ptr<scalar_t>(), rows, K,
+        static_cast<acc_t>(1.0 / tau));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return p;
+}
+
+at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& probs, double tau) {
+  check_same_like(grad, probs, "grad");
+  TORCH_CHECK(grad.sizes() == probs.sizes(), "grad has shape ", grad.sizes(), " but probs has ", probs.sizes());
+  const c10::cuda::CUDAGuard guard(probs.device());
+  auto g = grad.contiguous();
+  auto p = probs.contiguous();
+  auto gx = at::empty_like(p, at::MemoryFormat::Contiguous);
+  const int64_t K = p.size(-1), rows = K == 0 ? 0 : p.numel() / K;
+  if (rows == 0) return gx;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "masked_softmax_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    masked_softmax_bwd_kernel<scalar_t, acc_t><<<(rows + 127) / 128, 128, 0, stream>>>(
+        g.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), rows, K,
+        static_cast<acc_t>(1.0 / tau));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(toponas, CUDA, m) {
+  m.impl("mixed_sum_kernel", &mixed_sum_cuda);
+  m.impl("mixed_sum_backward_kernel", &mixed_sum_backward_cuda);
+  m.impl("masked_softmax_kernel", &masked_softmax_cuda);
+  m.impl("masked_softmax_backward_kernel", &masked_softmax_backward_cuda);
+}
+
+}  // namespace toponas

@@ -1,0 +1,195 @@
+// Family 1 on the CPU: the weighted sum of K candidate outputs, its backward, and the masked
+// softmax that produces the weights. Accumulation in at::opmath_type (float for half types,
+// double for double). Reductions are split into fixed-size blocks whose partial sums are added
+// in block order, so the result does not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace toponas {
+namespace {
+
+constexpr int64_t kTile = 256;          // elements accumulated together in registers/stack
+constexpr int64_t kReduceBlock = 4096;  // fixed block of the deterministic reductions
+
+std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+at::Tensor mixed_sum_cpu(at::TensorList outputs, const at::Tensor& weights) {
+  check_candidates(outputs, weights);
+  auto ys = contiguous_all(outputs);
+  auto w = weights.contiguous();
+  auto out = at::empty_like(ys[0], at::MemoryFormat::Contiguous);
+  const int64_t n = out.numel();
+  const int64_t num = static_cast<int64_t>(ys.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> ptrs(num);
+    std::vector<acc_t> wv(num);
+    for (int64_t k = 0; k < num; ++k) {
+      ptrs[k] = ys[k].data_ptr<scalar_t>();
+      wv[k] = static_cast<acc_t>(w.data_ptr<scalar_t>()[k]);
+    }
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 8 * kTile, [&](int64_t begin, int64_t end) {
+      acc_t acc[kTile];
+      for (int64_t s = begin; s < end; s += kTile) {
+        const int64_t len = std::min(kTile, end - s);
+        std::fill(acc, acc + len, acc_t(0));
+        for (int64_t k = 0; k < num; ++k) {
+          const scalar_t* y = ptrs[k] + s;
+          const acc_t wk = wv[k];
+          for (int64_t i = 0; i < len; ++i) acc[i] += wk * static_cast<acc_t>(y[i]);
+        }
+        for (int64_t i = 0; i < len; ++i) o[s + i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> mixed_sum_backward_cpu(const at::Tensor& grad, at::TensorList outputs,
+                                               const at::Tensor& weights) {
+  check_candidates(outputs, weights);
+  check_same_like(grad, outputs[0], "grad");
+  TORCH_CHECK(grad.sizes() == outputs[0].sizes(), "grad has shape ", grad.sizes(),
+              " but the outputs have ", outputs[0].sizes());
+  auto g = grad.contiguous();
+  auto ys = contiguous_all(outputs);
+  auto w = weights.contiguous();
+  const int64_t n = g.numel();
+  const int64_t num = static_cast<int64_t>(ys.size());
+  std::vector<at::Tensor> result;
+  for (int64_t k = 0; k < num; ++k) result.push_back(at::empty_like(ys[k], at::MemoryFormat::Contiguous));
+  auto grad_w = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mixed_sum_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t nblocks = std::max<int64_t>(1, (n + kReduceBlock - 1) / kReduceBlock);
+    std::vector<acc_t> parts(num * nblocks, acc_t(0));
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t s = b * kReduceBlock, e = std::min(n, s + kReduceBlock);
+        for (int64_t k = 0; k < num; ++k) {
+          const acc_t wk = static_cast<acc_t>(w.data_ptr<scalar_t>()[k]);
+          const scalar_t* y = ys[k].data_ptr<scalar_t>();
+          scalar_t* gy = result[k].data_ptr<scalar_t>();
+          acc_t dot = 0;
+          for (int64_t i = s; i < e; ++i) {
+            const acc_t gi = static_cast<acc_t>(gp[i]);
+            gy[i] = static_cast<scalar_t>(wk * gi);
+            dot += gi * static_cast<acc_t>(y[i]);
+          }
+          parts[k * nblocks + b] = dot;
+        }
+      }
+    });
+    scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < num; ++k) {
+      acc_t total = 0;
+      for (int64_t b = 0; b < nblocks; ++b) total += parts[k * nblocks + b];
+      gw[k] = static_cast<scalar_t>(total);
+    }
+  });
+  result.push_back(grad_w);
+  return result;
+}
+
+void check_softmax_args(const at::Tensor& logits, const at::Tensor& mask, double tau) {
+  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logits needs a non-empty last dim, got ",
+              logits.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == logits.sizes(), "mask has shape ", mask.sizes(), " but logits has ",
+              logits.sizes());
+  TORCH_CHECK(mask.device() == logits.device(), "mask and logits must be on one device");
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), "tau must be positive and finite, got ", tau);
+}
+
+at::Tensor masked_softmax_cpu(const at::Tensor& logits, const at::Tensor& mask, double tau) {
+  check_softmax_args(logits, mask, tau);
+  auto x = logits.contiguous();
+  auto m = mask.contiguous();
+  auto p = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t K = x.size(-1), rows = x.numel() / K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_softmax_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const bool* mp = m.data_ptr<bool>();
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = xp + r * K;
+        const bool* mr = mp + r * K;
+        scalar_t* pr = pp + r * K;
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t k = 0; k < K; ++k)
+          if (mr[k]) mx = std::max(mx, static_cast<acc_t>(xr[k]) * inv_tau);
+        acc_t sum = 0;
+        for (int64_t k = 0; k < K; ++k)
+          if (mr[k]) sum += std::exp(static_cast<acc_t>(xr[k]) * inv_tau - mx);
+        for (int64_t k = 0; k < K; ++k)
+          pr[k] = mr[k] ? static_cast<scalar_t>(std::exp(static_cast<acc_t>(xr[k]) * inv_tau - mx) / sum)
+                        : static_cast<scalar_t>(0);
+      }
+    });
+  });
+  return p;
+}
+
+at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& probs, double tau) {
+  check_same_like(grad, probs, "grad");
+  TORCH_CHECK(grad.sizes() == probs.sizes(), "grad has shape ", grad.sizes(), " but probs has ", probs.sizes());
+  auto g = grad.contiguous();
+  auto p = probs.contiguous();
+  auto gx = at::empty_like(p, at::MemoryFormat::Contiguous);
+  const int64_t K = p.size(-1), rows = K == 0 ? 0 : p.numel() / K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "masked_softmax_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* op = gx.data_ptr<scalar_t>();
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        acc_t dot = 0;
+        for (int64_t k = 0; k < K; ++k)
+          dot += static_cast<acc_t>(gp[r * K + k]) * static_cast<acc_t>(pp[r * K + k]);
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t pk = static_cast<acc_t>(pp[r * K + k]);
+          op[r * K + k] = static_cast<scalar_t>(pk * (static_cast<acc_t>(gp[r * K + k]) - dot) * inv_tau);
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(toponas, m) {
+  m.def("mixed_sum_kernel(Tensor[] outputs, Tensor weights) -> Tensor");
+  m.def("mixed_sum_backward_kernel(Tensor grad, Tensor[] outputs, Tensor weights) -> Tensor[]");
+  m.def("masked_softmax_kernel(Tensor logits, Tensor mask, float tau) -> Tensor");
+  m.def("masked_softmax_backward_kernel(Tensor grad, Tensor probs, float tau) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(toponas, CPU, m) {
+  m.impl("mixed_sum_kernel", &mixed_sum_cpu);
+  m.impl("mixed_sum_backward_kernel", &mixed_sum_backward_cpu);
+  m.impl("masked_softmax_kernel", &masked_softmax_cpu);
+  m.impl("masked_softmax_backward_kernel", &masked_softmax_backward_cpu);
+}
+
+}  // namespace toponas

@@ -1,0 +1,85 @@
+"""What every op module shares: argument checks that name the argument, the optional Triton
+import, and launch sizes for the GPU and for the CPU interpreter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _lib
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Triton is optional: without it the triton backend is unavailable, nothing else changes.
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CPP = _lib.HAS_CPP
+
+
+def check_tensor(name: str, t, *, dim: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
+        )
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_like(name: str, t: Tensor, ref_name: str, ref: Tensor, *, shape: bool = True) -> None:
+    """``t`` must match ``ref`` in device, dtype and (optionally) shape."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; use one dtype")
+    if shape and t.shape != ref.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}; they must match"
+        )
+
+
+def as_tensor_list(name: str, tensors) -> list[Tensor]:
+    """A sequence of tensors, or one stacked tensor split along dim 0 (views, no copy)."""
+    if isinstance(tensors, Tensor):
+        if tensors.dim() < 1:
+            raise ValueError(f"{name} as one stacked tensor needs a leading K dim, got a scalar")
+        return list(tensors.unbind(0))
+    if not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a sequence of tensors or a stacked tensor, got {type(tensors).__name__}")
+    out = list(tensors)
+    if len(out) == 0:
+        raise ValueError(f"{name} is empty: at least one candidate (K >= 1) is needed")
+    return out
+
+
+def block_size(n: int, gpu_block: int) -> int:
+    """Elements per Triton program. The interpreter runs programs one by one at ~2 ms each, so
+    there a program takes (almost) everything."""
+    if INTERPRET:
+        return min(max(triton.next_power_of_2(max(n, 1)), 16), 1 << 16)
+    return gpu_block
+
+
+def register_kernel_fake(name: str):
+    """register_fake for a compiled ``toponas::<name>`` op, only when the extension is loaded."""
+
+    def wrap(fn):
+        if HAS_CPP:
+            torch.library.register_fake(f"toponas::{name}")(fn)
+        return fn
+
+    return wrap

@@ -382,7 +382,8 @@ def _check_mask(mask, logits: Tensor) -> Tensor:
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}, not broadcastable to logits {tuple(logits.shape)}"
             ) from None
-    if not bool(mask.any(dim=-1).all()):
+    # A data-dependent check: eager calls only (under torch.compile it would break the graph).
+    if not torch.compiler.is_compiling() and not bool(mask.any(dim=-1).all()):
         raise ValueError("mask leaves a row with no active candidate; keep at least one per row")
     return mask
 

@@ -1,0 +1,41 @@
+"""Test setup. TRITON_INTERPRET must be set before toponas_kernels (and triton) are imported,
+so the Triton kernels run on this CPU machine; compile caches stay in one folder."""
+
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "toponas_inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import toponas_kernels  # noqa: E402
+from toponas_kernels import _lib  # noqa: E402
+
+
+def pytest_report_header(config):
+    return (
+        f"toponas_kernels {toponas_kernels.__version__} from {os.path.dirname(toponas_kernels.__file__)}; "
+        f"backends {_lib.available_backends()}; cuda_built={_lib.cuda_built()}; "
+        f"extension load error: {_lib.load_error}"
+    )
+
+
+def pytest_sessionstart(session):
+    # CI sets this: a broken build must fail the run, not quietly skip every C++ test.
+    if os.environ.get("TOPONAS_REQUIRE_EXT") == "1" and not _lib.HAS_CPP:
+        raise pytest.UsageError(f"TOPONAS_REQUIRE_EXT=1 but the extension did not load: {_lib.load_error}")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

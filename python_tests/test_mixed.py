@@ -1,0 +1,233 @@
+"""Family 1: mixed_sum, masked_softmax, gumbel_softmax on every backend against the reference."""
+
+import pytest
+import torch
+
+from toponas_kernels import ops
+from toponas_kernels.ops import reference as R
+from utils import assert_close, backend_cases, dtypes_for, noncontiguous
+
+# Odd shapes: primes, size-1 dims, a scalar-sized output, one larger than a Triton block.
+SHAPES = [(7,), (1, 3, 5, 5), (2, 13, 1, 11), (3, 1031)]
+KS = [1, 3, 8, 9, 17]  # 8 and 16 are chunk sizes of the Triton and CUDA launches
+
+
+def _inputs(k, shape, dtype, device, contiguous=True):
+    ys = [torch.randn(shape, dtype=torch.float64, device=device).to(dtype) for _ in range(k)]
+    if not contiguous:
+        ys = [noncontiguous(y) for y in ys]
+    w = torch.randn(k, dtype=torch.float64, device=device).to(dtype)
+    return ys, w
+
+
+def _expected(ys, w, g):
+    """Reference in float64 on the same (rounded) inputs, with autograd gradients."""
+    ys64 = [y.detach().to(torch.float64).requires_grad_() for y in ys]
+    w64 = w.detach().to(torch.float64).requires_grad_()
+    out = R.mixed_sum_ref(ys64, w64)
+    grads = torch.autograd.grad(out, ys64 + [w64], g.to(torch.float64))
+    return out, grads
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mixed_sum_matches_reference(backend, device, k, shape):
+    for dtype in dtypes_for(device):
+        for contiguous in (True, False):
+            ys, w = _inputs(k, shape, dtype, device, contiguous)
+            ys = [y.requires_grad_() for y in ys]
+            w.requires_grad_()
+            out = ops.mixed_sum(ys, w, backend=backend)
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, ys + [w], g)
+            exp_out, exp_grads = _expected(ys, w, g)
+            tag = f"{backend} {dtype} k={k} shape={shape} contiguous={contiguous}"
+            assert out.dtype == dtype and out.shape == ys[0].shape
+            assert_close(out, exp_out, dtype, f"forward {tag}")
+            for i, (a, e) in enumerate(zip(grads, exp_grads)):
+                # grad_w sums over many elements: its error grows with their count.
+                scale = 1.0 if i < k else max(1.0, ys[0].numel() ** 0.5)
+                assert_close(a / scale, e / scale, dtype, f"grad {i} {tag}")
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_mixed_sum_stacked_input_and_determinism(backend, device):
+    stacked = torch.randn(5, 2, 3, 7, dtype=torch.float32, device=device, requires_grad=True)
+    w = torch.randn(5, device=device, requires_grad=True)
+    out = ops.mixed_sum(stacked, w, backend=backend)
+    assert_close(out, R.mixed_sum_ref(list(stacked.unbind(0)), w), what="stacked")
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (stacked, w), g)
+    again = torch.autograd.grad(ops.mixed_sum(stacked, w, backend=backend), (stacked, w), g)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b), "backward is not bitwise deterministic"
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_mixed_sum_gradcheck(backend, device):
+    ys = [torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3)]
+    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.mixed_sum(list(a[:-1]), a[-1], backend=backend), (*ys, w))
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_mixed_ops_opcheck(backend, device):
+    ys = [torch.randn(2, 3, 5, device=device, requires_grad=True) for _ in range(3)]
+    w = torch.randn(3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.toponas.mixed_sum.default, (ys, w, backend))
+    g = torch.randn(2, 3, 5, device=device)
+    torch.library.opcheck(torch.ops.toponas.mixed_sum_backward.default, (g, [y.detach() for y in ys], w.detach(), backend))
+    logits = torch.randn(4, 6, device=device, requires_grad=True)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1]] * 4, dtype=torch.bool, device=device)
+    torch.library.opcheck(torch.ops.toponas.masked_softmax.default, (logits, mask, 0.5, backend))
+    p = ops.masked_softmax(logits.detach(), mask, tau=0.5)
+    torch.library.opcheck(torch.ops.toponas.masked_softmax_backward.default, (torch.randn_like(p), p, 0.5, backend))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_compiled_kernels_opcheck(device):
+    from toponas_kernels import _lib
+
+    if not _lib.HAS_CPP:
+        pytest.skip("compiled extension not loaded")
+    ys = [torch.randn(2, 3, 5, device=device) for _ in range(3)]
+    w = torch.randn(3, device=device)
+    torch.library.opcheck(torch.ops.toponas.mixed_sum_kernel.default, (ys, w))
+    torch.library.opcheck(torch.ops.toponas.mixed_sum_backward_kernel.default, (torch.randn_like(ys[0]), ys, w))
+    logits = torch.randn(4, 6, device=device)
+    mask = torch.rand(4, 6, device=device) > 0.3
+    mask[:, 2] = True
+    torch.library.opcheck(torch.ops.toponas.masked_softmax_kernel.default, (logits, mask, 2.0))
+
+
+def test_cuda_kernels_registered():
+    """Compiled with CUDA here (no GPU): the CUDA implementations must be registered."""
+    from toponas_kernels import _lib
+
+    build = _lib.build_config()
+    if not build.get("cuda"):
+        pytest.skip("this build has no CUDA kernels (see toponas_kernels/_build_config.json)")
+    assert _lib.cuda_built()
+    for name in ("mixed_sum_kernel", "mixed_sum_backward_kernel", "masked_softmax_kernel", "masked_softmax_backward_kernel"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"toponas::{name}", "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"toponas::{name}", "CPU"), name
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_masked_softmax_matches_reference(backend, device):
+    for dtype in dtypes_for(device):
+        for shape in [(1,), (5,), (3, 8), (14, 7), (2, 3, 17)]:
+            logits = torch.randn(shape, dtype=torch.float64, device=device).to(dtype).requires_grad_()
+            mask = torch.rand(shape, device=device) > 0.4
+            mask[..., shape[-1] // 2] = True
+            for tau in (1.0, 0.3):
+                p = ops.masked_softmax(logits, mask, tau=tau, backend=backend)
+                g = torch.randn_like(p)
+                (grad,) = torch.autograd.grad(p, logits, g)
+                x64 = logits.detach().to(torch.float64).requires_grad_()
+                p64 = R.masked_softmax_ref(x64, mask, tau)
+                (grad64,) = torch.autograd.grad(p64, x64, g.to(torch.float64))
+                tag = f"{backend} {dtype} {shape} tau={tau}"
+                assert_close(p, p64, dtype, f"forward {tag}")
+                assert_close(grad, grad64, dtype, f"grad {tag}")
+                assert torch.all(p[~mask] == 0) and torch.all(grad[~mask] == 0), tag
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_masked_softmax_gradcheck(backend, device):
+    x = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(3, 7, device=device) > 0.5
+    mask[:, 0] = True
+    assert torch.autograd.gradcheck(lambda x: ops.masked_softmax(x, mask, tau=0.6, backend=backend), (x,))
+    # Without a mask it is the plain softmax.
+    assert_close(ops.masked_softmax(x, backend=backend), torch.softmax(x, -1), what="no mask")
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_gumbel_softmax(backend, device):
+    alpha = torch.randn(14, 8, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.ones(14, 8, dtype=torch.bool, device=device)
+    mask[:, 0] = False
+    gen = torch.Generator(device=device).manual_seed(3)
+    hard = ops.gumbel_softmax(alpha, mask, tau=2.0, generator=gen, backend=backend)
+    assert torch.all(hard.detach().sum(-1) == 1) and torch.all(hard.detach()[:, 0] == 0)
+    assert set(hard.detach().unique().tolist()) <= {0.0, 1.0}
+    hard.mul(torch.randn_like(hard)).sum().backward()
+    assert alpha.grad is not None and torch.all(alpha.grad[:, 0] == 0) and alpha.grad.abs().sum() > 0
+    # Same generator state -> same sample; soft weights are a masked softmax of perturbed logits.
+    soft1 = ops.gumbel_softmax(alpha, mask, tau=2.0, hard=False, generator=torch.Generator(device=device).manual_seed(5), backend=backend)
+    soft2 = ops.gumbel_softmax(alpha, mask, tau=2.0, hard=False, generator=torch.Generator(device=device).manual_seed(5), backend=backend)
+    assert torch.equal(soft1, soft2)
+    assert_close(soft1.sum(-1), torch.ones(14, dtype=torch.float64, device=device), what="rows sum to 1")
+    # The argmax is distributed as softmax(alpha): check the empirical frequencies on one row.
+    row = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    freq = ops.gumbel_softmax(row.expand(4000, 3), generator=gen, backend=backend).detach().mean(0)
+    # 4000 draws: the standard error of each frequency is below 0.008.
+    assert torch.allclose(freq, torch.softmax(row[0], -1), atol=0.03), freq
+
+
+def test_mixed_sum_bad_input():
+    y = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="outputs is empty"):
+        ops.mixed_sum([], torch.ones(0))
+    with pytest.raises(ValueError, match="weights has 3 entries but there are 2 outputs"):
+        ops.mixed_sum([y, y], torch.ones(3))
+    with pytest.raises(ValueError, match=r"outputs\[1\] has shape \(2, 4\)"):
+        ops.mixed_sum([y, torch.randn(2, 4)], torch.ones(2))
+    with pytest.raises(TypeError, match=r"outputs\[1\] has dtype torch.float64"):
+        ops.mixed_sum([y, y.double()], torch.ones(2))
+    with pytest.raises(TypeError, match="weights has dtype torch.float64"):
+        ops.mixed_sum([y, y], torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weights must have 1 dims"):
+        ops.mixed_sum([y, y], torch.ones(1, 2))
+    with pytest.raises(TypeError, match="outputs\\[0\\] has dtype torch.int64"):
+        ops.mixed_sum([torch.ones(3, dtype=torch.long)], torch.ones(1))
+    with pytest.raises(ValueError, match="is not a backend"):
+        ops.mixed_sum([y], torch.ones(1), backend="metal")
+    with pytest.raises(ValueError, match="'cuda' runs on CUDA tensors"):
+        ops.mixed_sum([y], torch.ones(1), backend="cuda")
+
+
+def test_masked_softmax_bad_input(monkeypatch):
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="no active candidate"):
+        ops.masked_softmax(x, torch.tensor([[True] * 4, [False] * 4]))
+    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+        ops.masked_softmax(x, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="not broadcastable"):
+        ops.masked_softmax(x, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="tau must be a positive"):
+        ops.masked_softmax(x, tau=0.0)
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        ops.masked_softmax(torch.randn(2, 0))
+    monkeypatch.setenv("TOPONAS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="TOPONAS_BACKEND='bogus'"):
+        ops.masked_softmax(x)
+
+
+def test_env_var_selects_backend(monkeypatch):
+    calls = []
+    import toponas_kernels.ops.mixed as mixed
+
+    real = mixed._ref.mixed_sum_ref
+    monkeypatch.setattr(mixed._ref, "mixed_sum_ref", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("TOPONAS_BACKEND", "reference")
+    ops.mixed_sum([torch.randn(3)], torch.ones(1))
+    assert calls == [1]
+
+
+def test_torch_compile():
+    def f(ys, w, logits, mask):
+        return ops.mixed_sum(ys, ops.masked_softmax(logits, mask)[: len(ys)] + w).sin()
+
+    ys = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
+    w = torch.zeros(3)
+    logits = torch.randn(3, requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(ys, w, logits, mask)
+    assert_close(out, f(ys, w, logits, mask), what="compiled forward")
+    out.sum().backward()
+    assert logits.grad is not None and all(y.grad is not None for y in ys)

@@ -1,0 +1,67 @@
+"""Shared test helpers: which (backend, device) pairs to run, per-dtype tolerances, inputs of
+awkward layout, and a comparison that names the worst element."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toponas_kernels import _lib
+
+# Per-dtype tolerances for kernel vs reference (both accumulate in float32/float64; half types
+# differ by the rounding of the output and of the reduction order).
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def backend_cases():
+    """(backend, device) pairs: every backend against the reference, on CPU, and on a GPU when
+    there is one (marked ``cuda`` so they skip without)."""
+    cases = []
+    if _lib.HAS_CPP:
+        cases.append(pytest.param("cpp", "cpu", id="cpp-cpu"))
+    if _lib.triton_available():
+        cases.append(pytest.param("triton", "cpu", id="triton-interp"))
+    cases.append(pytest.param("reference", "cpu", id="reference-cpu"))
+    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
+    cases.append(pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda))
+    return cases
+
+
+def dtypes_for(device: str):
+    """fp32, fp16 and fp64 everywhere; bf16 on the GPU (bf16 is broken in the Triton interpreter)."""
+    out = [torch.float32, torch.float64, torch.float16]
+    if device == "cuda":
+        out.append(torch.bfloat16)
+    return out
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other element of a doubled last dim)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, what: str = ""):
+    """Like torch.testing.assert_close with the TOL table, naming the worst index on failure."""
+    tol = TOL[dtype or expected.dtype]
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    err = (a - e).abs()
+    bound = tol["atol"] + tol["rtol"] * e.abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        excess = torch.where(bad, err - bound, torch.zeros_like(err))
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), a.shape)) if a.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {a.numel()} elements out of tolerance {tol}; worst at "
+            f"{idx}: got {a[idx].item():.8g}, expected {e[idx].item():.8g}"
+        )

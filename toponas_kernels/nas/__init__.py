@@ -1,0 +1,31 @@
+"""TopoNAS on top of the kernels: search spaces as data (``spaces``) and plain reference
+operations (``operations``)."""
+
+from .spaces import (
+    BN,
+    DARTS_PRIMITIVES,
+    DARTS_SPACE,
+    NB201_PRIMITIVES,
+    NB201_SPACE,
+    Conv,
+    FactorizedReduce,
+    Identity,
+    Module,
+    OpDef,
+    Pool,
+    ReLU,
+    SearchSpace,
+    Zero,
+    darts_space,
+    exaggerated_space,
+    get_space,
+    nb201_space,
+)
+from .operations import OpChain, build_op, chosen_module
+
+__all__ = [
+    "Module", "ReLU", "BN", "Conv", "Pool", "Identity", "Zero", "FactorizedReduce",
+    "OpDef", "SearchSpace", "DARTS_PRIMITIVES", "NB201_PRIMITIVES", "DARTS_SPACE", "NB201_SPACE",
+    "darts_space", "nb201_space", "exaggerated_space", "get_space",
+    "OpChain", "build_op", "chosen_module",
+]

@@ -1,0 +1,189 @@
+"""Plain reference modules: the DARTS and NAS-Bench-201 operations exactly as REFERENCE.md
+defines them, built from the basic-module chains of ``spaces.py``.
+
+Every candidate operation is an ``OpChain``: an ``nn.Sequential`` with one child per basic module
+of its chain, in order, so that ``FusedMixedOp`` can run a single module of a candidate (a shared
+ReLU/BN, a conv unit) and read a conv unit's kernels. The forward of an ``OpChain`` is the
+reference operation's forward, and its parameters and buffers come in the same order as in the
+usual DARTS implementation (depthwise then pointwise, conv_1 then conv_2, BN after), which is
+what ``FusedMixedOp.load_plain_state`` relies on.
+
+Named constructors (``SepConv``, ``DilConv``, ``ReLUConvBN``, ``FactorizedReduce``, ``PoolBN``,
+``Zero``, ``Identity``) and ``chosen_module`` (the op picked for retraining) return these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import spaces as S
+
+__all__ = [
+    "ConvUnit",
+    "FactorizedReduceConv",
+    "PoolBN",
+    "Zero",
+    "OpChain",
+    "build_module",
+    "build_op",
+    "chosen_module",
+    "ReLUConvBN",
+    "SepConv",
+    "DilConv",
+    "FactorizedReduce",
+]
+
+
+class ConvUnit(nn.Module):
+    """One conv unit (``spaces.Conv``): a dense conv, or a depthwise conv followed by a 1x1
+    pointwise conv (``separable``); bias-free, padding "same"."""
+
+    def __init__(self, C_in: int, C_out: int, spec: S.Conv):
+        super().__init__()
+        self.spec = spec
+        pad = (spec.kernel - 1) * spec.dilation // 2
+        if spec.separable:
+            self.depthwise = nn.Conv2d(
+                C_in, C_in, spec.kernel, spec.stride, pad, spec.dilation, groups=C_in, bias=False
+            )
+            self.pointwise = nn.Conv2d(C_in, C_out, 1, bias=False)
+        else:
+            if C_in % spec.groups or C_out % spec.groups:
+                raise ValueError(f"C: {C_in} -> {C_out} channels do not divide into groups={spec.groups}")
+            self.conv = nn.Conv2d(C_in, C_out, spec.kernel, spec.stride, pad, spec.dilation, groups=spec.groups, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spec.separable:
+            return self.pointwise(self.depthwise(x))
+        return self.conv(x)
+
+    def dense_kernel(self) -> Tensor:
+        """The kernel of the single conv equal to this unit (before dilation): for a separable
+        unit ``W[o, c] = P[o, c] * D[c]``, shape [C_out, C_in, k, k] (groups 1); for a dense conv
+        its weight. Exact: pw(dw_d(x)) = conv_d(x, W)."""
+        if self.spec.separable:
+            return self.pointwise.weight * self.depthwise.weight.transpose(0, 1)
+        return self.conv.weight
+
+
+class FactorizedReduceConv(nn.Module):
+    """The conv part of DARTS' FactorizedReduce (``spaces.FactorizedReduce``): two 1x1 stride-2
+    convs of C_out/2 outputs, the second on ``x[:, :, 1:, 1:]``, concatenated."""
+
+    def __init__(self, C_in: int, C_out: int):
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"C: FactorizedReduce needs an even channel count, got {C_out}")
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"x: FactorizedReduce (skip_connect at stride 2) needs even H and W, got {tuple(x.shape[-2:])}")
+        return torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1)
+
+
+class PoolBN(nn.Module):
+    """A pooling module (``spaces.Pool``), followed by ``BatchNorm2d`` when ``spec.bn``."""
+
+    def __init__(self, C: int, spec: S.Pool, affine: bool = False):
+        super().__init__()
+        self.spec = spec
+        pad = spec.kernel // 2
+        if spec.kind == "max":
+            self.pool = nn.MaxPool2d(spec.kernel, spec.stride, pad)
+        else:
+            self.pool = nn.AvgPool2d(spec.kernel, spec.stride, pad, count_include_pad=False)
+        self.bn = nn.BatchNorm2d(C, affine=affine) if spec.bn else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(x)
+        return self.bn(x) if self.bn is not None else x
+
+
+class Zero(nn.Module):
+    """DARTS' ``none``: ``x * 0`` (subsampled at stride s), so NaN/inf propagate like the reference."""
+
+    def __init__(self, stride: int = 1):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class OpChain(nn.Sequential):
+    """A candidate operation: one child module per basic module of ``chain``."""
+
+    def __init__(self, chain: Sequence[S.Module], children: Sequence[nn.Module], name: str = ""):
+        super().__init__(*children)
+        self.chain = tuple(chain)
+        self.op_name = name
+
+    def extra_repr(self) -> str:
+        return f"name={self.op_name!r}" if self.op_name else ""
+
+
+def build_module(spec: S.Module, C: int, affine: bool = False) -> nn.Module:
+    """The ``nn.Module`` of one basic module at C channels (C -> C)."""
+    if isinstance(spec, S.ReLU):
+        return nn.ReLU(inplace=False)
+    if isinstance(spec, S.BN):
+        return nn.BatchNorm2d(C, affine=affine)
+    if isinstance(spec, S.Conv):
+        return ConvUnit(C, C, spec)
+    if isinstance(spec, S.Pool):
+        return PoolBN(C, spec, affine)
+    if isinstance(spec, S.Identity):
+        return nn.Identity()
+    if isinstance(spec, S.Zero):
+        return Zero(spec.stride)
+    if isinstance(spec, S.FactorizedReduce):
+        return FactorizedReduceConv(C, C)
+    raise TypeError(f"no module for {spec!r}")
+
+
+def build_op(op: S.OpDef, C: int, stride: int = 1, affine: bool = False) -> OpChain:
+    """The plain module of operation ``op`` at C channels and ``stride``."""
+    chain = op.chain(stride)
+    return OpChain(chain, [build_module(m, C, affine) for m in chain], op.name)
+
+
+def chosen_module(name: str, C: int, stride: int = 1, affine: bool = True, space: S.SearchSpace | str = "darts") -> OpChain:
+    """The plain reference module of operation ``name`` of ``space``, for retraining (DARTS
+    retrains with affine BN, hence ``affine=True``)."""
+    space = S.get_space(space)
+    if name not in space:
+        raise ValueError(f"name: unknown primitive {name!r} for space {space.name!r}; known: {list(space.names)}")
+    return build_op(space[name], C, stride, affine)
+
+
+# ----------------------------------------------------------------------------- named references
+def SepConv(C: int, kernel: int, stride: int = 1, affine: bool = False) -> OpChain:
+    """DARTS sep_conv_kxk: twice (ReLU, dw k x k pad k//2, 1x1, BN); stride on the first dw."""
+    return build_op(S.sep_conv(kernel), C, stride, affine)
+
+
+def DilConv(C: int, kernel: int, stride: int = 1, dilation: int = 2, affine: bool = False) -> OpChain:
+    """DARTS dil_conv_kxk: ReLU, dw k x k dilation d pad (k-1)d/2, 1x1, BN."""
+    return build_op(S.dil_conv(kernel, dilation), C, stride, affine)
+
+
+def ReLUConvBN(C_in: int, C_out: int, kernel: int, stride: int = 1, affine: bool = False) -> OpChain:
+    """ReLU, Conv(bias=False, pad (k-1)/2), BN: DARTS' preprocessing and NB201's nor_conv."""
+    spec = S.Conv(kernel, stride=stride)
+    chain = (S.ReLU(), spec, S.BN())
+    return OpChain(chain, [nn.ReLU(inplace=False), ConvUnit(C_in, C_out, spec), nn.BatchNorm2d(C_out, affine=affine)])
+
+
+def FactorizedReduce(C_in: int, C_out: int, affine: bool = False) -> OpChain:
+    """DARTS' FactorizedReduce: ReLU, two 1x1 stride-2 convs (the second shifted), concat, BN."""
+    chain = (S.ReLU(), S.FactorizedReduce(), S.BN())
+    return OpChain(
+        chain, [nn.ReLU(inplace=False), FactorizedReduceConv(C_in, C_out), nn.BatchNorm2d(C_out, affine=affine)]
+    )

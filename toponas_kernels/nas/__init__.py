@@ -1,5 +1,5 @@
-"""TopoNAS on top of the kernels: search spaces as data (``spaces``) and plain reference
-operations (``operations``)."""
+"""TopoNAS on top of the kernels: search spaces as data (``spaces``), the topological
+simplification engine (``simplify``) and plain reference operations (``operations``)."""
 
 from .spaces import (
     BN,
@@ -22,10 +22,15 @@ from .spaces import (
     nb201_space,
 )
 from .operations import OpChain, build_op, chosen_module
+from .simplify import MODES, STAGES, Counts, Graph, count, format_graph, simplify_space, stages
+
+# The engine's ``simplify`` function is not re-exported here: it would shadow the ``simplify``
+# submodule (``toponas_kernels.nas.simplify``). Use ``from toponas_kernels.nas.simplify import simplify``.
 
 __all__ = [
     "Module", "ReLU", "BN", "Conv", "Pool", "Identity", "Zero", "FactorizedReduce",
     "OpDef", "SearchSpace", "DARTS_PRIMITIVES", "NB201_PRIMITIVES", "DARTS_SPACE", "NB201_SPACE",
     "darts_space", "nb201_space", "exaggerated_space", "get_space",
     "OpChain", "build_op", "chosen_module",
+    "MODES", "STAGES", "Counts", "Graph", "count", "format_graph", "simplify_space", "stages",
 ]

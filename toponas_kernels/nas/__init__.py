@@ -1,5 +1,6 @@
 """TopoNAS on top of the kernels: search spaces as data (``spaces``), the topological
-simplification engine (``simplify``) and plain reference operations (``operations``)."""
+simplification engine (``simplify``), plain reference operations (``operations``) and the
+drop-in mixed operation ``FusedMixedOp`` (``mixed_op``)."""
 
 from .spaces import (
     BN,
@@ -22,6 +23,7 @@ from .spaces import (
     nb201_space,
 )
 from .operations import OpChain, build_op, chosen_module
+from .mixed_op import FusedMixedOp
 from .simplify import MODES, STAGES, Counts, Graph, count, format_graph, simplify_space, stages
 
 # The engine's ``simplify`` function is not re-exported here: it would shadow the ``simplify``
@@ -31,6 +33,6 @@ __all__ = [
     "Module", "ReLU", "BN", "Conv", "Pool", "Identity", "Zero", "FactorizedReduce",
     "OpDef", "SearchSpace", "DARTS_PRIMITIVES", "NB201_PRIMITIVES", "DARTS_SPACE", "NB201_SPACE",
     "darts_space", "nb201_space", "exaggerated_space", "get_space",
-    "OpChain", "build_op", "chosen_module",
+    "OpChain", "build_op", "chosen_module", "FusedMixedOp",
     "MODES", "STAGES", "Counts", "Graph", "count", "format_graph", "simplify_space", "stages",
 ]

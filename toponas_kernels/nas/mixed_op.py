@@ -1,0 +1,370 @@
+"""``FusedMixedOp``: a drop-in replacement for the DARTS ``MixedOp`` that runs the edge through
+the TopoNAS simplification and the fused kernels.
+
+    op = FusedMixedOp(C, stride)                      # DARTS space, mode="topo"
+    y = op(x, weights)                                # weights: the edge's softmaxed row [K]
+    y = op(x, weights, mask)                          # mask: bool [K]; masked ops never run
+
+Modes (``mode=``):
+
+* ``"plain"``: the reference MixedOp, ``sum_k w_k op_k(x)`` over the unmasked ops (zero
+  included, as ``x * 0``): same outputs and gradients as DARTS for the same parameters.
+* ``"pms"``, ``"fms"``, ``"pms+fms"``: the graph of ``simplify.py`` with those rewrites, run
+  module by module (shared modules run once; no merging, so no kernel normalization).
+* ``"topo"``: PMS, FMS and reparameterization: every weighted sum of conv units becomes one conv
+  whose kernel ``ops.merge_kernels`` computes inside forward from the candidate kernels and the
+  derived weights, with kernel normalization (``normalize=True``, per output channel).
+
+Exactness (what the tests check). Sharing a leading module is exact. Sharing a trailing module
+is exact only when it is linear: BN in eval mode with equal running statistics is, BN in train
+mode is not (BN of a sum is not the sum of BNs). FMS is an approximation except for one-hot
+weights. Merging is exact (a conv is linear in its kernel) when ``normalize=False``; kernel
+normalization changes the function on purpose (paper Sec. 3.5). With one-hot weights every mode
+with ``normalize=False`` equals plain.
+
+Merging a depthwise+pointwise unit (DESIGN.md section 5): each unit is turned into its exact
+dense kernel ``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]) and the dense kernels are merged, giving
+one dense conv. Merging the depthwise and the pointwise kernels separately would keep the conv
+separable (fewer FLOPs) but is NOT equal to the weighted sum, since
+``sum_i q_i P_i D_i != (sum_i q_i P_i)(sum_i q_i D_i)``; we keep the rewrite exact and pay FLOPs,
+which at DARTS widths (C = 16..64) is small next to the activations it saves. Kernel
+normalization standardizes each candidate's dense kernel, so a candidate is invariant to
+rescaling its depthwise or pointwise kernel and to shifting its dense kernel (not to shifting
+only its depthwise kernel, which is not a shift of the dense kernel).
+
+Memory. Merged kernels and normalization statistics are never stored on the module; they are
+computed in forward by ``merge_kernels`` (which saves only the candidate kernels for backward).
+
+Parameters. All modes hold the same parameters: one ``OpChain`` per candidate in ``_ops`` (the
+name DARTS uses), in the order of the primitives. The rewritten modes run the modules of those
+chains: a shared module runs as the instance of its lowest-index candidate, and a merged conv
+reads the kernels of its candidates. So ``b.load_state_dict(a.state_dict())`` copies between
+modes, and ``load_plain_state`` copies from a DARTS-style MixedOp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from . import spaces as S
+from .operations import OpChain, build_op, chosen_module
+from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
+
+__all__ = ["FusedMixedOp"]
+
+_NORMALIZE = {True: "channel", False: "none", "channel": "channel", "tensor": "tensor", "none": "none"}
+
+
+class FusedMixedOp(nn.Module):
+    """One edge of a DARTS-style cell: the weighted sum of its candidate operations.
+
+    Args:
+        C: channels in and out.
+        stride: 1, or 2 on reduction edges.
+        primitives: operation names of ``space`` (default: all of it, e.g. DARTS' 8 PRIMITIVES
+            in their usual order), or a ``SearchSpace``, or a built-in space's name.
+        space: the space the names come from (``"darts"``, ``"nb201"``, ``"exaggerated"`` or a
+            ``SearchSpace``). Ignored when ``primitives`` is a space.
+        mode: ``"plain"``, ``"pms"``, ``"fms"``, ``"pms+fms"`` or ``"topo"`` (module docstring).
+        normalize: kernel normalization of merged kernels in ``"topo"``: True (= ``"channel"``),
+            False (= ``"none"``), ``"channel"`` or ``"tensor"``.
+        partial_channels: PC-DARTS' k: only the first C/k channels go through the edge, the rest
+            bypass it (2x2 max-pooled on stride-2 edges), then channel shuffle with k groups.
+        affine: BN affine parameters (False in search, as DARTS).
+        eps: kernel normalization epsilon.
+        backend: kernel backend for ``toponas_kernels.ops`` (None: automatic).
+    """
+
+    def __init__(
+        self,
+        C: int,
+        stride: int = 1,
+        *,
+        primitives: Sequence[str] | S.SearchSpace | str | None = None,
+        space: S.SearchSpace | str = "darts",
+        mode: str = "topo",
+        normalize: bool | str = True,
+        partial_channels: int | None = None,
+        affine: bool = False,
+        eps: float = 1e-5,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.rewrites = rewrites_for(mode)
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize: expected True, False, 'channel', 'tensor' or 'none', got {normalize!r}")
+        k = 1 if partial_channels is None else partial_channels
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"partial_channels: expected a positive int, got {partial_channels!r}")
+        if not isinstance(C, int) or C < 1:
+            raise ValueError(f"C: expected a positive int, got {C!r}")
+        if C % k:
+            raise ValueError(f"partial_channels: C = {C} is not divisible by partial_channels = {k}")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride: expected a positive int, got {stride!r}")
+
+        if isinstance(primitives, (S.SearchSpace, str)):
+            self.space = S.get_space(primitives)
+        else:
+            base = S.get_space(space)
+            self.space = base if primitives is None else base.subset(primitives, argument="primitives")
+        self.C, self.stride, self.mode, self.partial_channels = C, stride, mode, k
+        self.normalize = _NORMALIZE[normalize]
+        self.affine, self.eps, self.backend = affine, eps, backend
+        self._ops = nn.ModuleList(build_op(op, C // k, stride, affine) for op in self.space)
+        self.mp = nn.MaxPool2d(2, 2) if k > 1 and stride > 1 else None
+        self._plans: dict[tuple[bool, ...], _Plan] = {}
+
+    @property
+    def primitives(self) -> tuple[str, ...]:
+        return self.space.names
+
+    def extra_repr(self) -> str:
+        return (
+            f"C={self.C}, stride={self.stride}, mode={self.mode!r}, normalize={self.normalize!r}, "
+            f"partial_channels={self.partial_channels}, primitives={list(self.primitives)}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, weights: Tensor, mask: Tensor | Sequence[bool] | None = None) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.C:
+            raise ValueError(f"x: expected [B, {self.C}, H, W], got {tuple(x.shape)}")
+        weights = self._check_weights(weights, x.dtype)
+        active = self._check_mask(mask)
+        if self.partial_channels == 1:
+            return self._edge(x, weights, active)
+        if self.mp is not None and (x.shape[2] % 2 or x.shape[3] % 2):
+            raise ValueError(
+                f"x: partial_channels on a stride-{self.stride} edge needs even H and W (the bypass "
+                f"is 2x2 max-pooled), got {tuple(x.shape[2:])}"
+            )
+        c = self.C // self.partial_channels
+        processed = self._edge(x[:, :c], weights, active)
+        bypass = x[:, c:]
+        if self.mp is not None:
+            bypass = self.mp(bypass)
+        return ops.partial_channel_shuffle(processed, bypass, self.partial_channels, backend=self.backend)
+
+    def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:
+        if self.mode == "plain":
+            idx = [i for i, a in enumerate(active) if a]
+            outputs = [self._ops[i](x) for i in idx]
+            w = weights if len(idx) == len(active) else weights[idx]
+            return ops.mixed_sum(outputs, w, backend=self.backend)
+        plan = self._plan(active)
+        root = plan.graph.root
+        if not root.branches:  # only zero candidates are active
+            s = self.stride
+            return x[:, :, ::s, ::s].mul(0.0)
+        return self._choice(root, x, _Masses(weights, plan))
+
+    # ------------------------------------------------------------------ graph execution
+    def _run(self, node, x: Tensor, masses: "_Masses") -> Tensor:
+        if isinstance(node, Leaf):
+            cand, pos = node.owners[0]
+            return self._ops[cand][pos](x)
+        if isinstance(node, Seq):
+            for item in node.items:
+                x = self._run(item, x, masses)
+            return x
+        if isinstance(node, Choice):
+            return self._choice(node, x, masses)
+        raise TypeError(f"unexpected node {node!r}")
+
+    def _choice(self, choice: Choice, x: Tensor, masses: "_Masses") -> Tensor:
+        """A weighted sum: branch outputs, then ``mixed_sum`` with the derived coefficients
+        (merged convs carry theirs inside their kernel and enter with coefficient 1)."""
+        coefs = masses.coefficients(choice)
+        outputs = []
+        for branch, coef in zip(choice.branches, coefs):
+            if branch.folded:
+                outputs.append(self._merged(branch.node, x, coef))
+            else:
+                outputs.append(self._run(branch.node, x, masses))
+        if len(outputs) == 1 and (choice.branches[0].folded or masses.is_whole(choice, choice.branches[0])):
+            return outputs[0]
+        w = torch.stack([c.new_ones(()) if b.folded else c for b, c in zip(choice.branches, coefs)])
+        return ops.mixed_sum(outputs, w, backend=self.backend)
+
+    def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
+        """``conv(x, merge_kernels(candidate kernels, coefficients))``: one conv for the weighted
+        sum of several conv units (exact up to kernel normalization)."""
+        kernels = [self._ops[p.owners[0][0]][p.owners[0][1]].dense_kernel() for p in node.parts]
+        dilations = [p.module.dilation for p in node.parts]
+        kernel = ops.merge_kernels(
+            kernels, coefs.to(kernels[0].dtype), dilations, self.normalize, self.eps, backend=self.backend
+        )
+        return F.conv2d(x, kernel, None, node.stride, kernel.shape[-1] // 2, 1, node.groups)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_weights(self, weights: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        n = len(self._ops)
+        if not isinstance(weights, Tensor):
+            raise ValueError(f"weights: expected a Tensor of shape [{n}], got {type(weights).__name__}")
+        if weights.shape != (n,):
+            raise ValueError(f"weights: expected shape [{n}] (one per primitive), got {tuple(weights.shape)}")
+        return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
+
+    def _check_mask(self, mask) -> tuple[bool, ...]:
+        n = len(self._ops)
+        if mask is None:
+            return (True,) * n
+        values = mask.detach().cpu().tolist() if isinstance(mask, Tensor) else list(mask)
+        if len(values) != n or any(isinstance(v, list) for v in values):
+            raise ValueError(f"mask: expected {n} booleans (one per primitive), got shape {_shape(mask)}")
+        active = tuple(bool(v) for v in values)
+        if not any(active):
+            raise ValueError("mask: every candidate is masked; at least one must stay active")
+        return active
+
+    def _plan(self, active: tuple[bool, ...]) -> "_Plan":
+        plan = self._plans.get(active)
+        if plan is None:
+            pms, fms, reparam = self.rewrites
+            graph = simplify(
+                self.space.chains(self.stride),
+                pms=pms,
+                fms=fms,
+                reparam=reparam,
+                active=active,
+                names=self.primitives,
+                stride=self.stride,
+            )
+            plan = self._plans[active] = _Plan(graph)
+        return plan
+
+    # ------------------------------------------------------------------ public helpers
+    def simplified_graph(self, mask: Tensor | Sequence[bool] | None = None) -> Graph:
+        """The graph this op runs in its mode (for ``mask``); ``print(op.simplified_graph().format())``."""
+        if self.mode == "plain":
+            return simplify(
+                self.space.chains(self.stride), pms=False, fms=False, reparam=False,
+                active=self._check_mask(mask), names=self.primitives, stride=self.stride,
+            )
+        return self._plan(self._check_mask(mask)).graph
+
+    def derived_weights(self, weights: Tensor, mask=None) -> list[tuple[tuple[str, ...], Tensor]]:
+        """For every weighted sum of the graph (depth first): the names of its scope and its
+        branch coefficients, merged convs contributing the sum of their parts. Inside a group
+        they sum to 1; at the top to the sum of the non-zero candidates' weights."""
+        weights = self._check_weights(weights)
+        plan = self._plan(self._check_mask(mask))
+        masses = _Masses(weights, plan)
+        out = []
+
+        def visit(node):
+            if isinstance(node, Seq):
+                for item in node.items:
+                    visit(item)
+            elif isinstance(node, Choice):
+                coefs = masses.coefficients(node)
+                values = [c.sum() if b.folded else c for b, c in zip(node.branches, coefs)]
+                out.append((tuple(self.primitives[i] for i in node.scope), torch.stack(values)))
+                for b in node.branches:
+                    visit(b.node)
+
+        if plan.graph.root.branches:
+            visit(plan.graph.root)
+        return out
+
+    def derive(self, weights: Tensor, *, exclude: Sequence[str] = (), mask=None, affine: bool = True) -> OpChain:
+        """The plain reference module of the operation with the largest weight (among those not
+        in ``exclude`` and not masked), freshly initialized at C channels, for retraining.
+        DARTS' genotype uses ``exclude=("none",)``."""
+        weights = self._check_weights(weights).detach()
+        active = self._check_mask(mask)
+        unknown = set(exclude) - set(self.primitives)
+        if unknown:
+            raise ValueError(f"exclude: unknown primitives {sorted(unknown)}")
+        candidates = [i for i, n in enumerate(self.primitives) if active[i] and n not in exclude]
+        if not candidates:
+            raise ValueError("exclude: every candidate is excluded or masked")
+        best = max(candidates, key=lambda i: float(weights[i]))
+        return chosen_module(self.primitives[best], self.C, self.stride, affine, self.space)
+
+    def load_plain_state(self, other: nn.Module) -> None:
+        """Copy parameters and buffers, in registration order, from a module holding the same
+        candidates in the same order: a DARTS-style MixedOp (its ``_ops``), another
+        FusedMixedOp, or a list of candidate modules. Shapes must match one to one."""
+        source = other._ops if isinstance(other, FusedMixedOp) else other
+        if isinstance(source, (list, tuple)):
+            source = nn.ModuleList(source)
+        for kind, dst, src in (
+            ("parameters", list(self._ops.parameters()), list(source.parameters())),
+            ("buffers", list(self._ops.buffers()), list(source.buffers())),
+        ):
+            if len(dst) != len(src) or any(d.shape != s.shape for d, s in zip(dst, src)):
+                raise ValueError(
+                    f"other: its {kind} do not match this op's one to one "
+                    f"({[tuple(s.shape) for s in src]} vs {[tuple(d.shape) for d in dst]})"
+                )
+            with torch.no_grad():
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+
+
+class _Plan:
+    """A simplified graph, cached per mask."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self._index: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+    def index(self, members: tuple[int, ...], device: torch.device) -> Tensor:
+        key = (members, device)
+        idx = self._index.get(key)
+        if idx is None:
+            idx = self._index[key] = torch.tensor(members, dtype=torch.long, device=device)
+        return idx
+
+
+class _Masses:
+    """The derived weights of one forward (paper Eq. 6-10): ``W_S = sum_{i in S} w_i`` for the
+    sets the graph uses, and each branch's coefficient ``W_members`` (top) or
+    ``W_members / W_scope`` (inside a group). A group whose mass is exactly 0 divides by 1
+    instead, so its conditional weights are 0, not NaN."""
+
+    def __init__(self, weights: Tensor, plan: _Plan):
+        self.weights, self.plan = weights, plan
+        self._mass: dict[tuple[int, ...], Tensor] = {}
+
+    def mass(self, members: tuple[int, ...]) -> Tensor:
+        m = self._mass.get(members)
+        if m is None:
+            if len(members) == 1:
+                m = self.weights[members[0]]
+            else:
+                m = self.weights.index_select(0, self.plan.index(members, self.weights.device)).sum()
+            self._mass[members] = m
+        return m
+
+    def denominator(self, choice: Choice) -> Tensor | None:
+        if choice.top:
+            return None
+        m = self.mass(choice.scope)
+        return torch.where(m == 0, torch.ones_like(m), m)
+
+    def is_whole(self, choice: Choice, branch) -> bool:
+        """The branch carries the whole scope of a sub-sum: coefficient exactly 1."""
+        return not choice.top and branch.members == choice.scope
+
+    def coefficients(self, choice: Choice) -> list[Tensor]:
+        """Per branch: a scalar coefficient, or for a merged conv the vector of its parts'."""
+        denom = self.denominator(choice)
+        out = []
+        for b in choice.branches:
+            if b.folded:
+                c = torch.stack([self.mass((p.owners[0][0],)) for p in b.node.parts])
+            else:
+                c = self.mass(b.members)
+            out.append(c if denom is None else c / denom)
+        return out
+
+
+def _shape(mask) -> tuple:
+    return tuple(mask.shape) if isinstance(mask, Tensor) else (len(mask),)

@@ -11,6 +11,15 @@ from toponas_kernels.nas import spaces as S
 from toponas_kernels.ops.reference import embed_ref
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_darts_space_order_and_chains():
     sp = S.DARTS_SPACE
     assert sp.names == S.DARTS_PRIMITIVES == (

@@ -120,6 +120,22 @@ def test_user_space_trailing_only_and_mixed_kinds():
     }
 
 
+def test_interleaved_merge_groups():
+    """Two merge groups whose branches interleave (stride-1 and grouped convs) both merge."""
+    chains = [
+        (S.Conv(3),),
+        (S.Conv(3, groups=2),),
+        (S.Pool("max", 3),),
+        (S.Conv(5, groups=2),),
+        (S.Conv(5, dilation=2, separable=True),),
+    ]
+    g = simplify(chains)
+    kinds = [(b.members, type(b.node).__name__) for b in g.root.branches]
+    assert kinds == [((0, 4), "Merged"), ((1, 3), "Merged"), ((2,), "Seq")]
+    assert [p.owners[0][0] for p in g.root.branches[0].node.parts] == [0, 4]
+    assert g.root.branches[1].node.groups == 2 and g.root.branches[0].node.size == 9
+
+
 def test_names_do_not_matter():
     renamed = S.SearchSpace("renamed", [S.OpDef(f"op{i}", op.modules, op.reduce) for i, op in enumerate(S.DARTS_SPACE)])
     assert _counts(renamed) == _counts(S.DARTS_SPACE)

@@ -426,10 +426,14 @@ def _reparam(node: "Node") -> None:
             _reparam(b.node)
         else:
             groups.setdefault((leaf.module.stride, leaf.module.merge_groups), []).append(j)
-    for js in sorted(groups.values(), key=lambda js: -js[0]):  # from the back: indices stay valid
+    merged_at = {}  # first branch index of a group -> its merged branch
+    for js in groups.values():
         picked = [node.branches[j] for j in js]
-        merged = Merged(tuple(_single_conv(b) for b in picked))
-        _replace(node, js, Branch(_union(picked), merged, folded=True))
+        merged_at[js[0]] = Branch(_union(picked), Merged(tuple(_single_conv(b) for b in picked)), folded=True)
+    grouped = {j for js in groups.values() for j in js}
+    node.branches = [
+        merged_at[j] if j in merged_at else b for j, b in enumerate(node.branches) if j in merged_at or j not in grouped
+    ]
 
 
 # ----------------------------------------------------------------------------- counting

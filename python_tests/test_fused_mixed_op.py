@@ -219,6 +219,7 @@ def _leading_only_space():
             S.OpDef("d3", [S.ReLU(), S.Conv(3, dilation=2, separable=True)]),
             S.OpDef("c1", [S.ReLU(), S.Conv(1)]),
             S.OpDef("max", [S.Pool("max", 3)]),
+            S.OpDef("g5", [S.ReLU(), S.Conv(5, groups=2)]),
             S.OpDef("skip", [S.Identity()], reduce=[S.ReLU(), S.FactorizedReduce(), S.BN()]),
         ],
     )
@@ -231,8 +232,9 @@ def test_exact_user_space_leading_sharing(mode, stride):
     plain, op = _pair(mode, C=6, stride=stride, primitives=space, normalize=False)
     if mode == "topo":
         g = op.simplified_graph()
-        assert g.counts().conv == 1 + (stride == 2)  # one merged conv (+ FactorizedReduce)
-    x, alpha = _x(6, 7, stride), torch.randn(6, dtype=DT)
+        # one merged conv of groups 1, one (folded) of groups 2, + FactorizedReduce at stride 2
+        assert g.counts().conv == 2 + (stride == 2)
+    x, alpha = _x(6, 7, stride), torch.randn(len(space), dtype=DT)
     _close(_run(op, x, alpha), _run(plain, x, alpha))
 
 

@@ -132,6 +132,10 @@ class FusedMixedOp(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, weights: Tensor, mask: Tensor | Sequence[bool] | None = None) -> Tensor:
+        """``x`` [B, C, H, W]; ``weights`` [K], the edge's softmaxed (or Gumbel) row, used as
+        given at the top level; ``mask`` [K] bool or None: masked candidates are left out of the
+        computation (never called) and their weights ignored. The mask is read on the host (a
+        device sync for a CUDA mask) and the simplified graph is cached per distinct mask."""
         if x.dim() != 4 or x.shape[1] != self.C:
             raise ValueError(f"x: expected [B, {self.C}, H, W], got {tuple(x.shape)}")
         weights = self._check_weights(weights, x.dtype)
@@ -240,12 +244,8 @@ class FusedMixedOp(nn.Module):
 
     # ------------------------------------------------------------------ public helpers
     def simplified_graph(self, mask: Tensor | Sequence[bool] | None = None) -> Graph:
-        """The graph this op runs in its mode (for ``mask``); ``print(op.simplified_graph().format())``."""
-        if self.mode == "plain":
-            return simplify(
-                self.space.chains(self.stride), pms=False, fms=False, reparam=False,
-                active=self._check_mask(mask), names=self.primitives, stride=self.stride,
-            )
+        """The graph this op runs in its mode (for ``mask``); ``print(op.simplified_graph().format())``.
+        (In plain mode: the unsimplified edge, zero candidates listed apart.)"""
         return self._plan(self._check_mask(mask)).graph
 
     def derived_weights(self, weights: Tensor, mask=None) -> list[tuple[tuple[str, ...], Tensor]]:

@@ -1,0 +1,345 @@
+"""Search-step cost of a supernet: DARTS (plain) against the TopoNAS rewrites.
+
+One measurement = forward + backward of one search step (cross-entropy on random CIFAR-shaped
+data) of the space's supernet, in a fresh process:
+
+    python bench/search_step.py --space darts --mode topo --json
+    python bench/search_step.py                      # DARTS space: plain vs topo, a table
+    python bench/search_step.py --sweep              # Fig. 8: cost against the number of ops
+
+Fields of the JSON line (one per measurement):
+
+* ``peak_bytes``: GPU: ``torch.cuda.max_memory_allocated`` during the first step minus what was
+  allocated just before it (model, optimizer-free, inputs), so it holds the activations, the
+  saved tensors, the temporaries and the parameter gradients of the step. CPU: growth of the
+  process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) over the first
+  step, measured in a fresh process.
+* ``saved_bytes``: bytes of the tensors autograd saves for backward during one forward, seen
+  through ``torch.autograd.graph.saved_tensors_hooks``. Each storage is counted once at its
+  full size (a view saves its whole storage alive; two views of one storage count once), and
+  parameters and buffers are left out (they live anyway: reported as ``saved_param_bytes``).
+  Every saved tensor stays referenced until backward, so no address is reused while counting.
+* ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODES = ("plain", "pms", "pms+fms", "topo")
+
+
+# ----------------------------------------------------------------------------- the child
+def _status_bytes(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def build_model(args, torch):
+    from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
+    from toponas_kernels.nas.spaces import exaggerated_space
+
+    common = dict(mode=args.mode, normalize=not args.no_normalize, partial_channels=args.partial_channels)
+    if args.space == "nb201":
+        model = NB201SearchNetwork(C=args.C or 16, N=args.cells or 5, **common)
+    else:
+        space = "darts"
+        if args.space == "exaggerated":
+            space = exaggerated_space(args.num_sep_dil, args.num_double_sep)
+        model = DartsSearchNetwork(C=args.C or 16, layers=args.cells or 8, space=space, **common)
+    if args.mask_fraction > 0:
+        _apply_random_masks(model, args.mask_fraction, torch)
+    return model
+
+
+def _random_mask(rows: int, k: int, fraction: float, gen, torch):
+    """Per edge, switch off round(fraction * K) candidates chosen at random (at least one kept)."""
+    off = min(k - 1, round(fraction * k))
+    mask = torch.ones(rows, k, dtype=torch.bool)
+    for r in range(rows):
+        mask[r, torch.randperm(k, generator=gen)[:off]] = False
+    return mask
+
+
+def _apply_random_masks(model, fraction, torch):
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(model, "set_masks"):
+        rows, k = model.mask_normal.shape
+        model.set_masks(_random_mask(rows, k, fraction, gen, torch), _random_mask(rows, k, fraction, gen, torch))
+    else:
+        rows, k = model.mask.shape
+        model.mask.copy_(_random_mask(rows, k, fraction, gen, torch))
+
+
+def count_saved_bytes(model, x, y, torch):
+    """Bytes saved for backward by one forward: each storage once, parameters apart."""
+    param_ptrs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+    keep = []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.nbytes() > 0 and t.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+            keep.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    saved = sum(n for p, n in seen.items() if p not in param_ptrs)
+    params = sum(n for p, n in seen.items() if p in param_ptrs)
+    del loss, keep
+    return saved, params
+
+
+def child(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(args, torch).to(device)
+    size = 32
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    # Memory: the first step of a fresh process.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        name = torch.cuda.get_device_name()
+    else:
+        import gc
+
+        gc.collect()
+        before = _status_bytes("VmRSS")
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
+        step()
+        peak = _status_bytes("VmHWM") - before
+        name = _cpu_name()
+    saved, saved_params = count_saved_bytes(model, x, y, torch)
+    times = []
+    step()  # warm-up
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        "space": args.space,
+        "mode": args.mode,
+        "batch": args.batch,
+        "partial_channels": args.partial_channels,
+        "mask_fraction": args.mask_fraction,
+        "normalize": not args.no_normalize,
+        "num_ops": len(model.space),
+        "peak_bytes": int(peak),
+        "saved_bytes": int(saved),
+        "saved_param_bytes": int(saved_params),
+        "step_seconds": statistics.median(times),
+        "device": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+    except (OSError, AttributeError):
+        model = "cpu"
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------- the parent
+def measure(args, **override) -> dict:
+    """Run one measurement in a fresh process and return its JSON record."""
+    opts = vars(args).copy()
+    opts.update(override)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    for key in ("space", "mode", "batch", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep"):
+        cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
+    for key in ("partial_channels", "C", "cells", "threads"):
+        if opts[key] is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
+    if opts["no_normalize"]:
+        cmd.append("--no-normalize")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:9.1f} MiB"
+
+
+def compare(args, modes) -> list[dict]:
+    rows = []
+    for mode in modes:
+        print(f"measuring {args.space} / {mode} (batch {args.batch}, {args.device}) ...", file=sys.stderr, flush=True)
+        rows.append(measure(args, mode=mode))
+    if not args.json:
+        print_table(args, rows)
+    return rows
+
+
+def print_table(args, rows) -> None:
+    """Costs and their ratios to plain (to the first row when plain was not measured)."""
+    base = next((r for r in rows if r["mode"] == "plain"), rows[0])
+    print(f"\n{args.space} space, batch {args.batch}, device {base['device']}")
+    print(f"{'mode':10s} {'peak':>14s} {'saved':>14s} {'step s':>9s}  peak/plain  saved/plain  time/plain")
+    for r in rows:
+        print(
+            f"{r['mode']:10s} {_fmt_bytes(r['peak_bytes'])} {_fmt_bytes(r['saved_bytes'])} {r['step_seconds']:9.3f}"
+            f"  {r['peak_bytes'] / base['peak_bytes']:10.3f}  {r['saved_bytes'] / base['saved_bytes']:11.3f}"
+            f"  {r['step_seconds'] / base['step_seconds']:10.3f}"
+        )
+    return rows
+
+
+def sweep(args) -> list[dict]:
+    """Fig. 8: skip, max pool, avg pool plus 1..13 conv candidates (sep-dil and double-sep in
+    the 5:7 proportion of the paper's exaggerated space), plain against topo."""
+    rows = []
+    from tqdm import tqdm
+
+    counts = list(range(4, 17, args.sweep_step))
+    jobs = [(n, mode) for n in counts for mode in ("plain", "topo")]
+    for n, mode in tqdm(jobs, desc="sweep", file=sys.stderr):
+        convs = n - 3
+        sep_dil = round(convs * 5 / 12)
+        rec = measure(args, space="exaggerated", mode=mode, num_sep_dil=sep_dil, num_double_sep=convs - sep_dil)
+        rows.append(rec)
+    slopes = {}
+    for mode in ("plain", "topo"):
+        pts = [(r["num_ops"], r["peak_bytes"]) for r in rows if r["mode"] == mode]
+        slopes[mode] = _slope(pts)
+    print(f"\nmemory slope per added conv candidate: plain {_fmt_bytes(slopes['plain'])}, topo {_fmt_bytes(slopes['topo'])}"
+          f" (ratio {slopes['topo'] / slopes['plain']:.3f})")
+    _plot_sweep(rows, args.plot)
+    return rows
+
+
+def _slope(points):
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    return sum((x - mx) * (y - my) for x, y in points) / max(1e-12, sum((x - mx) ** 2 for x, _ in points))
+
+
+def _plot_sweep(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, style in (("plain", "o-"), ("topo", "s-")):
+        pts = sorted((r["num_ops"], r["peak_bytes"] / 2**20, r["step_seconds"]) for r in rows if r["mode"] == mode)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, label="DARTS" if mode == "plain" else "DARTS + TopoNAS")
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, label="DARTS" if mode == "plain" else "DARTS + TopoNAS")
+    axes[0].set(xlabel="candidate operations", ylabel="peak memory of a step (MiB)")
+    axes[1].set(xlabel="candidate operations", ylabel="step time (s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Search-step cost vs search-space size ({rows[0]['device']}, batch {rows[0]['batch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", choices=("darts", "nb201", "exaggerated"), default="darts")
+    p.add_argument("--mode", choices=MODES + ("all",), default=None, help="one mode (default: compare plain and topo)")
+    p.add_argument("--partial-channels", type=int, default=None, help="PC-DARTS: 1/k of the channels go through the edge")
+    p.add_argument("--mask-fraction", type=float, default=0.0, help="fraction of candidates masked per edge (Zero-One-Shot)")
+    p.add_argument("--batch", type=int, default=None, help="default 64 on a GPU, 16 on a CPU")
+    p.add_argument("--C", type=int, default=None, help="initial channels (default 16)")
+    p.add_argument("--cells", type=int, default=None, help="DARTS: cells (8); NB201: cells per stage (5)")
+    p.add_argument("--num-sep-dil", type=int, default=5, help="exaggerated space: separable dilated convs")
+    p.add_argument("--num-double-sep", type=int, default=7, help="exaggerated space: double-stacked separable convs")
+    p.add_argument("--no-normalize", action="store_true", help="topo without kernel normalization")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 GPU / 3 CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the measuring process (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
+    p.add_argument("--sweep", action="store_true", help="Fig. 8 sweep over 4-16 candidate ops, with a plot")
+    p.add_argument("--sweep-step", type=int, default=2, help="candidate-count step of the sweep")
+    p.add_argument("--plot", default=str(HERE / "fig8_scaling.png"), help="where the sweep plot goes")
+    p.add_argument("--quick", action="store_true", help="small smoke run: batch 2, 1 repeat")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick:
+        args.batch = args.batch or 2
+        args.repeats = args.repeats or 1
+    args.batch = args.batch or (64 if args.device == "cuda" else 16)
+    args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
+    if args.partial_channels is not None and args.partial_channels < 1:
+        p.error(f"--partial-channels must be a positive integer, got {args.partial_channels}")
+    if not 0.0 <= args.mask_fraction < 1.0:
+        p.error(f"--mask-fraction must be in [0, 1), got {args.mask_fraction}")
+
+    if args.child:
+        args.mode = args.mode or "plain"
+        print(json.dumps(child(args)))
+        return 0
+    if args.sweep:
+        rows = sweep(args)
+    elif args.mode in MODES:
+        rows = [measure(args)]
+        if not args.json:
+            print_table(args, rows)
+    else:
+        rows = compare(args, MODES if args.mode == "all" else ("plain", "topo"))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

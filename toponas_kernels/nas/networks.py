@@ -1,0 +1,299 @@
+"""Search supernets built from ``FusedMixedOp``: the DARTS CIFAR network and the NAS-Bench-201
+network (REFERENCE.md), with one set of architecture parameters each, optional search-space
+masks (Zero-One-Shot), partial channels and edge normalization (PC-DARTS), and genotype
+derivation.
+
+The architecture weights of a forward pass come from ``arch_weights()``: the masked softmax of
+the alphas (DARTS), or hard Gumbel samples (GDAS) when ``sampler="gumbel"``.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import torch
+from torch import nn
+
+from .. import ops
+from .mixed_op import FusedMixedOp
+from .operations import FactorizedReduce, ReLUConvBN
+from .spaces import SearchSpace, get_space
+
+Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+
+
+class _ArchMixin:
+    """Architecture weights shared by both supernets."""
+
+    sampler: str = "softmax"
+    tau: float = 1.0
+
+    def _arch_rows(self, alpha: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.sampler == "gumbel":
+            return ops.gumbel_softmax(alpha, mask, tau=self.tau, hard=True)
+        return ops.masked_softmax(alpha, mask)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith(("alphas", "betas"))]
+
+
+class DartsCell(nn.Module):
+    """A DARTS search cell: 2 inputs, ``steps`` nodes, each the sum over all earlier states of a
+    mixed edge; output = concat of the last ``multiplier`` nodes (14 edges for 4 steps)."""
+
+    def __init__(self, steps, multiplier, C_pp, C_p, C, reduction, reduction_prev, space, op_kwargs):
+        super().__init__()
+        self.reduction = reduction
+        self.steps, self.multiplier = steps, multiplier
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_pp, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_pp, C, 1, 1, affine=False)
+        self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, affine=False)
+        self.edges = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self.edges.append(FusedMixedOp(C, stride, primitives=space, **op_kwargs))
+
+    def forward(self, s0, s1, weights, masks=None, edge_weights=None):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for i in range(self.steps):
+            outs = []
+            for j, h in enumerate(states):
+                e = offset + j
+                outs.append(self.edges[e](h, weights[e], None if masks is None else masks[e]))
+            if edge_weights is None:
+                node = outs[0]
+                for o in outs[1:]:
+                    node = node + o
+            else:  # PC-DARTS edge normalization: a weighted sum over the node's inputs
+                node = ops.mixed_sum(outs, edge_weights[offset : offset + len(states)].to(outs[0].dtype))
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[-self.multiplier :], dim=1)
+
+
+class DartsSearchNetwork(nn.Module, _ArchMixin):
+    """The DARTS CIFAR search network: stem Conv3x3(3, 3C)+BN, ``layers`` cells with reductions
+    at 1/3 and 2/3 depth (channels double), global average pool, Linear.
+
+    ``mode``, ``normalize`` and ``partial_channels`` go to every ``FusedMixedOp``;
+    ``edge_normalization`` adds PC-DARTS' per-edge betas; ``masks`` (bool [14, K] for normal and
+    reduce cells) switch candidates off for good (Zero-One-Shot).
+    """
+
+    def __init__(
+        self,
+        C: int = 16,
+        num_classes: int = 10,
+        layers: int = 8,
+        *,
+        space: str | SearchSpace = "darts",
+        steps: int = 4,
+        multiplier: int = 4,
+        stem_multiplier: int = 3,
+        mode: str = "plain",
+        normalize: bool = True,
+        partial_channels: int | None = None,
+        edge_normalization: bool | None = None,
+        sampler: str = "softmax",
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.space = get_space(space)
+        self.steps, self.multiplier = steps, multiplier
+        self.sampler = sampler
+        if edge_normalization is None:
+            edge_normalization = partial_channels is not None
+        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_pp, C_p, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = DartsCell(steps, multiplier, C_pp, C_p, C_curr, reduction, reduction_prev, self.space, op_kwargs)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_pp, C_p = C_p, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+        num_edges = sum(2 + i for i in range(steps))
+        k = len(self.space)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(num_edges, k))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, k))
+        if edge_normalization:
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(num_edges))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges))
+        else:
+            self.betas_normal = self.betas_reduce = None
+        self.register_buffer("mask_normal", torch.ones(num_edges, k, dtype=torch.bool))
+        self.register_buffer("mask_reduce", torch.ones(num_edges, k, dtype=torch.bool))
+
+    def set_masks(self, normal: torch.Tensor, reduce: torch.Tensor) -> None:
+        """Search-space masks: bool [num_edges, K], at least one candidate kept per edge."""
+        for name, m in (("normal", normal), ("reduce", reduce)):
+            if m.shape != self.mask_normal.shape or m.dtype != torch.bool:
+                raise ValueError(f"{name} mask must be a bool tensor of shape {tuple(self.mask_normal.shape)}, got {m.dtype} {tuple(m.shape)}")
+            if not bool(m.any(dim=1).all()):
+                raise ValueError(f"{name} mask switches off every candidate of some edge; keep at least one per edge")
+        self.mask_normal.copy_(normal)
+        self.mask_reduce.copy_(reduce)
+
+    def _edge_weights(self, betas: torch.Tensor | None) -> torch.Tensor | None:
+        """Softmax of the betas over each node's incoming edges."""
+        if betas is None:
+            return None
+        parts, start = [], 0
+        for i in range(self.steps):
+            parts.append(torch.softmax(betas[start : start + 2 + i], dim=-1))
+            start += 2 + i
+        return torch.cat(parts)
+
+    def arch_weights(self):
+        return (
+            self._arch_rows(self.alphas_normal, self.mask_normal),
+            self._arch_rows(self.alphas_reduce, self.mask_reduce),
+        )
+
+    def forward(self, x):
+        w_normal, w_reduce = self.arch_weights()
+        e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            if cell.reduction:
+                w, m, e = w_reduce, self.mask_reduce, e_reduce
+            else:
+                w, m, e = w_normal, self.mask_normal, e_normal
+            s0, s1 = s1, cell(s0, s1, w.to(s1.dtype), m, e)
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+    @torch.no_grad()
+    def genotype(self) -> Genotype:
+        """Top-2 incoming edges per node by their best non-'none' weight (times the edge weight
+        with edge normalization), and on each the best non-'none' op (REFERENCE.md)."""
+        names = list(self.space.names)
+        none_index = names.index("none") if "none" in names else None
+
+        def parse(weights, edge_w):
+            gene, start = [], 0
+            for i in range(self.steps):
+                n = 2 + i
+                W = weights[start : start + n].clone()
+                if edge_w is not None:
+                    W = W * edge_w[start : start + n, None]
+                if none_index is not None:
+                    W[:, none_index] = -1.0
+                best = W.max(dim=1).values
+                for j in sorted(best.argsort(descending=True)[:2].tolist()):
+                    gene.append((names[int(W[j].argmax())], j))
+                start += n
+            return gene
+
+        w_normal = ops.masked_softmax(self.alphas_normal, self.mask_normal).cpu()
+        w_reduce = ops.masked_softmax(self.alphas_reduce, self.mask_reduce).cpu()
+        e_normal = self._edge_weights(self.betas_normal)
+        e_reduce = self._edge_weights(self.betas_reduce)
+        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
+        return Genotype(
+            normal=parse(w_normal, None if e_normal is None else e_normal.cpu()),
+            normal_concat=concat,
+            reduce=parse(w_reduce, None if e_reduce is None else e_reduce.cpu()),
+            reduce_concat=concat,
+        )
+
+
+class ResNetBasicBlock(nn.Module):
+    """NAS-Bench-201's reduction block: ReLUConvBN 3x3 stride 2, ReLUConvBN 3x3, plus a shortcut
+    AvgPool(2, 2) then 1x1 conv."""
+
+    def __init__(self, C_in: int, C_out: int):
+        super().__init__()
+        self.conv_a = ReLUConvBN(C_in, C_out, 3, 2, affine=True)
+        self.conv_b = ReLUConvBN(C_out, C_out, 3, 1, affine=True)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(C_in, C_out, 1, bias=False))
+
+    def forward(self, x):
+        return self.shortcut(x) + self.conv_b(self.conv_a(x))
+
+
+class NB201SearchNetwork(nn.Module, _ArchMixin):
+    """The NAS-Bench-201 supernet: stem Conv3x3(3, C)+BN; N cells at C, a ResNet block to 2C,
+    N cells, a ResNet block to 4C, N cells; BN, ReLU, global average pool, Linear. A cell has 4
+    nodes and 6 edges "i<-j"; node i sums its incoming mixed edges; the output is node 3."""
+
+    EDGES = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+
+    def __init__(
+        self,
+        C: int = 16,
+        N: int = 5,
+        num_classes: int = 10,
+        *,
+        space: str | SearchSpace = "nb201",
+        mode: str = "plain",
+        normalize: bool = True,
+        partial_channels: int | None = None,
+        sampler: str = "softmax",
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.space = get_space(space)
+        self.sampler = sampler
+        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.cells = nn.ModuleList()
+        c = C
+        for stage in range(3):
+            if stage > 0:
+                self.cells.append(ResNetBasicBlock(c, 2 * c))
+                c *= 2
+            for _ in range(N):
+                self.cells.append(
+                    nn.ModuleList(FusedMixedOp(c, 1, primitives=self.space, **op_kwargs) for _ in self.EDGES)
+                )
+        self.lastact = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+        self.alphas = nn.Parameter(1e-3 * torch.randn(len(self.EDGES), len(self.space)))
+        self.register_buffer("mask", torch.ones(len(self.EDGES), len(self.space), dtype=torch.bool))
+
+    def arch_weights(self):
+        return self._arch_rows(self.alphas, self.mask)
+
+    def _cell(self, edges, x, weights):
+        nodes = [x]
+        for i in range(1, 4):
+            total = None
+            for e, (dst, src) in enumerate(self.EDGES):
+                if dst == i:
+                    out = edges[e](nodes[src], weights[e], self.mask[e])
+                    total = out if total is None else total + out
+            nodes.append(total)
+        return nodes[-1]
+
+    def forward(self, x):
+        weights = self.arch_weights()
+        x = self.stem(x)
+        for cell in self.cells:
+            x = self._cell(cell, x, weights.to(x.dtype)) if isinstance(cell, nn.ModuleList) else cell(x)
+        return self.classifier(self.global_pooling(self.lastact(x)).flatten(1))
+
+    @torch.no_grad()
+    def genotype(self) -> str:
+        """The NAS-Bench-201 architecture string, argmax per edge ('none' allowed)."""
+        names = list(self.space.names)
+        weights = ops.masked_softmax(self.alphas, self.mask)
+        groups = []
+        for i in range(1, 4):
+            ops_i = [f"{names[int(weights[e].argmax())]}~{src}" for e, (dst, src) in enumerate(self.EDGES) if dst == i]
+            groups.append("|" + "|".join(ops_i) + "|")
+        return "+".join(groups)

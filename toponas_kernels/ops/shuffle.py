@@ -125,7 +125,12 @@ def _launch_sizes(rows: int, s: int) -> tuple[int, int, int]:
     return rows_per_prog, block_s, 8 if rows_per_prog * block_s >= 4096 else 4
 
 
-def _permute_rows_triton(src: list, src_split: int, dst: list, dst_split: int, batch: int, channels: int, groups: int, s: int) -> None:
+def _permute_rows_triton(
+    src: list, src_split: int, dst: list, dst_split: int, batch: int, channels: int, groups: int, s: int
+) -> None:
+    """Destination row (b, d) <- source row (b, (d % groups) * (channels / groups) + d // groups).
+    ``src``/``dst``: one or two ``(tensor, batch stride, channel stride)`` parts, split at
+    ``src_split``/``dst_split`` channels."""
     rows = batch * channels
     if rows == 0 or s == 0:
         return
@@ -184,7 +189,8 @@ def _owned(t: Tensor, *inputs: Tensor) -> Tensor:
 def _partial_channel_unshuffle_ref(grad: Tensor, processed_channels: int, groups: int) -> list[Tensor]:
     c = grad.shape[1]
     full = _ref.channel_shuffle_ref(grad, c // groups if c else 1)
-    return [t.clone(memory_format=torch.contiguous_format) for t in full.split([processed_channels, c - processed_channels], 1)]
+    parts = full.split([processed_channels, c - processed_channels], 1)
+    return [t.clone(memory_format=torch.contiguous_format) for t in parts]
 
 
 # ============================================================================ custom ops
@@ -233,7 +239,9 @@ def _(processed, bypass, groups, backend):
 
 
 @torch.library.custom_op("toponas::partial_channel_unshuffle", mutates_args=())
-def _partial_channel_unshuffle_op(grad: Tensor, processed_channels: int, groups: int, backend: str) -> list[Tensor]:
+def _partial_channel_unshuffle_op(
+    grad: Tensor, processed_channels: int, groups: int, backend: str
+) -> list[Tensor]:
     """The backward of partial_channel_shuffle: ``[grad_processed, grad_bypass]`` in one pass."""
     if backend == "reference":
         return _partial_channel_unshuffle_ref(grad, processed_channels, groups)
@@ -254,7 +262,9 @@ def _partial_shuffle_setup(ctx, inputs, output):
 
 
 def _partial_shuffle_grad(ctx, grad):
-    grad_processed, grad_bypass = _partial_channel_unshuffle_op(grad, ctx.processed_channels, ctx.groups, ctx.backend)
+    grad_processed, grad_bypass = _partial_channel_unshuffle_op(
+        grad, ctx.processed_channels, ctx.groups, ctx.backend
+    )
     return grad_processed, grad_bypass, None, None
 
 
@@ -337,7 +347,9 @@ def channel_shuffle(x: Tensor, groups: int, *, backend: str | None = None) -> Te
     return _channel_shuffle_op(x, groups, _backend.resolve(backend, x.device))
 
 
-def partial_channel_shuffle(processed: Tensor, bypass: Tensor, groups: int, *, backend: str | None = None) -> Tensor:
+def partial_channel_shuffle(
+    processed: Tensor, bypass: Tensor, groups: int, *, backend: str | None = None
+) -> Tensor:
     """The PC-DARTS output step ``channel_shuffle(cat([processed, bypass], 1), groups)`` as one
     permutation: the concatenation is never built. Its backward produces both gradients in one
     pass (the inverse permutation).
@@ -368,7 +380,8 @@ def partial_channel_shuffle(processed: Tensor, bypass: Tensor, groups: int, *, b
     cp, cb = processed.shape[1], bypass.shape[1]
     if (cp + cb) % groups:
         raise ValueError(
-            f"processed ({cp} channels) and bypass ({cb}) together: C={cp + cb} is not divisible by groups={groups}"
+            f"processed ({cp} channels) and bypass ({cb}) together: C={cp + cb} is not divisible "
+            f"by groups={groups}"
         )
     return _partial_channel_shuffle_op(processed, bypass, groups, _backend.resolve(backend, processed.device))
 

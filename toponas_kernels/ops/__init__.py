@@ -7,7 +7,7 @@ Every function takes ``backend=`` (``"auto"``/None, ``"reference"``, ``"triton"`
 
 from .merge import merge_kernels
 from .mixed import gumbel_softmax, masked_softmax, mixed_sum
-from .shuffle import channel_shuffle, partial_channel_shuffle
+from .shuffle import channel_shuffle, partial_channel_shuffle, split_channels
 
 __all__ = [
     "mixed_sum",
@@ -16,4 +16,5 @@ __all__ = [
     "merge_kernels",
     "channel_shuffle",
     "partial_channel_shuffle",
+    "split_channels",
 ]

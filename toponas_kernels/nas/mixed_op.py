@@ -181,19 +181,41 @@ class FusedMixedOp(nn.Module):
         raise TypeError(f"unexpected node {node!r}")
 
     def _choice(self, choice: Choice, x: Tensor, masses: "_Masses") -> Tensor:
-        """A weighted sum: branch outputs, then ``mixed_sum`` with the derived coefficients
-        (merged convs carry theirs inside their kernel and enter with coefficient 1)."""
+        """A weighted sum. Branches whose coefficient went into a merged kernel (``_branch``)
+        are added plainly, so nothing is saved for them; the others go through ``mixed_sum``
+        with their derived coefficients (it saves its inputs for the weight gradient)."""
         coefs = masses.coefficients(choice)
-        outputs = []
+        weighted, w, applied = [], [], []
         for branch, coef in zip(choice.branches, coefs):
-            if branch.folded:
-                outputs.append(self._merged(branch.node, x, coef))
+            whole = not branch.folded and masses.is_whole(choice, branch)
+            y, done = self._branch(branch, None if whole else coef, x, masses)
+            if done:
+                applied.append(y)
             else:
-                outputs.append(self._run(branch.node, x, masses))
-        if len(outputs) == 1 and (choice.branches[0].folded or masses.is_whole(choice, choice.branches[0])):
-            return outputs[0]
-        w = torch.stack([c.new_ones(()) if b.folded else c for b, c in zip(choice.branches, coefs)])
-        return ops.mixed_sum(outputs, w, backend=self.backend)
+                weighted.append(y)
+                w.append(coef)
+        out = ops.mixed_sum(weighted, torch.stack(w), backend=self.backend) if weighted else None
+        for y in applied:
+            out = y if out is None else out + y
+        return out
+
+    def _branch(self, branch, coef: Tensor | None, x: Tensor, masses: "_Masses") -> tuple[Tensor, bool]:
+        """A branch's output, and whether its coefficient is already in it. ``coef``: a scalar,
+        None for exactly 1, or a merged conv's vector of coefficients. A merged conv takes its coefficients into its kernel; so does a branch that
+        ends in a merged conv (c * conv(h, K) = conv(h, c * K), exact), e.g. an FMS group whose
+        second stage is merged, or a group of ReLU-conv ops."""
+        if branch.folded:
+            return self._merged(branch.node, x, coef), True
+        if coef is None:
+            return self._run(branch.node, x, masses), True
+        items = branch.node.items if isinstance(branch.node, Seq) else [branch.node]
+        last = items[-1] if items else None
+        if isinstance(last, Choice) and len(last.branches) == 1 and last.branches[0].folded:
+            for item in items[:-1]:
+                x = self._run(item, x, masses)
+            inner = masses.coefficients(last)[0]
+            return self._merged(last.branches[0].node, x, inner * coef), True
+        return self._run(branch.node, x, masses), False
 
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
         """``conv(x, merge_kernels(candidate kernels, coefficients))``: one conv for the weighted

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -63,6 +64,15 @@ MergeGeometry check_merge_args(at::TensorList kernels, const at::Tensor& weights
 
 namespace {
 
+// Work items are (candidate, channel) or channel slabs of a few hundred elements: threads are
+// only worth starting for a few tens of thousands of elements (an OpenMP region over tiny
+// kernels costs more than the work, and much more on a busy machine).
+constexpr int64_t kGrainElems = 1 << 15;
+
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
 std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
@@ -77,7 +87,9 @@ void channel_rows(const std::vector<at::Tensor>& xs, const scalar_t* g, const Me
                   int64_t mode, std::vector<acc_t>& rows) {
   const int64_t K = static_cast<int64_t>(xs.size()), O = geo.O, I = geo.I, km = geo.kmax;
   rows.assign(K * O * 4, acc_t(0));
-  at::parallel_for(0, K * O, 1, [&](int64_t b, int64_t e) {
+  int64_t max_ks = 1;
+  for (int64_t k : geo.ks) max_ks = std::max(max_ks, k);
+  at::parallel_for(0, K * O, grain_for(I * max_ks * max_ks), [&](int64_t b, int64_t e) {
     for (int64_t jo = b; jo < e; ++jo) {
       const int64_t j = jo / O, o = jo % O, ks = geo.ks[j], d = geo.dil[j], st = geo.start[j];
       const int64_t n = I * ks * ks;
@@ -182,7 +194,7 @@ at::Tensor merge_kernels_cpu(at::TensorList kernels, const at::Tensor& weights, 
     for (int64_t j = 0; j < K; ++j) wv[j] = static_cast<acc_t>(w.data_ptr<scalar_t>()[j]);
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t n_out = I * km * km;
-    at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, O, grain_for(K * n_out), [&](int64_t b, int64_t e) {
       std::vector<acc_t> acc(n_out);
       for (int64_t o = b; o < e; ++o) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -230,7 +242,9 @@ std::vector<at::Tensor> merge_kernels_backward_cpu(const at::Tensor& grad, at::T
     std::vector<acc_t> rows;
     channel_rows<scalar_t, acc_t>(xs, gp, geo, normalize, rows);
     const auto norms = group_norms<acc_t>(rows, geo, K, normalize, eps);
-    at::parallel_for(0, K * O, 1, [&](int64_t b, int64_t e) {
+    int64_t max_ks = 1;
+    for (int64_t k : geo.ks) max_ks = std::max(max_ks, k);
+    at::parallel_for(0, K * O, grain_for(I * max_ks * max_ks), [&](int64_t b, int64_t e) {
       for (int64_t jo = b; jo < e; ++jo) {
         const int64_t j = jo / O, o = jo % O, ks = geo.ks[j], d = geo.dil[j], st = geo.start[j];
         const int64_t n = I * ks * ks;

@@ -429,6 +429,8 @@ def _merge_backward_triton(
 def _merge_backward_ref(
     grad: Tensor, kernels: list[Tensor], weights: Tensor, dilations: list[int], normalize: str, eps: float
 ) -> list[Tensor]:
+    if grad.numel() == 0:  # no statistics to take (O or I is 0): nothing flows back
+        return [torch.zeros_like(k) for k in kernels] + [torch.zeros_like(weights)]
     acc = _ref.acc_dtype(grad.dtype)
     g = grad.to(acc)
     kmax = g.shape[-1]
@@ -586,6 +588,11 @@ def merge_kernels(
         eps: added to the std; must be > 0 when normalizing.
         backend: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` or None/``"auto"``.
     """
+    if isinstance(kernels, Tensor) and kernels.dim() != 5:
+        raise ValueError(
+            f"kernels as one stacked tensor must be [K, O, I, k, k], got shape {tuple(kernels.shape)}; "
+            "pass a list for a single kernel"
+        )
     ks = as_tensor_list("kernels", kernels)
     if len(ks) == 0:
         raise ValueError("kernels is empty: at least one candidate (K >= 1) is needed")

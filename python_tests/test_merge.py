@@ -105,10 +105,9 @@ def test_merge_gradcheck(backend, device):
 def test_merge_opcheck(backend, device):
     ks = [torch.randn(3, 2, k, k, device=device, requires_grad=True) for k in (1, 3)]
     w = torch.randn(2, device=device, requires_grad=True)
-    for normalize in ("channel", "tensor"):
-        torch.library.opcheck(torch.ops.toponas.merge_kernels.default, (ks, w, [2, 1], normalize, 1e-5, backend))
     g = torch.randn(3, 2, 3, 3, device=device)
-    for normalize in ("channel", "none"):
+    for normalize in MODES:
+        torch.library.opcheck(torch.ops.toponas.merge_kernels.default, (ks, w, [2, 1], normalize, 1e-5, backend))
         torch.library.opcheck(
             torch.ops.toponas.merge_kernels_backward.default,
             (g, [k.detach() for k in ks], w.detach(), [2, 1], normalize, 1e-5, backend),
@@ -220,6 +219,12 @@ def test_merge_empty(backend, device):
         assert torch.all(grads[-1] == 0)
 
 
+def _has_cpp():
+    from toponas_kernels import _lib
+
+    return _lib.HAS_CPP
+
+
 def test_merge_saves_only_inputs():
     """The autograd node keeps the kernels and weights, nothing of the normalized or merged
     kernels (DESIGN: the search calls this for every edge of every cell)."""
@@ -227,17 +232,11 @@ def test_merge_saves_only_inputs():
     w = torch.randn(2, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = ops.merge_kernels(ks, w, [1, 2], "tensor", backend="reference" if not _has_cpp() else "cpp")
+        out = ops.merge_kernels(ks, w, [1, 2], "tensor", backend="cpp" if _has_cpp() else "reference")
     inputs = {t.data_ptr() for t in ks + [w]}
     assert saved and all(t.data_ptr() in inputs for t in saved), [tuple(t.shape) for t in saved]
     out.sum().backward()
     assert all(k.grad is not None for k in ks) and w.grad is not None
-
-
-def _has_cpp():
-    from toponas_kernels import _lib
-
-    return _lib.HAS_CPP
 
 
 def test_merge_bad_input():

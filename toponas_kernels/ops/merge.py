@@ -162,22 +162,22 @@ if HAS_TRITON:
     ):
         # "tensor" mode, first pass: per (candidate, channel) stats rows, [K, O, 4].
         o = tl.program_id(0).to(tl.int64)
-        for_slot = tl.arange(0, 4)
+        field = tl.arange(0, 4)
         mean, m2, sg, sgx = _channel_sums(x0, g_ptr, o, I, GRAD, True, KS0, DIL0, ST0, KMAX, BLOCK, ACC)
         row = stats_ptr + ((k0 + 0) * O + o) * 4
-        tl.store(row + for_slot, tl.where(for_slot == 0, mean, tl.where(for_slot == 1, m2, tl.where(for_slot == 2, sg, sgx))))
+        tl.store(row + field, tl.where(field == 0, mean, tl.where(field == 1, m2, tl.where(field == 2, sg, sgx))))
         if NUM > 1:
             mean, m2, sg, sgx = _channel_sums(x1, g_ptr, o, I, GRAD, True, KS1, DIL1, ST1, KMAX, BLOCK, ACC)
             row = stats_ptr + ((k0 + 1) * O + o) * 4
-            tl.store(row + for_slot, tl.where(for_slot == 0, mean, tl.where(for_slot == 1, m2, tl.where(for_slot == 2, sg, sgx))))
+            tl.store(row + field, tl.where(field == 0, mean, tl.where(field == 1, m2, tl.where(field == 2, sg, sgx))))
         if NUM > 2:
             mean, m2, sg, sgx = _channel_sums(x2, g_ptr, o, I, GRAD, True, KS2, DIL2, ST2, KMAX, BLOCK, ACC)
             row = stats_ptr + ((k0 + 2) * O + o) * 4
-            tl.store(row + for_slot, tl.where(for_slot == 0, mean, tl.where(for_slot == 1, m2, tl.where(for_slot == 2, sg, sgx))))
+            tl.store(row + field, tl.where(field == 0, mean, tl.where(field == 1, m2, tl.where(field == 2, sg, sgx))))
         if NUM > 3:
             mean, m2, sg, sgx = _channel_sums(x3, g_ptr, o, I, GRAD, True, KS3, DIL3, ST3, KMAX, BLOCK, ACC)
             row = stats_ptr + ((k0 + 3) * O + o) * 4
-            tl.store(row + for_slot, tl.where(for_slot == 0, mean, tl.where(for_slot == 1, m2, tl.where(for_slot == 2, sg, sgx))))
+            tl.store(row + field, tl.where(field == 0, mean, tl.where(field == 1, m2, tl.where(field == 2, sg, sgx))))
 
     @triton.jit
     def _slot_norm(
@@ -367,7 +367,7 @@ def _blocks(O: int, n_out: int) -> tuple[int, int]:
 
 
 def _stats_triton(xs, grad, dilations, sizes, starts, kmax, I, O, acc_dtype, block, grad_needed):
-    """"tensor" mode first pass: [K, O, 4] rows (mean_c, M2_c, sum G_c, sum G_c (x - mean_c))."""
+    """The "tensor" mode first pass: [K, O, 4] rows (mean_c, M2_c, sum G_c, sum G_c (x - mean_c))."""
     stats = torch.empty(len(xs), O, 4, dtype=acc_dtype, device=xs[0].device)
     for start in range(0, len(xs), _SLOTS):
         slots, num = _slot_args(sizes, dilations, starts, start)

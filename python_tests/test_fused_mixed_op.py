@@ -248,10 +248,18 @@ def test_exact_darts_pms_with_eval_bn(stride):
     _close(_run(op, x, alpha), _run(plain, x, alpha))
 
 
-@pytest.mark.parametrize("space", ["darts", "nb201"])
+@pytest.mark.parametrize("space", ["darts", "nb201", "exaggerated", "triples"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_reparameterization_is_exact_without_normalization(space, stride):
     """topo(normalize=False) computes the pms+fms graph exactly (train-mode BN)."""
+    if space == "exaggerated":
+        space = S.exaggerated_space(2, 3)
+    elif space == "triples":  # nested FMS: the coefficient goes two sums deep into merged convs
+        unit = lambda k: (S.ReLU(), S.Conv(k, separable=True), S.BN())  # noqa: E731
+        space = S.SearchSpace(
+            "triples",
+            [S.OpDef(f"t{k}", unit(k) * 3) for k in (3, 5)] + [S.OpDef("skip", [S.Identity()], [S.Zero(2)])],
+        )
     torch.manual_seed(0)
     ref = FusedMixedOp(6, stride, primitives=space, mode="pms+fms").to(DT)
     op = FusedMixedOp(6, stride, primitives=space, mode="topo", normalize=False).to(DT)

@@ -180,15 +180,19 @@ class FusedMixedOp(nn.Module):
             return self._choice(node, x, masses)
         raise TypeError(f"unexpected node {node!r}")
 
-    def _choice(self, choice: Choice, x: Tensor, masses: "_Masses") -> Tensor:
-        """A weighted sum. Branches whose coefficient went into a merged kernel (``_branch``)
-        are added plainly, so nothing is saved for them; the others go through ``mixed_sum``
-        with their derived coefficients (it saves its inputs for the weight gradient)."""
+    def _choice(self, choice: Choice, x: Tensor, masses: "_Masses", scale: Tensor | None = None) -> Tensor:
+        """A weighted sum (times ``scale``, when given). Branches whose coefficient went into a
+        merged kernel (``_branch``) are added plainly, so nothing is saved for them; the others
+        go through ``mixed_sum`` with their derived coefficients (it saves its inputs for the
+        weight gradient)."""
         coefs = masses.coefficients(choice)
         weighted, w, applied = [], [], []
         for branch, coef in zip(choice.branches, coefs):
-            whole = not branch.folded and masses.is_whole(choice, branch)
-            y, done = self._branch(branch, None if whole else coef, x, masses)
+            if not branch.folded and masses.is_whole(choice, branch):
+                coef = None  # exactly 1
+            if scale is not None:
+                coef = scale if coef is None else coef * scale
+            y, done = self._branch(branch, coef, x, masses)
             if done:
                 applied.append(y)
             else:
@@ -201,20 +205,19 @@ class FusedMixedOp(nn.Module):
 
     def _branch(self, branch, coef: Tensor | None, x: Tensor, masses: "_Masses") -> tuple[Tensor, bool]:
         """A branch's output, and whether its coefficient is already in it. ``coef``: a scalar,
-        None for exactly 1, or a merged conv's vector of coefficients. A merged conv takes its coefficients into its kernel; so does a branch that
-        ends in a merged conv (c * conv(h, K) = conv(h, c * K), exact), e.g. an FMS group whose
-        second stage is merged, or a group of ReLU-conv ops."""
+        None for exactly 1, or a merged conv's vector of coefficients. A merged conv takes its
+        coefficients into its kernel; so does a branch that ends in a sum of merged convs
+        (c * conv(h, K) = conv(h, c * K), exact), e.g. an FMS group whose second stage is
+        merged, or a group of ReLU-conv operations."""
         if branch.folded:
             return self._merged(branch.node, x, coef), True
         if coef is None:
             return self._run(branch.node, x, masses), True
         items = branch.node.items if isinstance(branch.node, Seq) else [branch.node]
-        last = items[-1] if items else None
-        if isinstance(last, Choice) and len(last.branches) == 1 and last.branches[0].folded:
+        if items and isinstance(items[-1], Choice) and _absorbs(items[-1]):
             for item in items[:-1]:
                 x = self._run(item, x, masses)
-            inner = masses.coefficients(last)[0]
-            return self._merged(last.branches[0].node, x, inner * coef), True
+            return self._choice(items[-1], x, masses, scale=coef), True
         return self._run(branch.node, x, masses), False
 
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
@@ -386,6 +389,18 @@ class _Masses:
                 c = self.mass(b.members)
             out.append(c if denom is None else c / denom)
         return out
+
+
+def _absorbs(choice: Choice) -> bool:
+    """Every branch of the sum is linear at its end in a merged conv, so a factor in front of
+    the sum can go into the merged kernels."""
+    for b in choice.branches:
+        if b.folded:
+            continue
+        items = b.node.items if isinstance(b.node, Seq) else [b.node]
+        if not (items and isinstance(items[-1], Choice) and _absorbs(items[-1])):
+            return False
+    return True
 
 
 def _shape(mask) -> tuple:

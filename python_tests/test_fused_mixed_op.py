@@ -131,15 +131,18 @@ def _pair(mode="topo", C=8, stride=1, seed=0, **kw):
 
 
 def _run(op, x, alpha, mask=None, probe=None):
-    """Output, grad wrt x and grad wrt alpha of ``sum(y * probe)`` with weights softmax(alpha)."""
+    """Output and the grads wrt x, the weights and alpha of ``sum(y * probe)``, with weights
+    softmax(alpha)."""
     x = x.detach().clone().requires_grad_(True)
     alpha = alpha.detach().clone().requires_grad_(True)
     w = torch.softmax(alpha, 0)
+    w.retain_grad()
     y = op(x, w) if mask is None else op(x, w, mask)
     if probe is None:
         probe = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
     (y * probe).sum().backward()
-    return y.detach(), x.grad, alpha.grad
+    w_grad = w.grad if w.grad is not None else torch.zeros_like(w)
+    return y.detach(), x.grad, w_grad, alpha.grad
 
 
 def _run_weights(op, x, w):
@@ -329,7 +332,7 @@ def test_derived_weights_sum_to_one(mode, space):
 def test_every_alpha_gets_gradient(mode, stride):
     torch.manual_seed(0)
     op = FusedMixedOp(4, stride, mode=mode).to(DT)
-    y, gx, galpha = _run(op, _x(4, 6, stride), torch.randn(8, dtype=DT))
+    y, gx, _, galpha = _run(op, _x(4, 6, stride), torch.randn(8, dtype=DT))
     assert torch.isfinite(y).all() and torch.isfinite(gx).all()
     assert (galpha.abs() > 0).all(), galpha
     for p in op.parameters():  # every candidate kernel is trained too

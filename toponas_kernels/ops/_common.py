@@ -75,10 +75,11 @@ def block_size(n: int, gpu_block: int) -> int:
 
 
 def register_kernel_fake(name: str):
-    """register_fake for a compiled ``toponas::<name>`` op, only when the extension is loaded."""
+    """register_fake for a compiled ``toponas::<name>`` op, only when the loaded extension has it
+    (a stale build may lack newer ops: those then fail when called, not at import)."""
 
     def wrap(fn):
-        if HAS_CPP:
+        if HAS_CPP and hasattr(torch.ops.toponas, name):
             torch.library.register_fake(f"toponas::{name}")(fn)
         return fn
 

@@ -1,0 +1,394 @@
+"""Shared benchmark helpers: where a number was taken (device, commit, torch), how it was timed
+(median and quantiles, warm-up, cache flush between repetitions), the device's copy bandwidth,
+peak memory, the CSV every benchmark appends to, and the table printed last.
+
+Used by ``bench/ops.py`` and meant for any later benchmark in this folder (``search_step.py``):
+import it as ``import _harness as H`` after putting ``bench/`` on ``sys.path``.
+
+Timing (``time_fn``):
+  * GPU: one pair of CUDA events around each repetition; the work that prepares a repetition
+    (``setup``, e.g. the forward pass before a backward-only timing) and the cache flush are
+    queued before the start event, so they are not counted. As in ``triton.testing.do_bench``
+    the repetitions are queued without a host sync, so the events measure device time (kernels
+    plus the gaps between them) and host launch overhead is hidden while the host keeps ahead;
+    ``Budget.sync_each`` synchronizes before each repetition instead, which counts it.
+  * CPU: ``time.perf_counter`` around each repetition.
+  * Both: a first call to size the run, then warm-up and repetitions by time budget (clamped to a
+    minimum and maximum count), the last-level cache flushed before every repetition (a buffer
+    larger than the cache is written) so that repeated runs do not measure the cache.
+  * Reported: median and the 20th/80th percentiles of the per-repetition times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- where and what
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model from /proc/cpuinfo with the number of cores this process may use."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.multi_processor_count} SMs)"
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 0
+    return f"{model}, {cores} cores"
+
+
+def git_commit(ignore: tuple[str | os.PathLike, ...] = ()) -> str:
+    """``git rev-parse --short HEAD``, with ``+dirty`` when the tree has changes (untracked files
+    included) other than the paths in ``ignore`` (the benchmark's own output files)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    skip = set()
+    for p in ignore:
+        try:
+            skip.add(str(Path(p).resolve().relative_to(REPO)))
+        except ValueError:
+            pass
+    dirty = [line for line in status if line[3:].strip().strip('"') not in skip]
+    return head + ("+dirty" if dirty else "")
+
+
+def run_info(device: torch.device, ignore: tuple = ()) -> dict:
+    """The columns that say where and when a row was measured."""
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(ignore),
+        "device": device_name(device),
+        "torch": torch.__version__,
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- cache flush
+
+
+def _llc_bytes() -> int:
+    """Size of the CPU's last-level cache from sysfs (0 if unknown)."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in base.glob("index*"):
+        try:
+            text = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best
+
+
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def flush_cache(device: torch.device) -> None:
+    """Write a buffer larger than the last-level cache (GPU: 256 MiB, as triton's do_bench; CPU:
+    twice the LLC, at least 64 MiB) so the next repetition starts cold."""
+    key = str(device)
+    buf = _FLUSH.get(key)
+    if buf is None:
+        nbytes = 256 << 20 if device.type == "cuda" else max(64 << 20, 2 * _llc_bytes())
+        buf = _FLUSH[key] = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    """Per-repetition times in milliseconds and their summary."""
+
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+    def quantile(self, q: float) -> float:
+        if not self.times:
+            return math.nan
+        s = sorted(self.times)
+        pos = q * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    @property
+    def q20(self) -> float:
+        return self.quantile(0.2)
+
+    @property
+    def q80(self) -> float:
+        return self.quantile(0.8)
+
+    @property
+    def reps(self) -> int:
+        return len(self.times)
+
+
+@dataclass
+class Budget:
+    """How long to warm up and to repeat (milliseconds of measured time), with count limits."""
+
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_warmup: int = 2
+    min_reps: int = 10
+    max_reps: int = 1000
+    flush: bool = True
+    # GPU: synchronize before each repetition, so host launch overhead is counted whenever the
+    # host is slower than the device. Off (default, as do_bench): repetitions are queued ahead
+    # and the events measure device time.
+    sync_each: bool = False
+
+
+GPU_BUDGET = Budget(warmup_ms=25, rep_ms=100, min_warmup=3, min_reps=10, max_reps=500)
+CPU_BUDGET = Budget(warmup_ms=50, rep_ms=300, min_warmup=1, min_reps=5, max_reps=30)
+QUICK_BUDGET = Budget(warmup_ms=0, rep_ms=0, min_warmup=1, min_reps=3, max_reps=3)
+
+
+def _one(fn, setup, device: torch.device, budget: Budget) -> float:
+    """One repetition in milliseconds; ``setup``'s work and the flush are outside the region."""
+    arg = setup() if setup is not None else None
+    if budget.flush:
+        flush_cache(device)
+    if device.type == "cuda":
+        if budget.sync_each:
+            torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        res = fn(arg)
+        end.record()
+        del res, arg
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    res = fn(arg)
+    t1 = time.perf_counter()
+    del res, arg
+    return (t1 - t0) * 1e3
+
+
+def time_fn(fn, device: torch.device, budget: Budget, setup=None) -> Timing:
+    """Time ``fn(setup())`` (``fn(None)`` without setup): see the module docstring."""
+    est = _one(fn, setup, device, budget)  # first call: sizes the run, never counted
+    est = max(est, 1e-3)
+    n_warm = max(budget.min_warmup, int(budget.warmup_ms / est))
+    n_rep = min(budget.max_reps, max(budget.min_reps, int(budget.rep_ms / est)))
+    for _ in range(n_warm):
+        _one(fn, setup, device, budget)
+    timing = Timing()
+    if device.type == "cuda" and not budget.sync_each:
+        # Queue every repetition, synchronize once: no host sync between repetitions.
+        events = []
+        for _ in range(n_rep):
+            arg = setup() if setup is not None else None
+            if budget.flush:
+                flush_cache(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            res = fn(arg)
+            end.record()
+            del res, arg
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        timing.times = [s.elapsed_time(e) for s, e in events]
+    else:
+        timing.times = [_one(fn, setup, device, budget) for _ in range(n_rep)]
+    return timing
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, budget: Budget | None = None) -> float:
+    """The device's measured copy bandwidth in GB/s (1e9 B/s): ``dst.copy_(src)`` over a buffer far
+    larger than the last-level cache, bytes = read + write = 2 * size. GPU: 512 MiB; CPU: 256 MiB."""
+    if nbytes is None:
+        nbytes = 512 << 20 if device.type == "cuda" else 256 << 20
+    if budget is None:
+        budget = GPU_BUDGET if device.type == "cuda" else Budget(50, 300, 1, 5, 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda _: dst.copy_(src), device, Budget(**{**budget.__dict__, "flush": False}))
+    del src, dst
+    return gbps(2 * nbytes, t.median)
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    if not ms or math.isnan(ms) or ms <= 0:
+        return math.nan
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C++-level stderr (kineto prints GPU probing errors on a CPU machine)."""
+    try:
+        fd = os.dup(2)
+    except OSError:  # pragma: no cover
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Peak bytes allocated by one call of ``fn`` (its result included) above what was allocated
+    before it.
+
+    GPU: ``torch.cuda.max_memory_allocated`` delta. CPU: the running sum of the allocation and free
+    events that ``torch.profiler`` records for the CPU allocator (every ATen tensor; memory that a
+    kernel takes outside ATen, e.g. numpy arrays of the Triton interpreter, is not seen).
+    None if it cannot be measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        res = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del res
+        return int(peak)
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr():
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                res = fn()
+                del res
+            events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except Exception:
+        return None
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()  # allocations positive, frees negative
+        peak = max(peak, cur)
+    return int(peak)
+
+
+# ----------------------------------------------------------------------------- CSV and JSON
+
+
+def append_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
+    """Append ``rows`` to the CSV at ``path``, writing the header once. If the file has another
+    header (columns added since), it is rewritten with the union of both, old rows keeping empty
+    cells in the new columns. A lock file beside it serialises concurrent writers."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old_header: list[str] | None = None
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, newline="") as f:
+                old_header = next(csv.reader(f), None)
+        if old_header is None:
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        elif old_header == columns or set(columns) <= set(old_header):
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=old_header, extrasaction="ignore").writerows(rows)
+        else:
+            header = old_header + [c for c in columns if c not in old_header]
+            with open(path, newline="") as f:
+                old_rows = list(csv.DictReader(f))
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old_rows)
+                w.writerows(rows)
+            os.replace(tmp, path)
+
+
+def csv_value(v) -> str:
+    """One CSV cell: floats to 4 significant digits (6 for small times), NaN/None as empty."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.6g}"
+    return str(v)
+
+
+def json_line(row: dict) -> str:
+    """One JSON object per row (NaN as null)."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    return json.dumps(clean, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def fmt(v, spec: str = ".3g", none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        return none
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    return str(v)
+
+
+def format_table(rows: list[list[str]], header: list[str], right: set[int] | None = None) -> str:
+    """A plain fixed-width table; columns in ``right`` are right-aligned (the numbers)."""
+    right = right if right is not None else set(range(1, len(header)))
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(
+            str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i]) for i, c in enumerate(r)
+        ).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])

@@ -389,11 +389,16 @@ def test_topo_uses_the_kernel_ops(monkeypatch):
 
     for name in calls:
         monkeypatch.setattr(ops, name, counting(name))
-    op = FusedMixedOp(4, 1, mode="topo")
+    op = FusedMixedOp(4, 1, mode="topo", recompute=False)
     op(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
     # three merged convs; one weighted sum (the edge's): in the conv group both branches end
     # in a merged conv that took its coefficient (plain addition, nothing saved)
     assert calls == {"merge_kernels": 3, "mixed_sum": 1}
+    # With recomputation (topo's default) the parameter-free branches (pools, skip) form a
+    # weighted sum of their own.
+    calls.update(merge_kernels=0, mixed_sum=0)
+    FusedMixedOp(4, 1, mode="topo")(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
+    assert calls == {"merge_kernels": 3, "mixed_sum": 2}
 
 
 def test_shared_modules_run_once():
@@ -529,3 +534,82 @@ def test_bad_input_names_the_argument():
         FusedMixedOp(8, 2, partial_channels=2)(torch.randn(1, 8, 7, 7), torch.softmax(torch.randn(8), 0))
     with pytest.raises(ValueError, match="other"):
         op.load_plain_state(RefMixedOp(6, 1))
+
+
+@pytest.mark.parametrize("mode", ["pms", "pms+fms", "topo"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_recompute_changes_nothing_but_memory(mode, stride):
+    """Recomputing the parameter-free branches in backward gives the same outputs, gradients
+    (x, alpha, every parameter) and BN running statistics as keeping their activations."""
+    torch.manual_seed(1)
+    keep = FusedMixedOp(6, stride, mode=mode, recompute=False).double()
+    redo = FusedMixedOp(6, stride, mode=mode, recompute=True).double()
+    redo.load_state_dict(keep.state_dict())
+    x = torch.randn(3, 6, 8, 8, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, True, False, True, True, True, True, False])
+    results = []
+    for op in (keep, redo):
+        y = op(x, torch.softmax(alpha, 0), mask)
+        grads = torch.autograd.grad(y.sin().sum(), [x, alpha, *op.parameters()], allow_unused=True)
+        results.append((y, grads, [b.clone() for b in op.buffers()]))
+    (y0, g0, b0), (y1, g1, b1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g1, g0):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for a, b in zip(b1, b0):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # advanced once, not twice
+
+
+def test_topo_gradcheck_through_merged_conv():
+    torch.manual_seed(2)
+    op = FusedMixedOp(4, 1, mode="topo").double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    dw = op._ops[4][1].depthwise.weight  # sep_conv_3x3's first depthwise kernel
+    assert torch.autograd.gradcheck(lambda x, a, d: _with_weight(op, dw, d, x, a), (x, alpha, dw.detach().clone().requires_grad_()))
+
+
+def _with_weight(op, param, value, x, alpha):
+    """op(x, softmax(alpha)) as a function of ``value`` standing in for ``param``."""
+    saved = param.data
+    param.data = value.detach()
+    try:
+        from torch.func import functional_call
+
+        names = {id(p): n for n, p in op.named_parameters()}
+        return functional_call(op, {names[id(param)]: value}, (x, torch.softmax(alpha, 0)))
+    finally:
+        param.data = saved
+
+
+def _saved_units(op, x, w):
+    """Bytes kept for backward by one edge, in units of |x|, each storage once, parameters apart."""
+    params = {p.untyped_storage().data_ptr() for p in op.parameters()}
+    seen, keep = {}, []
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.nbytes() and s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+            keep.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(x, w)
+    return sum(seen.values()) / (x.numel() * x.element_size())
+
+
+def test_memory_kept_for_backward_by_a_darts_edge():
+    """The point of topo: at stride 1 the DARTS edge keeps 30 |x| in plain and 6 |x| in topo
+    (x; the group's ReLU; the first merged conv's output, its BN/ReLU output; the BN input of
+    the group; the group's output for the weight gradient); no kernel-sized tensor is kept."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 16, 16, requires_grad=True)  # an activation, as in a supernet
+    w = torch.softmax(torch.randn(8, requires_grad=True), 0)
+    # approx: the weights and the BN statistics add a few hundred bytes
+    assert _saved_units(FusedMixedOp(16, 1, mode="plain"), x, w) == pytest.approx(30.0, abs=0.05)
+    assert _saved_units(FusedMixedOp(16, 1, mode="topo"), x, w) == pytest.approx(6.0, abs=0.05)
+    assert _saved_units(FusedMixedOp(16, 1, mode="topo", recompute=False), x, w) == pytest.approx(12.0, abs=0.05)

@@ -32,14 +32,19 @@ normalization standardizes each candidate's dense kernel, so a candidate is inva
 rescaling its depthwise or pointwise kernel and to shifting its dense kernel (not to shifting
 only its depthwise kernel, which is not a shift of the dense kernel).
 
-Memory. Merged kernels and normalization statistics are never stored on the module; they are
-computed in forward by ``merge_kernels`` (which saves only the candidate kernels for backward).
-A coefficient in front of a merged conv goes into its kernel (c * conv(h, K) = conv(h, c * K)),
+Memory. Merged kernels and normalization statistics are never stored: a merged conv is one
+autograd Function (``_MergedConv``) that keeps the conv input, the coefficients and the
+candidates' kernels (parameters) and rebuilds the merged kernel in backward, a few small
+kernel-sized ops instead of C_out x C_in x k x k tensors per merged conv for the whole step. A
+coefficient in front of a merged conv goes into its kernel (c * conv(h, K) = conv(h, c * K)),
 also through nested sums, so sums of merged convs are plain additions that save nothing; only
 the sums with other branches go through ``mixed_sum``, which saves its inputs for the weight
-gradient. Measured (saved-tensor hooks, DARTS edge, C = 16, B = 8, 32 x 32, stride 1): the
-activations kept for backward are 30 |x| in plain, 24 in pms, 25 in pms+fms (FMS without merging
-adds a sum per stage), 12 in topo, plus 0.5 |x| of candidate and merged kernels.
+gradient. With ``recompute`` (topo's default) the parameter-free weighted branches (pools with
+their BN, identity) keep nothing either: they run again from the edge input in backward
+(``_RecomputedSum``). Kept for backward by the DARTS edge at stride 1, in units of |x| (saved-tensor
+hooks; ``test_memory_kept_for_backward_by_a_darts_edge``): 30 in plain, 24 in pms, 25 in
+pms+fms (FMS without merging adds a sum per stage), 12 in topo without recompute and 6 with it,
+and no kernel-sized tensor.
 
 Parameters. All modes hold the same parameters: one ``OpChain`` per candidate in ``_ops`` (the
 name DARTS uses), in the order of the primitives. The rewritten modes run the modules of those
@@ -58,8 +63,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..backend import resolve as _resolve
 from . import spaces as S
-from .operations import OpChain, build_op, chosen_module
+from .operations import ConvUnit, OpChain, build_op, chosen_module
 from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
 
 __all__ = ["FusedMixedOp"]
@@ -85,6 +91,11 @@ class FusedMixedOp(nn.Module):
         affine: BN affine parameters (False in search, as DARTS).
         eps: kernel normalization epsilon.
         backend: kernel backend for ``toponas_kernels.ops`` (None: automatic).
+        recompute: in the rewritten modes, run the weighted branches that hold no parameters
+            (pooling, BN without affine, identity) without keeping their activations, and
+            recompute them from the edge input in backward (the input is kept anyway). Same
+            values and gradients; BN running statistics advance once. Default: on for
+            ``"topo"``, off otherwise; never used in ``"plain"``.
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class FusedMixedOp(nn.Module):
         affine: bool = False,
         eps: float = 1e-5,
         backend: str | None = None,
+        recompute: bool | None = None,
     ):
         super().__init__()
         self.rewrites = rewrites_for(mode)
@@ -123,6 +135,7 @@ class FusedMixedOp(nn.Module):
         self.C, self.stride, self.mode, self.partial_channels = C, stride, mode, k
         self.normalize = _NORMALIZE[normalize]
         self.affine, self.eps, self.backend = affine, eps, backend
+        self.recompute = (mode == "topo") if recompute is None else bool(recompute)
         self._ops = nn.ModuleList(build_op(op, C // k, stride, affine) for op in self.space)
         self.mp = nn.MaxPool2d(2, 2) if k > 1 and stride > 1 else None
         self._plans: dict[tuple[bool, ...], _Plan] = {}
@@ -193,12 +206,16 @@ class FusedMixedOp(nn.Module):
         go through ``mixed_sum`` with their derived coefficients (it saves its inputs for the
         weight gradient)."""
         coefs = masses.coefficients(choice)
-        weighted, w, applied = [], [], []
+        weighted, w, applied, light, light_w = [], [], [], [], []
         for branch, coef in zip(choice.branches, coefs):
             if not branch.folded and masses.is_whole(choice, branch):
                 coef = None  # exactly 1
             if scale is not None:
                 coef = scale if coef is None else coef * scale
+            if self.recompute and coef is not None and coef.dim() == 0 and self._parameter_free(branch.node):
+                light.append(branch.node)
+                light_w.append(coef)
+                continue
             y, done = self._branch(branch, coef, x, masses)
             if done:
                 applied.append(y)
@@ -206,9 +223,42 @@ class FusedMixedOp(nn.Module):
                 weighted.append(y)
                 w.append(coef)
         out = ops.mixed_sum(weighted, torch.stack(w), backend=self.backend) if weighted else None
+        if light:
+            applied.append(self._recomputed_sum(light, x, torch.stack(light_w)))
         for y in applied:
             out = y if out is None else out + y
         return out
+
+    def _parameter_free(self, node) -> bool:
+        """A chain of modules without parameters and without inner weighted sums: cheap to run
+        again in backward from the edge input."""
+        if isinstance(node, Seq):
+            return all(self._parameter_free(item) for item in node.items)
+        if isinstance(node, Leaf):
+            cand, pos = node.owners[0]
+            return next(self._ops[cand][pos].parameters(), None) is None
+        return False
+
+    def _recomputed_sum(self, nodes: list, x: Tensor, w: Tensor) -> Tensor:
+        """``sum_k w_k node_k(x)`` keeping only ``x`` and ``w`` for backward."""
+        bns = [
+            m
+            for node in nodes
+            for module in self._modules_of(node)
+            for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        return _RecomputedSum.apply(
+            lambda inp: [self._run(node, inp, None) for node in nodes], bns, _resolve(self.backend, x.device), x, w
+        )
+
+    def _modules_of(self, node):
+        if isinstance(node, Seq):
+            for item in node.items:
+                yield from self._modules_of(item)
+        elif isinstance(node, Leaf):
+            cand, pos = node.owners[0]
+            yield self._ops[cand][pos]
 
     def _branch(self, branch, coef: Tensor | None, x: Tensor, masses: "_Masses") -> tuple[Tensor, bool]:
         """A branch's output, and whether its coefficient is already in it. ``coef``: a scalar,
@@ -230,12 +280,19 @@ class FusedMixedOp(nn.Module):
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
         """``conv(x, merge_kernels(candidate kernels, coefficients))``: one conv for the weighted
         sum of several conv units (exact up to kernel normalization)."""
-        kernels = [self._ops[p.owners[0][0]][p.owners[0][1]].dense_kernel() for p in node.parts]
+        units = [self._ops[p.owners[0][0]][p.owners[0][1]] for p in node.parts]
         dilations = [p.module.dilation for p in node.parts]
-        kernel = ops.merge_kernels(
-            kernels, coefs.to(kernels[0].dtype), dilations, self.normalize, self.eps, backend=self.backend
-        )
-        return F.conv2d(x, kernel, None, node.stride, kernel.shape[-1] // 2, 1, node.groups)
+        sizes = [len(unit.kernel_tensors()) for unit in units]
+
+        def make_kernel(c: Tensor, *tensors: Tensor) -> Tensor:
+            kernels, start = [], 0
+            for n in sizes:
+                kernels.append(ConvUnit.dense_from(tensors[start : start + n]))
+                start += n
+            return ops.merge_kernels(kernels, c.to(kernels[0].dtype), dilations, self.normalize, self.eps, backend=self.backend)
+
+        tensors = [t for unit in units for t in unit.kernel_tensors()]
+        return _MergedConv.apply(make_kernel, node.stride, node.groups, x, coefs, *tensors)
 
     # ------------------------------------------------------------------ helpers
     def _check_weights(self, weights: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -396,6 +453,66 @@ class _Masses:
                 c = self.mass(b.members)
             out.append(c if denom is None else c / denom)
         return out
+
+
+class _MergedConv(torch.autograd.Function):
+    """``conv2d(x, make_kernel(coefs))`` ('same' padding) that keeps only x, the coefficients and
+    the candidates' parameters for backward: the merged kernel (and each separable candidate's
+    dense kernel) is rebuilt there, which costs a few small kernel-sized ops instead of keeping
+    C_out x C_in x k x k tensors per merged conv for the whole step (at C = 64 they outweigh the
+    edge's activations)."""
+
+    @staticmethod
+    def forward(ctx, make_kernel, stride, groups, x, coefs, *tensors):
+        kernel = make_kernel(coefs, *tensors)  # autograd is off here: nothing is kept
+        ctx.make_kernel, ctx.conv = make_kernel, (stride, kernel.shape[-1] // 2, groups)
+        ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
+        return F.conv2d(x, kernel, None, stride, kernel.shape[-1] // 2, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *sources = ctx.saved_tensors
+        stride, padding, groups = ctx.conv
+        with torch.enable_grad():
+            sources = [t.detach().requires_grad_() for t in sources]
+            kernel = ctx.make_kernel(*sources)
+        need_x = ctx.needs_input_grad[3]
+        gx, gk, _ = torch.ops.aten.convolution_backward(
+            grad, x, kernel.detach(), None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups,
+            [need_x, True, False],
+        )
+        grads = torch.autograd.grad(kernel, sources, gk, allow_unused=True)
+        return (None, None, None, gx if need_x else None, *grads)
+
+
+class _RecomputedSum(torch.autograd.Function):
+    """``sum_k w_k f_k(x)`` for parameter-free f_k that saves only x and w: forward runs the f_k
+    without autograd; backward runs them again (BN running statistics put back afterwards, so
+    they advance once per step) and takes their vector-Jacobian product."""
+
+    @staticmethod
+    def forward(ctx, run, bns, backend, x, w):
+        ys = run(x)  # autograd is off inside Function.forward: nothing is kept
+        ctx.run, ctx.bns, ctx.backend = run, bns, backend
+        ctx.save_for_backward(x, w)
+        return ops.mixed_sum(ys, w, backend=backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        stats = [(m, [b.clone() for b in m.buffers()]) for m in ctx.bns]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_()
+            ys = ctx.run(xd)
+        grads = torch.ops.toponas.mixed_sum_backward(grad.contiguous(), [y.detach() for y in ys], w, ctx.backend)
+        live = [(y, g) for y, g in zip(ys, grads[:-1]) if y.requires_grad]
+        gx = torch.autograd.grad([y for y, _ in live], xd, [g for _, g in live])[0] if live else None
+        # After the vector-Jacobian product: BN's backward checks the versions of these buffers.
+        with torch.no_grad():
+            for m, saved in stats:
+                for b, old in zip(m.buffers(), saved):
+                    b.copy_(old)
+        return None, None, None, gx, grads[-1]
 
 
 def _absorbs(choice: Choice) -> bool:

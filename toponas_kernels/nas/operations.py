@@ -60,13 +60,24 @@ class ConvUnit(nn.Module):
             return self.pointwise(self.depthwise(x))
         return self.conv(x)
 
-    def dense_kernel(self) -> Tensor:
-        """The kernel of the single conv equal to this unit (before dilation): for a separable
-        unit ``W[o, c] = P[o, c] * D[c]``, shape [C_out, C_in, k, k] (groups 1); for a dense conv
-        its weight. Exact: pw(dw_d(x)) = conv_d(x, W)."""
+    def kernel_tensors(self) -> tuple[Tensor, ...]:
+        """The unit's kernels: (depthwise, pointwise) for a separable unit, (weight,) otherwise."""
         if self.spec.separable:
-            return self.pointwise.weight * self.depthwise.weight.transpose(0, 1)
-        return self.conv.weight
+            return (self.depthwise.weight, self.pointwise.weight)
+        return (self.conv.weight,)
+
+    @staticmethod
+    def dense_from(kernels: Sequence[Tensor]) -> Tensor:
+        """The kernel of the single conv equal to a unit with these ``kernel_tensors()`` (before
+        dilation): for a separable unit ``W[o, c] = P[o, c] * D[c]``, shape [C_out, C_in, k, k]
+        (groups 1); for a dense conv its weight. Exact: pw(dw_d(x)) = conv_d(x, W)."""
+        if len(kernels) == 2:
+            depthwise, pointwise = kernels
+            return pointwise * depthwise.transpose(0, 1)
+        return kernels[0]
+
+    def dense_kernel(self) -> Tensor:
+        return self.dense_from(self.kernel_tensors())
 
 
 class FactorizedReduceConv(nn.Module):

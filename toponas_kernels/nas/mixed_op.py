@@ -39,12 +39,13 @@ kernel-sized ops instead of C_out x C_in x k x k tensors per merged conv for the
 coefficient in front of a merged conv goes into its kernel (c * conv(h, K) = conv(h, c * K)),
 also through nested sums, so sums of merged convs are plain additions that save nothing; only
 the sums with other branches go through ``mixed_sum``, which saves its inputs for the weight
-gradient. With ``recompute`` (topo's default) the parameter-free weighted branches (pools with
-their BN, identity) keep nothing either: they run again from the edge input in backward
-(``_RecomputedSum``). Kept for backward by the DARTS edge at stride 1, in units of |x| (saved-tensor
-hooks; ``test_memory_kept_for_backward_by_a_darts_edge``): 30 in plain, 24 in pms, 25 in
-pms+fms (FMS without merging adds a sum per stage), 12 in topo without recompute and 6 with it,
-and no kernel-sized tensor.
+gradient. With ``recompute`` (topo's default) the parameter-free ends of the weighted branches
+(pools with their BN, identity, a group's trailing BN) keep nothing either: they run again in
+backward from their input, which is kept anyway (``_RecomputedSum``). Kept for backward by the
+DARTS edge at stride 1, in units of |x| (saved-tensor hooks;
+``test_memory_kept_for_backward_by_a_darts_edge``): 30 in plain, 24 in pms, 25 in pms+fms (FMS
+without merging adds a sum per stage), 12 in topo without recompute and 5 with it, and no
+kernel-sized tensor.
 
 Parameters. All modes hold the same parameters: one ``OpChain`` per candidate in ``_ops`` (the
 name DARTS uses), in the order of the primitives. The rewritten modes run the modules of those
@@ -91,11 +92,11 @@ class FusedMixedOp(nn.Module):
         affine: BN affine parameters (False in search, as DARTS).
         eps: kernel normalization epsilon.
         backend: kernel backend for ``toponas_kernels.ops`` (None: automatic).
-        recompute: in the rewritten modes, run the weighted branches that hold no parameters
+        recompute: in the rewritten modes, run the parameter-free ends of the weighted branches
             (pooling, BN without affine, identity) without keeping their activations, and
-            recompute them from the edge input in backward (the input is kept anyway). Same
-            values and gradients; BN running statistics advance once. Default: on for
-            ``"topo"``, off otherwise; never used in ``"plain"``.
+            recompute them in backward from their input (kept anyway). Same values and
+            gradients; BN running statistics advance once. Default: on for ``"topo"``, off
+            otherwise; never used in ``"plain"``.
     """
 
     def __init__(
@@ -212,10 +213,15 @@ class FusedMixedOp(nn.Module):
                 coef = None  # exactly 1
             if scale is not None:
                 coef = scale if coef is None else coef * scale
-            if self.recompute and coef is not None and coef.dim() == 0 and self._parameter_free(branch.node):
-                light.append(branch.node)
-                light_w.append(coef)
-                continue
+            if self.recompute and coef is not None and coef.dim() == 0:
+                head, tail = self._free_tail(branch.node)
+                if tail:
+                    h = x
+                    for item in head:
+                        h = self._run(item, h, masses)
+                    light.append((tail, h))
+                    light_w.append(coef)
+                    continue
             y, done = self._branch(branch, coef, x, masses)
             if done:
                 applied.append(y)
@@ -224,10 +230,19 @@ class FusedMixedOp(nn.Module):
                 w.append(coef)
         out = ops.mixed_sum(weighted, torch.stack(w), backend=self.backend) if weighted else None
         if light:
-            applied.append(self._recomputed_sum(light, x, torch.stack(light_w)))
+            applied.append(self._recomputed_sum(light, torch.stack(light_w)))
         for y in applied:
             out = y if out is None else out + y
         return out
+
+    def _free_tail(self, node) -> tuple[list, list]:
+        """Split a branch into its head and its trailing parameter-free modules (all of it for a
+        pooling or identity branch; the trailing BN of a conv group)."""
+        items = list(node.items) if isinstance(node, Seq) else [node]
+        cut = len(items)
+        while cut > 0 and self._parameter_free(items[cut - 1]):
+            cut -= 1
+        return items[:cut], items[cut:]
 
     def _parameter_free(self, node) -> bool:
         """A chain of modules without parameters and without inner weighted sums: cheap to run
@@ -239,18 +254,28 @@ class FusedMixedOp(nn.Module):
             return next(self._ops[cand][pos].parameters(), None) is None
         return False
 
-    def _recomputed_sum(self, nodes: list, x: Tensor, w: Tensor) -> Tensor:
-        """``sum_k w_k node_k(x)`` keeping only ``x`` and ``w`` for backward."""
+    def _recomputed_sum(self, tails: list[tuple[list, Tensor]], w: Tensor) -> Tensor:
+        """``sum_k w_k tail_k(input_k)`` for parameter-free tails, keeping only the inputs (the edge
+        input, or what the tail's first BN keeps anyway) and ``w`` for backward."""
         bns = [
             m
-            for node in nodes
-            for module in self._modules_of(node)
+            for items, _ in tails
+            for item in items
+            for module in self._modules_of(item)
             for m in module.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
-        return _RecomputedSum.apply(
-            lambda inp: [self._run(node, inp, None) for node in nodes], bns, _resolve(self.backend, x.device), x, w
-        )
+
+        def run(*inputs: Tensor) -> list[Tensor]:
+            outs = []
+            for (items, _), h in zip(tails, inputs):
+                for item in items:
+                    h = self._run(item, h, None)
+                outs.append(h)
+            return outs
+
+        inputs = [h for _, h in tails]
+        return _RecomputedSum.apply(run, bns, _resolve(self.backend, w.device), w, *inputs)
 
     def _modules_of(self, node):
         if isinstance(node, Seq):
@@ -486,33 +511,33 @@ class _MergedConv(torch.autograd.Function):
 
 
 class _RecomputedSum(torch.autograd.Function):
-    """``sum_k w_k f_k(x)`` for parameter-free f_k that saves only x and w: forward runs the f_k
-    without autograd; backward runs them again (BN running statistics put back afterwards, so
-    they advance once per step) and takes their vector-Jacobian product."""
+    """``sum_k w_k f_k(x_k)`` for parameter-free f_k that saves only the x_k and w: forward runs
+    the f_k without autograd; backward runs them again (BN running statistics put back
+    afterwards, so they advance once per step) and takes their vector-Jacobian product."""
 
     @staticmethod
-    def forward(ctx, run, bns, backend, x, w):
-        ys = run(x)  # autograd is off inside Function.forward: nothing is kept
+    def forward(ctx, run, bns, backend, w, *inputs):
+        ys = run(*inputs)  # autograd is off inside Function.forward: nothing is kept
         ctx.run, ctx.bns, ctx.backend = run, bns, backend
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(w, *inputs)
         return ops.mixed_sum(ys, w, backend=backend)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
+        w, *inputs = ctx.saved_tensors
         stats = [(m, [b.clone() for b in m.buffers()]) for m in ctx.bns]
         with torch.enable_grad():
-            xd = x.detach().requires_grad_()
-            ys = ctx.run(xd)
+            detached = [h.detach().requires_grad_() for h in inputs]
+            ys = ctx.run(*detached)
         grads = torch.ops.toponas.mixed_sum_backward(grad.contiguous(), [y.detach() for y in ys], w, ctx.backend)
         live = [(y, g) for y, g in zip(ys, grads[:-1]) if y.requires_grad]
-        gx = torch.autograd.grad([y for y, _ in live], xd, [g for _, g in live])[0] if live else None
+        gin = torch.autograd.grad([y for y, _ in live], detached, [g for _, g in live], allow_unused=True) if live else [None] * len(detached)
         # After the vector-Jacobian product: BN's backward checks the versions of these buffers.
         with torch.no_grad():
             for m, saved in stats:
                 for b, old in zip(m.buffers(), saved):
                     b.copy_(old)
-        return None, None, None, gx, grads[-1]
+        return (None, None, None, grads[-1], *gin)
 
 
 def _absorbs(choice: Choice) -> bool:

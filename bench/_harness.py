@@ -99,6 +99,68 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ----------------------------------------------------------------------------- other load
+
+
+def _proc_stat_times(pid: int) -> tuple[int, int]:
+    """(ppid, utime + stime + cutime + cstime) of a process, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def _own_tree_ticks() -> int:
+    """CPU ticks used by this process, its threads and every live or reaped descendant (the
+    compile workers of torch.compile included)."""
+    me = os.getpid()
+    info = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                info[int(name)] = _proc_stat_times(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in info.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [me]
+    while todo:
+        pid = todo.pop()
+        total += info.get(pid, (0, 0))[1]
+        todo += children.get(pid, [])
+    return total
+
+
+def _machine_ticks() -> int:
+    """Busy ticks of all CPUs (user, nice, system, irq, softirq, and steal by the hypervisor)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+
+
+class CpuMeter:
+    """Share of the machine's CPU capacity that other processes (and the hypervisor, as steal
+    time) took between construction and ``share()``: 0 on an otherwise idle machine. CPU timings
+    taken while it is high are not to be trusted. None where /proc is not there."""
+
+    def __init__(self):
+        try:
+            self._t0 = (time.monotonic(), _machine_ticks(), _own_tree_ticks())
+        except OSError:
+            self._t0 = None
+
+    def share(self) -> float | None:
+        if self._t0 is None:
+            return None
+        t0, busy0, own0 = self._t0
+        try:
+            wall, busy, own = time.monotonic() - t0, _machine_ticks() - busy0, _own_tree_ticks() - own0
+        except OSError:
+            return None
+        capacity = wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        return max(0.0, (busy - own) / capacity) if capacity > 0 else None
+
+
 # ----------------------------------------------------------------------------- cache flush
 
 

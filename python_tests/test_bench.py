@@ -23,7 +23,7 @@ COLUMNS = [
     "date", "commit", "device", "torch", "op", "impl", "shape", "dtype",
     "fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms", "reps",
     "fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac",
-    "peak_bytes", "speedup_vs_eager", "rel_err", "note",
+    "peak_bytes", "speedup_vs_eager", "rel_err", "others_cpu", "note",
 ]  # fmt: skip
 SHAPE_RE = {
     "mixed_sum": r"B\d+xC\d+x\d+x\d+xK\d+",
@@ -34,10 +34,10 @@ SHAPE_RE = {
 TIMES = ("fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms")
 
 
-def _run(tmp_path, *extra, timeout=600):
+def _run(tmp_path, *extra, device="cpu", timeout=600):
     env = dict(os.environ)
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    cmd = [sys.executable, str(OPS_PY), "--quick", "--device", "cpu", "--json", *extra]
+    cmd = [sys.executable, str(OPS_PY), "--quick", "--device", device, "--json", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -61,6 +61,7 @@ def _check_row(r: dict) -> None:
     assert r["copy_frac"] == pytest.approx(r["gbps"] / r["copy_gbps"])
     assert r["peak_bytes"] is None or (isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0)
     assert r["rel_err"] < 1e-4, r  # every impl matches the float64 eager run
+    assert r["others_cpu"] is None or 0 <= r["others_cpu"] <= 1.5
 
 
 def test_quick_run_json_csv_table(tmp_path):
@@ -144,3 +145,14 @@ def test_quick_run_all_backends_with_compile(tmp_path):
     assert {"eager", "compile", "reference"} <= impls, impls
     for r in rows:
         _check_row(r)
+
+
+@pytest.mark.cuda
+def test_quick_run_gpu(tmp_path):
+    """The GPU paths of the harness (CUDA events, L2 flush, max_memory_allocated)."""
+    _, rows = _run(tmp_path, "--no-csv", device="cuda")
+    assert {r["op"] for r in rows} == set(SHAPE_RE)
+    assert {"eager", "compile"} <= {r["impl"] for r in rows}
+    for r in rows:
+        _check_row(r)
+        assert r["peak_bytes"] > 0 and r["others_cpu"] is None

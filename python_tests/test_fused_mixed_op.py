@@ -614,3 +614,26 @@ def test_memory_kept_for_backward_by_a_darts_edge():
     assert _saved_units(FusedMixedOp(16, 1, mode="plain"), x, w) == pytest.approx(30.0, abs=0.05)
     assert _saved_units(FusedMixedOp(16, 1, mode="topo"), x, w) == pytest.approx(5.0, abs=0.05)
     assert _saved_units(FusedMixedOp(16, 1, mode="topo", recompute=False), x, w) == pytest.approx(12.0, abs=0.05)
+
+
+@pytest.mark.parametrize("mode", ["plain", "pms+fms", "topo"])
+@pytest.mark.parametrize("stride,k", [(1, None), (1, 3), (2, 3)])
+def test_edge_weight_is_exact(mode, stride, k):
+    """op(x, w, edge_weight=e) == e * op(x, w), values and gradients (PC-DARTS edge normalization
+    folded into the edge), with a BN in eval mode so both runs see the same statistics."""
+    torch.manual_seed(3)
+    op = FusedMixedOp(6, stride, mode=mode, partial_channels=k).double()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn((), dtype=torch.float64, requires_grad=True)
+    results = []
+    for folded in (False, True):
+        w, e = torch.softmax(alpha, 0), torch.sigmoid(beta)
+        y = op(x, w, edge_weight=e) if folded else e * op(x, w)
+        results.append((y, torch.autograd.grad(y.sin().sum(), [x, alpha, beta])))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=1e-10)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="edge_weight: expected a scalar tensor"):
+        op(x, torch.softmax(alpha, 0), edge_weight=torch.ones(2, dtype=torch.float64))

@@ -152,15 +152,32 @@ class FusedMixedOp(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, weights: Tensor, mask: Tensor | Sequence[bool] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        weights: Tensor,
+        mask: Tensor | Sequence[bool] | None = None,
+        *,
+        edge_weight: Tensor | None = None,
+    ) -> Tensor:
         """``x`` [B, C, H, W]; ``weights`` [K], the edge's softmaxed (or Gumbel) row, used as
         given at the top level; ``mask`` [K] bool or None: masked candidates are left out of the
         computation (never called) and their weights ignored. The mask is read on the host (a
-        device sync for a CUDA mask) and the simplified graph is cached per distinct mask."""
+        device sync for a CUDA mask) and the simplified graph is cached per distinct mask.
+
+        ``edge_weight``: a scalar tensor that multiplies the whole output (PC-DARTS edge
+        normalization). It is folded into ``weights`` (the output is linear in them: the
+        rewrites' inner weights are ratios) and into the partial-channel bypass, so the output
+        need not be kept for its gradient, as it would be by ``edge_weight * op(x, weights)``."""
         if x.dim() != 4 or x.shape[1] != self.C:
             raise ValueError(f"x: expected [B, {self.C}, H, W], got {tuple(x.shape)}")
         weights = self._check_weights(weights, x.dtype)
         active = self._check_mask(mask)
+        if edge_weight is not None:
+            if not isinstance(edge_weight, Tensor) or edge_weight.numel() != 1:
+                raise ValueError(f"edge_weight: expected a scalar tensor, got {_shape(edge_weight) if isinstance(edge_weight, Tensor) else type(edge_weight).__name__}")
+            edge_weight = edge_weight.reshape(()).to(x.dtype)
+            weights = weights * edge_weight
         if self.partial_channels == 1:
             return self._edge(x, weights, active)
         if self.mp is not None and (x.shape[2] % 2 or x.shape[3] % 2):
@@ -173,6 +190,8 @@ class FusedMixedOp(nn.Module):
         bypass = x[:, c:]
         if self.mp is not None:
             bypass = self.mp(bypass)
+        if edge_weight is not None:
+            bypass = bypass * edge_weight
         return ops.partial_channel_shuffle(processed, bypass, self.partial_channels, backend=self.backend)
 
     def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:

@@ -63,16 +63,18 @@ class DartsCell(nn.Module):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for i in range(self.steps):
-            outs = []
+            node = None
             for j, h in enumerate(states):
                 e = offset + j
-                outs.append(self.edges[e](h, weights[e], None if masks is None else masks[e]))
-            if edge_weights is None:
-                node = outs[0]
-                for o in outs[1:]:
-                    node = node + o
-            else:  # PC-DARTS edge normalization: a weighted sum over the node's inputs
-                node = ops.mixed_sum(outs, edge_weights[offset : offset + len(states)].to(outs[0].dtype))
+                # PC-DARTS edge normalization: the edge's weight goes into the edge (exact, and
+                # its output need not be kept for the weight's gradient).
+                out = self.edges[e](
+                    h,
+                    weights[e],
+                    None if masks is None else masks[e],
+                    edge_weight=None if edge_weights is None else edge_weights[e],
+                )
+                node = out if node is None else node + out
             offset += len(states)
             states.append(node)
         return torch.cat(states[-self.multiplier :], dim=1)

@@ -252,9 +252,11 @@ def sweep(args) -> list[dict]:
     for mode in ("plain", "topo"):
         pts = [(r["num_ops"], r["peak_bytes"]) for r in rows if r["mode"] == mode]
         slopes[mode] = _slope(pts)
+    # Under --json, stdout holds only the JSON lines: the summary goes to stderr.
+    out = sys.stderr if args.json else sys.stdout
     print(f"\nmemory slope per added conv candidate: plain {_fmt_bytes(slopes['plain'])}, topo {_fmt_bytes(slopes['topo'])}"
-          f" (ratio {slopes['topo'] / slopes['plain']:.3f})")
-    _plot_sweep(rows, args.plot)
+          f" (ratio {slopes['topo'] / slopes['plain']:.3f})", file=out)
+    _plot_sweep(rows, args.plot, out)
     return rows
 
 
@@ -265,7 +267,7 @@ def _slope(points):
     return sum((x - mx) * (y - my) for x, y in points) / max(1e-12, sum((x - mx) ** 2 for x, _ in points))
 
 
-def _plot_sweep(rows, path):
+def _plot_sweep(rows, path, out=sys.stdout):
     try:
         import matplotlib
 
@@ -287,7 +289,7 @@ def _plot_sweep(rows, path):
     fig.suptitle(f"Search-step cost vs search-space size ({rows[0]['device']}, batch {rows[0]['batch']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
+    print(f"plot written to {path}", file=out)
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,9 @@ namespace {
 
 constexpr int64_t kTile = 256;          // elements accumulated together in registers/stack
 constexpr int64_t kReduceBlock = 4096;  // fixed block of the deterministic reductions
+// Below this many elements per thread, splitting costs more than it gains (and on a busy
+// machine a parallel region can stall waiting for a core).
+constexpr int64_t kGrain = 32768;
 
 std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
@@ -42,7 +45,7 @@ at::Tensor mixed_sum_cpu(at::TensorList outputs, const at::Tensor& weights) {
       wv[k] = static_cast<acc_t>(w.data_ptr<scalar_t>()[k]);
     }
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 8 * kTile, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       acc_t acc[kTile];
       for (int64_t s = begin; s < end; s += kTile) {
         const int64_t len = std::min(kTile, end - s);
@@ -78,7 +81,7 @@ std::vector<at::Tensor> mixed_sum_backward_cpu(const at::Tensor& grad, at::Tenso
     const int64_t nblocks = std::max<int64_t>(1, (n + kReduceBlock - 1) / kReduceBlock);
     std::vector<acc_t> parts(num * nblocks, acc_t(0));
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nblocks, kGrain / kReduceBlock, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t s = b * kReduceBlock, e = std::min(n, s + kReduceBlock);
         for (int64_t k = 0; k < num; ++k) {

@@ -62,6 +62,13 @@ MergeGeometry check_merge_args(at::TensorList kernels, const at::Tensor& weights
   return geo;
 }
 
+void check_merge_grad(const at::Tensor& grad, const at::Tensor& like, const MergeGeometry& geo) {
+  check_same_like(grad, like, "grad");
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({geo.O, geo.I, geo.kmax, geo.kmax}), "grad has shape ",
+              grad.sizes(), " but the merged kernel is [", geo.O, ", ", geo.I, ", ", geo.kmax, ", ",
+              geo.kmax, "]");
+}
+
 namespace {
 
 // Work items are (candidate, channel) or channel slabs of a few hundred elements: threads are
@@ -220,10 +227,7 @@ std::vector<at::Tensor> merge_kernels_backward_cpu(const at::Tensor& grad, at::T
                                                    const at::Tensor& weights, at::IntArrayRef dilations,
                                                    int64_t normalize, double eps) {
   const MergeGeometry geo = check_merge_args(kernels, weights, dilations, normalize, eps);
-  check_same_like(grad, kernels[0], "grad");
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({geo.O, geo.I, geo.kmax, geo.kmax}), "grad has shape ",
-              grad.sizes(), " but the merged kernel is [", geo.O, ", ", geo.I, ", ", geo.kmax, ", ",
-              geo.kmax, "]");
+  check_merge_grad(grad, kernels[0], geo);
   auto g = grad.contiguous();
   auto xs = contiguous_all(kernels);
   auto w = weights.contiguous();

@@ -21,4 +21,7 @@ struct MergeGeometry {
 MergeGeometry check_merge_args(at::TensorList kernels, const at::Tensor& weights,
                                at::IntArrayRef dilations, int64_t normalize, double eps);
 
+// The backward's grad must be the merged kernel's gradient: [O, I, kmax, kmax], kernels' dtype.
+void check_merge_grad(const at::Tensor& grad, const at::Tensor& like, const MergeGeometry& geo);
+
 }  // namespace toponas

@@ -16,14 +16,7 @@ TIGHT = dict(atol=1e-10, rtol=1e-10)
 MODES = ["plain", "pms", "fms", "pms+fms", "topo"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to a loaded machine
-    (two OpenMP threads on a busy 2-core box turn a 20 us conv into 100 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- references

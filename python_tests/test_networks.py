@@ -15,13 +15,7 @@ from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convs on a loaded 2-core machine: one intra-op thread is far faster and steadier.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_step(model, x):

@@ -11,13 +11,7 @@ from toponas_kernels.nas import spaces as S
 from toponas_kernels.ops.reference import embed_ref
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_darts_space_order_and_chains():

@@ -22,6 +22,12 @@ try:
 except Exception as exc:  # ImportError, or an undefined symbol from a mismatched torch
     HAS_CPP = False
     load_error = f"{type(exc).__name__}: {exc}"
+    if (_HERE.parent / "setup.py").exists() and not any(_HERE.glob("_C*.so")):
+        load_error = (
+            f"toponas_kernels was imported from its source tree ({_HERE}), which has no compiled "
+            "_C: run from another directory to use the installed package, or build in place with "
+            "`pip install --no-build-isolation -e .`"
+        )
 
 
 def build_config() -> dict:

@@ -287,10 +287,7 @@ std::vector<at::Tensor> merge_kernels_backward_cuda(const at::Tensor& grad, at::
                                                     const at::Tensor& weights, at::IntArrayRef dilations,
                                                     int64_t normalize, double eps) {
   const MergeGeometry geo = check_merge_args(kernels, weights, dilations, normalize, eps);
-  check_same_like(grad, kernels[0], "grad");
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({geo.O, geo.I, geo.kmax, geo.kmax}), "grad has shape ",
-              grad.sizes(), " but the merged kernel is [", geo.O, ", ", geo.I, ", ", geo.kmax, ", ",
-              geo.kmax, "]");
+  check_merge_grad(grad, kernels[0], geo);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto g = grad.contiguous();
   std::vector<at::Tensor> xs;

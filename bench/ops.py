@@ -362,24 +362,6 @@ def rel_err(x, ref) -> float:
     return num / den if den > 0 else num
 
 
-def is_placeholder(op: str) -> bool:
-    """True when the public op is not backed by any torch.library custom op in its module (the
-    reference-backed placeholders that the fused kernels replace)."""
-    import importlib
-
-    try:
-        from torch._library.custom_ops import CustomOpDef
-    except ImportError:  # pragma: no cover - private path moved: assume the real op
-        return False
-
-    mod = {"mixed_sum": "mixed", "merge_kernels": "merge"}.get(op, "shuffle")
-    try:
-        m = importlib.import_module(f"toponas_kernels.ops.{mod}")
-    except ImportError:
-        return True
-    return not any(isinstance(v, CustomOpDef) for v in vars(m).values())
-
-
 def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retries=0) -> list[dict]:
     import torch
 
@@ -577,10 +559,6 @@ def main(argv=None) -> int:
         budget.rep_ms = args.rep_ms
 
     cases, shape_desc = shape_sets(device.type, args.quick, args.full)
-    placeholders = [op for op in args.ops if is_placeholder(op)]
-    for op in placeholders:
-        for c in cases[op]:
-            c.notes.append("placeholder")
 
     csv_path = None if args.no_csv else Path(args.csv).resolve()
     ignore = () if csv_path is None else (csv_path, Path(str(csv_path) + ".lock"))
@@ -634,9 +612,6 @@ def main(argv=None) -> int:
             f"other processes took {100 * others:.0f}% of the CPUs over the run; {busy_rows} rows still busy "
             f"after {retries} retries (note 'busy': those timings are unreliable)"
         )
-    if placeholders:
-        header.append(f"note: {', '.join(placeholders)} not backed by a toponas custom op in this tree "
-                      "(reference placeholder): their package rows time the eager reference")  # fmt: skip
     if csv_path is not None:
         header.append(f"rows appended to {csv_path}; ran in {elapsed:.0f} s")
     print_table(all_rows, header, H)

@@ -169,12 +169,14 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     def forward(self, x):
         w_normal, w_reduce = self.arch_weights()
         e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
+        # Edges read their mask on the host: one transfer per mask here, not one per edge.
+        m_normal, m_reduce = self.mask_normal.tolist(), self.mask_reduce.tolist()
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             if cell.reduction:
-                w, m, e = w_reduce, self.mask_reduce, e_reduce
+                w, m, e = w_reduce, m_reduce, e_reduce
             else:
-                w, m, e = w_normal, self.mask_normal, e_normal
+                w, m, e = w_normal, m_normal, e_normal
             s0, s1 = s1, cell(s0, s1, w.to(s1.dtype), m, e)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
@@ -271,22 +273,23 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
     def arch_weights(self):
         return self._arch_rows(self.alphas, self.mask)
 
-    def _cell(self, edges, x, weights):
+    def _cell(self, edges, x, weights, masks):
         nodes = [x]
         for i in range(1, 4):
             total = None
             for e, (dst, src) in enumerate(self.EDGES):
                 if dst == i:
-                    out = edges[e](nodes[src], weights[e], self.mask[e])
+                    out = edges[e](nodes[src], weights[e], masks[e])
                     total = out if total is None else total + out
             nodes.append(total)
         return nodes[-1]
 
     def forward(self, x):
         weights = self.arch_weights()
+        masks = self.mask.tolist()  # one host transfer, not one per edge
         x = self.stem(x)
         for cell in self.cells:
-            x = self._cell(cell, x, weights.to(x.dtype)) if isinstance(cell, nn.ModuleList) else cell(x)
+            x = self._cell(cell, x, weights.to(x.dtype), masks) if isinstance(cell, nn.ModuleList) else cell(x)
         return self.classifier(self.global_pooling(self.lastact(x)).flatten(1))
 
     @torch.no_grad()

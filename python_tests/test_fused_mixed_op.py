@@ -630,3 +630,22 @@ def test_edge_weight_is_exact(mode, stride, k):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     with pytest.raises(ValueError, match="edge_weight: expected a scalar tensor"):
         op(x, torch.softmax(alpha, 0), edge_weight=torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["plain", "pms", "pms+fms", "topo"])
+def test_autocast_bf16(mode):
+    """Under autocast the candidates come out in mixed dtypes (convs in bf16, pools and BN in
+    fp32): every mode runs forward and backward, like DARTS' promoting sum, and stays within
+    bf16 rounding of the fp32 result."""
+    torch.manual_seed(4)
+    op = FusedMixedOp(8, 1, mode=mode)
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    alpha = torch.randn(8, requires_grad=True)
+    y32 = op(x, torch.softmax(alpha, 0))
+    g32 = torch.autograd.grad(y32.sum(), [x, alpha])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = op(x, torch.softmax(alpha, 0))
+    g16 = torch.autograd.grad(y16.float().sum(), [x, alpha])
+    for a, b, what in ((y16.float(), y32, "output"), (g16[0], g32[0], "grad x"), (g16[1], g32[1], "grad alpha")):
+        rel = ((a.float() - b).norm() / b.norm()).item()
+        assert rel < 3e-2, f"{mode} {what}: relative error {rel:.3g} vs fp32 (bf16 has 8 mantissa bits)"

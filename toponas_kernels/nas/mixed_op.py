@@ -199,7 +199,7 @@ class FusedMixedOp(nn.Module):
             idx = [i for i, a in enumerate(active) if a]
             outputs = [self._ops[i](x) for i in idx]
             w = weights if len(idx) == len(active) else weights[idx]
-            return ops.mixed_sum(outputs, w, backend=self.backend)
+            return ops.mixed_sum(*_promoted(outputs, w), backend=self.backend)
         plan = self._plan(active)
         root = plan.graph.root
         if not root.branches:  # only zero candidates are active
@@ -247,7 +247,7 @@ class FusedMixedOp(nn.Module):
             else:
                 weighted.append(y)
                 w.append(coef)
-        out = ops.mixed_sum(weighted, torch.stack(w), backend=self.backend) if weighted else None
+        out = ops.mixed_sum(*_promoted(weighted, torch.stack(w)), backend=self.backend) if weighted else None
         if light:
             applied.append(self._recomputed_sum(light, torch.stack(light_w)))
         for y in applied:
@@ -508,10 +508,16 @@ class _MergedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, make_kernel, stride, groups, x, coefs, *tensors):
-        kernel = make_kernel(coefs, *tensors)  # autograd is off here: nothing is kept
-        ctx.make_kernel, ctx.conv = make_kernel, (stride, kernel.shape[-1] // 2, groups)
+        # Under autocast the conv runs in the autocast dtype, like F.conv2d would; the kernel is
+        # merged in the parameters' dtype and cast, and backward repeats the same casts.
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            kernel = make_kernel(coefs, *tensors)  # autograd is off here: nothing is kept
+            y = F.conv2d(x.to(dtype), kernel.to(dtype), None, stride, kernel.shape[-1] // 2, 1, groups)
+        ctx.make_kernel, ctx.conv, ctx.dtype = make_kernel, (stride, kernel.shape[-1] // 2, groups), dtype
         ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
-        return F.conv2d(x, kernel, None, stride, kernel.shape[-1] // 2, 1, groups)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -519,14 +525,14 @@ class _MergedConv(torch.autograd.Function):
         stride, padding, groups = ctx.conv
         with torch.enable_grad():
             sources = [t.detach().requires_grad_() for t in sources]
-            kernel = ctx.make_kernel(*sources)
+            kernel = ctx.make_kernel(*sources).to(ctx.dtype)
         need_x = ctx.needs_input_grad[3]
         gx, gk, _ = torch.ops.aten.convolution_backward(
-            grad, x, kernel.detach(), None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups,
-            [need_x, True, False],
+            grad.to(ctx.dtype), x.to(ctx.dtype), kernel.detach(), None, [stride] * 2, [padding] * 2, [1, 1],
+            False, [0, 0], groups, [need_x, True, False],
         )
         grads = torch.autograd.grad(kernel, sources, gk, allow_unused=True)
-        return (None, None, None, gx if need_x else None, *grads)
+        return (None, None, None, gx.to(x.dtype) if need_x else None, *grads)
 
 
 class _RecomputedSum(torch.autograd.Function):
@@ -536,7 +542,7 @@ class _RecomputedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, bns, backend, w, *inputs):
-        ys = run(*inputs)  # autograd is off inside Function.forward: nothing is kept
+        ys, w = _promoted(run(*inputs), w)  # autograd is off inside Function.forward: nothing is kept
         ctx.run, ctx.bns, ctx.backend = run, bns, backend
         ctx.save_for_backward(w, *inputs)
         return ops.mixed_sum(ys, w, backend=backend)
@@ -547,7 +553,7 @@ class _RecomputedSum(torch.autograd.Function):
         stats = [(m, [b.clone() for b in m.buffers()]) for m in ctx.bns]
         with torch.enable_grad():
             detached = [h.detach().requires_grad_() for h in inputs]
-            ys = ctx.run(*detached)
+            ys, _ = _promoted(ctx.run(*detached), w)
         grads = torch.ops.toponas.mixed_sum_backward(grad.contiguous(), [y.detach() for y in ys], w, ctx.backend)
         live = [(y, g) for y, g in zip(ys, grads[:-1]) if y.requires_grad]
         gin = torch.autograd.grad([y for y, _ in live], detached, [g for _, g in live], allow_unused=True) if live else [None] * len(detached)
@@ -557,6 +563,16 @@ class _RecomputedSum(torch.autograd.Function):
                 for b, old in zip(m.buffers(), saved):
                     b.copy_(old)
         return (None, None, None, grads[-1], *gin)
+
+
+def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Outputs and weights in one dtype, the promotion of theirs: under autocast the candidates
+    come out in mixed dtypes (convs in half, pools and BN in float), and DARTS' ``sum(w * op(x))``
+    promotes. Without autocast nothing is cast."""
+    dtype = w.dtype
+    for y in outputs:
+        dtype = torch.promote_types(dtype, y.dtype)
+    return [y if y.dtype == dtype else y.to(dtype) for y in outputs], (w if w.dtype == dtype else w.to(dtype))
 
 
 def _absorbs(choice: Choice) -> bool:

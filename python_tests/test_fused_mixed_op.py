@@ -504,6 +504,14 @@ def test_derive_returns_plain_module():
     assert op.derive(w, exclude=("none",), mask=mask).op_name == "dil_conv_3x3"
     pc = FusedMixedOp(8, 1, partial_channels=4)
     assert pc.derive(w, exclude=("none",))[1].pointwise.weight.shape[0] == 8  # full C for retraining
+    # A pool is retrained without the BN the search network puts after it (DARTS' eval network).
+    pool_w = torch.tensor([0.0, 0.6, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
+    for stride in (1, 2):
+        pool = FusedMixedOp(8, stride).derive(pool_w)
+        assert pool.op_name == "max_pool_3x3"
+        assert not any(isinstance(b, nn.BatchNorm2d) for b in pool.modules())
+        x = torch.randn(2, 8, 6, 6)
+        torch.testing.assert_close(pool(x), nn.MaxPool2d(3, stride, 1)(x), atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- errors

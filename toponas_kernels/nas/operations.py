@@ -15,6 +15,7 @@ Named constructors (``SepConv``, ``DilConv``, ``ReLUConvBN``, ``FactorizedReduce
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -167,11 +168,14 @@ def build_op(op: S.OpDef, C: int, stride: int = 1, affine: bool = False) -> OpCh
 
 def chosen_module(name: str, C: int, stride: int = 1, affine: bool = True, space: S.SearchSpace | str = "darts") -> OpChain:
     """The plain reference module of operation ``name`` of ``space``, for retraining (DARTS
-    retrains with affine BN, hence ``affine=True``)."""
+    retrains with affine BN, hence ``affine=True``). The BN that the search network puts after a
+    pooling candidate (``Pool(bn=True)``) is search-only: the retrained network's pool has none,
+    as in DARTS' evaluation network."""
     space = S.get_space(space)
     if name not in space:
         raise ValueError(f"name: unknown primitive {name!r} for space {space.name!r}; known: {list(space.names)}")
-    return build_op(space[name], C, stride, affine)
+    chain = tuple(replace(m, bn=False) if isinstance(m, S.Pool) else m for m in space[name].chain(stride))
+    return OpChain(chain, [build_module(m, C, affine) for m in chain], name)
 
 
 # ----------------------------------------------------------------------------- named references

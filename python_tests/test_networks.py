@@ -84,12 +84,21 @@ def test_pc_darts_edge_normalization():
     torch.testing.assert_close(torch.stack(sums), torch.ones(4))
 
 
-def test_gumbel_sampler_runs_one_op_per_edge():
-    model = DartsSearchNetwork(C=4, layers=3, mode="plain", sampler="gumbel")
+@pytest.mark.parametrize("mode", ["plain", "topo"])
+def test_gumbel_sampler_runs_one_op_per_edge(mode):
+    model = DartsSearchNetwork(C=4, layers=3, mode=mode, sampler="gumbel")
     w_normal, w_reduce = model.arch_weights()
     assert torch.all(w_normal.detach().sum(1) == 1) and set(w_normal.detach().unique().tolist()) <= {0.0, 1.0}
+    ran = {}  # (cell, edge) -> candidates any of whose modules ran (topo runs them one by one)
+    for c, cell in enumerate(model.cells):
+        for e, edge in enumerate(cell.edges):
+            for k, chain in enumerate(edge._ops):
+                for module in chain:
+                    module.register_forward_hook(lambda *a, key=(c, e), k=k: ran.setdefault(key, set()).add(k))
     _train_step(model, torch.randn(2, 3, 8, 8))
-    assert model.alphas_normal.grad.abs().sum() > 0
+    # one candidate per edge ran at most ('none' sampled: nothing runs)
+    assert ran and max(len(ks) for ks in ran.values()) == 1
+    assert model.alphas_normal.grad.abs().sum() > 0 and model.alphas_reduce.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", ["plain", "topo"])

@@ -4,7 +4,8 @@ masks (Zero-One-Shot), partial channels and edge normalization (PC-DARTS), and g
 derivation.
 
 The architecture weights of a forward pass come from ``arch_weights()``: the masked softmax of
-the alphas (DARTS), or hard Gumbel samples (GDAS) when ``sampler="gumbel"``.
+the alphas (DARTS), or hard Gumbel samples (GDAS) when ``sampler="gumbel"``, in which case only
+the sampled operation of each edge runs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ class _ArchMixin:
         if self.sampler == "gumbel":
             return ops.gumbel_softmax(alpha, mask, tau=self.tau, hard=True)
         return ops.masked_softmax(alpha, mask)
+
+    def _host_masks(self, weights: torch.Tensor, mask: torch.Tensor) -> list:
+        """Each edge's mask as host lists (one transfer, not one per edge). With GDAS sampling
+        only the sampled op of an edge runs: the hard one-hot row is the mask (its
+        straight-through gradient still reaches every alpha of the row)."""
+        if self.sampler == "gumbel":
+            mask = weights.detach() != 0
+        return mask.tolist()
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]
@@ -169,8 +178,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     def forward(self, x):
         w_normal, w_reduce = self.arch_weights()
         e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
-        # Edges read their mask on the host: one transfer per mask here, not one per edge.
-        m_normal, m_reduce = self.mask_normal.tolist(), self.mask_reduce.tolist()
+        m_normal, m_reduce = self._host_masks(w_normal, self.mask_normal), self._host_masks(w_reduce, self.mask_reduce)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             if cell.reduction:
@@ -286,7 +294,7 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
 
     def forward(self, x):
         weights = self.arch_weights()
-        masks = self.mask.tolist()  # one host transfer, not one per edge
+        masks = self._host_masks(weights, self.mask)
         x = self.stem(x)
         for cell in self.cells:
             x = self._cell(cell, x, weights.to(x.dtype), masks) if isinstance(cell, nn.ModuleList) else cell(x)

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <cmath>
+#include <vector>
+
 namespace toponas {
 
 inline void check_same_like(const at::Tensor& t, const at::Tensor& ref, const char* what) {
@@ -22,6 +25,30 @@ inline void check_candidates(at::TensorList outputs, const at::Tensor& weights) 
                 outputs[k].sizes(), " but outputs[0] has ", outputs[0].sizes());
   }
   check_same_like(weights, outputs[0], "weights");
+}
+
+// grad must have the device, dtype and shape of what it is the gradient of.
+inline void check_grad_like(const at::Tensor& grad, const at::Tensor& ref, const char* ref_name) {
+  check_same_like(grad, ref, "grad");
+  TORCH_CHECK(grad.sizes() == ref.sizes(), "grad has shape ", grad.sizes(), " but ", ref_name, " has ",
+              ref.sizes());
+}
+
+inline void check_softmax_args(const at::Tensor& logits, const at::Tensor& mask, double tau) {
+  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logits needs a non-empty last dim, got ",
+              logits.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == logits.sizes(), "mask has shape ", mask.sizes(), " but logits has ",
+              logits.sizes());
+  TORCH_CHECK(mask.device() == logits.device(), "mask and logits must be on one device");
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), "tau must be positive and finite, got ", tau);
+}
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
 }
 
 }  // namespace toponas

@@ -56,6 +56,7 @@ MergeGeometry check_merge_args(at::TensorList kernels, const at::Tensor& weights
   for (int64_t j = 0; j < K; ++j) {
     const int64_t k = kernels[j].size(3), span = (k - 1) * dilations[j] + 1;
     geo.ks.push_back(k);
+    geo.max_ks = std::max(geo.max_ks, k);
     geo.dil.push_back(dilations[j]);
     geo.start.push_back((geo.kmax - span) / 2);
   }
@@ -80,13 +81,6 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 // Per (candidate j, channel o): mean_c, M2_c, sum G, sum G (x - mean_c) (the last two only with
 // a gradient). In mode 0 nothing is centred: mean_c = 0 and M2_c is not computed.
 template <typename scalar_t, typename acc_t>
@@ -94,9 +88,7 @@ void channel_rows(const std::vector<at::Tensor>& xs, const scalar_t* g, const Me
                   int64_t mode, std::vector<acc_t>& rows) {
   const int64_t K = static_cast<int64_t>(xs.size()), O = geo.O, I = geo.I, km = geo.kmax;
   rows.assign(K * O * 4, acc_t(0));
-  int64_t max_ks = 1;
-  for (int64_t k : geo.ks) max_ks = std::max(max_ks, k);
-  at::parallel_for(0, K * O, grain_for(I * max_ks * max_ks), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, K * O, grain_for(I * geo.max_ks * geo.max_ks), [&](int64_t b, int64_t e) {
     for (int64_t jo = b; jo < e; ++jo) {
       const int64_t j = jo / O, o = jo % O, ks = geo.ks[j], d = geo.dil[j], st = geo.start[j];
       const int64_t n = I * ks * ks;
@@ -246,9 +238,7 @@ std::vector<at::Tensor> merge_kernels_backward_cpu(const at::Tensor& grad, at::T
     std::vector<acc_t> rows;
     channel_rows<scalar_t, acc_t>(xs, gp, geo, normalize, rows);
     const auto norms = group_norms<acc_t>(rows, geo, K, normalize, eps);
-    int64_t max_ks = 1;
-    for (int64_t k : geo.ks) max_ks = std::max(max_ks, k);
-    at::parallel_for(0, K * O, grain_for(I * max_ks * max_ks), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, K * O, grain_for(I * geo.max_ks * geo.max_ks), [&](int64_t b, int64_t e) {
       for (int64_t jo = b; jo < e; ++jo) {
         const int64_t j = jo / O, o = jo % O, ks = geo.ks[j], d = geo.dil[j], st = geo.start[j];
         const int64_t n = I * ks * ks;

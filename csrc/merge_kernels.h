@@ -11,6 +11,7 @@ namespace toponas {
 struct MergeGeometry {
   int64_t O = 0, I = 0;     // output and input channels, shared by every candidate
   int64_t kmax = 1;         // merged size: max_j (k_j - 1) d_j + 1
+  int64_t max_ks = 1;       // largest candidate kernel size (work per (candidate, channel) item)
   std::vector<int64_t> ks;  // per candidate: kernel size (odd)
   std::vector<int64_t> dil;    // dilation (>= 1)
   std::vector<int64_t> start;  // row/column of its first tap in the merged kernel

@@ -22,13 +22,6 @@ constexpr int64_t kReduceBlock = 4096;  // fixed block of the deterministic redu
 // machine a parallel region can stall waiting for a core).
 constexpr int64_t kGrain = 32768;
 
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 at::Tensor mixed_sum_cpu(at::TensorList outputs, const at::Tensor& weights) {
   check_candidates(outputs, weights);
   auto ys = contiguous_all(outputs);
@@ -65,9 +58,7 @@ at::Tensor mixed_sum_cpu(at::TensorList outputs, const at::Tensor& weights) {
 std::vector<at::Tensor> mixed_sum_backward_cpu(const at::Tensor& grad, at::TensorList outputs,
                                                const at::Tensor& weights) {
   check_candidates(outputs, weights);
-  check_same_like(grad, outputs[0], "grad");
-  TORCH_CHECK(grad.sizes() == outputs[0].sizes(), "grad has shape ", grad.sizes(),
-              " but the outputs have ", outputs[0].sizes());
+  check_grad_like(grad, outputs[0], "outputs[0]");
   auto g = grad.contiguous();
   auto ys = contiguous_all(outputs);
   auto w = weights.contiguous();
@@ -109,16 +100,6 @@ std::vector<at::Tensor> mixed_sum_backward_cpu(const at::Tensor& grad, at::Tenso
   return result;
 }
 
-void check_softmax_args(const at::Tensor& logits, const at::Tensor& mask, double tau) {
-  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logits needs a non-empty last dim, got ",
-              logits.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.sizes() == logits.sizes(), "mask has shape ", mask.sizes(), " but logits has ",
-              logits.sizes());
-  TORCH_CHECK(mask.device() == logits.device(), "mask and logits must be on one device");
-  TORCH_CHECK(tau > 0 && std::isfinite(tau), "tau must be positive and finite, got ", tau);
-}
-
 at::Tensor masked_softmax_cpu(const at::Tensor& logits, const at::Tensor& mask, double tau) {
   check_softmax_args(logits, mask, tau);
   auto x = logits.contiguous();
@@ -152,8 +133,7 @@ at::Tensor masked_softmax_cpu(const at::Tensor& logits, const at::Tensor& mask, 
 }
 
 at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& probs, double tau) {
-  check_same_like(grad, probs, "grad");
-  TORCH_CHECK(grad.sizes() == probs.sizes(), "grad has shape ", grad.sizes(), " but probs has ", probs.sizes());
+  check_grad_like(grad, probs, "probs");
   auto g = grad.contiguous();
   auto p = probs.contiguous();
   auto gx = at::empty_like(p, at::MemoryFormat::Contiguous);

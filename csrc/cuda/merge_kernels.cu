@@ -248,8 +248,7 @@ at::Tensor merge_kernels_cuda(at::TensorList kernels, const at::Tensor& weights,
                               int64_t normalize, double eps) {
   const MergeGeometry geo = check_merge_args(kernels, weights, dilations, normalize, eps);
   const c10::cuda::CUDAGuard guard(kernels[0].device());
-  std::vector<at::Tensor> xs;
-  for (const auto& k : kernels) xs.push_back(k.contiguous());
+  auto xs = contiguous_all(kernels);
   auto w = weights.contiguous();
   const int64_t K = static_cast<int64_t>(xs.size()), O = geo.O, I = geo.I, km = geo.kmax;
   auto out = at::empty({O, I, km, km}, xs[0].options());
@@ -290,8 +289,7 @@ std::vector<at::Tensor> merge_kernels_backward_cuda(const at::Tensor& grad, at::
   check_merge_grad(grad, kernels[0], geo);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto g = grad.contiguous();
-  std::vector<at::Tensor> xs;
-  for (const auto& k : kernels) xs.push_back(k.contiguous());
+  auto xs = contiguous_all(kernels);
   auto w = weights.contiguous();
   const int64_t K = static_cast<int64_t>(xs.size()), O = geo.O, I = geo.I, km = geo.kmax;
   std::vector<at::Tensor> result;

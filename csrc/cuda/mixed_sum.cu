@@ -137,8 +137,7 @@ __global__ void masked_softmax_bwd_kernel(const scalar_t* __restrict__ g, const 
 at::Tensor mixed_sum_cuda(at::TensorList outputs, const at::Tensor& weights) {
   check_candidates(outputs, weights);
   const c10::cuda::CUDAGuard guard(outputs[0].device());
-  std::vector<at::Tensor> ys;
-  for (const auto& y : outputs) ys.push_back(y.contiguous());
+  auto ys = contiguous_all(outputs);
   auto w = weights.contiguous();
   auto out = at::empty_like(ys[0], at::MemoryFormat::Contiguous);
   const int64_t n = out.numel();
@@ -167,13 +166,10 @@ at::Tensor mixed_sum_cuda(at::TensorList outputs, const at::Tensor& weights) {
 std::vector<at::Tensor> mixed_sum_backward_cuda(const at::Tensor& grad, at::TensorList outputs,
                                                 const at::Tensor& weights) {
   check_candidates(outputs, weights);
-  check_same_like(grad, outputs[0], "grad");
-  TORCH_CHECK(grad.sizes() == outputs[0].sizes(), "grad has shape ", grad.sizes(),
-              " but the outputs have ", outputs[0].sizes());
+  check_grad_like(grad, outputs[0], "outputs[0]");
   const c10::cuda::CUDAGuard guard(grad.device());
   auto g = grad.contiguous();
-  std::vector<at::Tensor> ys;
-  for (const auto& y : outputs) ys.push_back(y.contiguous());
+  auto ys = contiguous_all(outputs);
   auto w = weights.contiguous();
   const int64_t n = g.numel();
   const int num_total = static_cast<int>(ys.size());
@@ -208,10 +204,7 @@ std::vector<at::Tensor> mixed_sum_backward_cuda(const at::Tensor& grad, at::Tens
 }
 
 at::Tensor masked_softmax_cuda(const at::Tensor& logits, const at::Tensor& mask, double tau) {
-  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logits needs a non-empty last dim");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == logits.sizes() &&
-                  mask.device() == logits.device(),
-              "mask must be a bool tensor of the logits' shape and device");
+  check_softmax_args(logits, mask, tau);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto x = logits.contiguous();
   auto m = mask.contiguous();
@@ -230,8 +223,7 @@ at::Tensor masked_softmax_cuda(const at::Tensor& logits, const at::Tensor& mask,
 }
 
 at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& probs, double tau) {
-  check_same_like(grad, probs, "grad");
-  TORCH_CHECK(grad.sizes() == probs.sizes(), "grad has shape ", grad.sizes(), " but probs has ", probs.sizes());
+  check_grad_like(grad, probs, "probs");
   const c10::cuda::CUDAGuard guard(probs.device());
   auto g = grad.contiguous();
   auto p = probs.contiguous();

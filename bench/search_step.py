@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+import _harness as H  # bench/ is sys.path[0] when this file runs as a script
 
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "pms", "pms+fms", "topo")
@@ -52,7 +55,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def build_model(args, torch):
+def build_model(args):
     from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
     from toponas_kernels.nas.spaces import exaggerated_space
 
@@ -65,11 +68,11 @@ def build_model(args, torch):
             space = exaggerated_space(args.num_sep_dil, args.num_double_sep)
         model = DartsSearchNetwork(C=args.C or 16, layers=args.cells or 8, space=space, **common)
     if args.mask_fraction > 0:
-        _apply_random_masks(model, args.mask_fraction, torch)
+        _apply_random_masks(model, args.mask_fraction)
     return model
 
 
-def _random_mask(rows: int, k: int, fraction: float, gen, torch):
+def _random_mask(rows: int, k: int, fraction: float, gen):
     """Per edge, switch off round(fraction * K) candidates chosen at random (at least one kept)."""
     off = min(k - 1, round(fraction * k))
     mask = torch.ones(rows, k, dtype=torch.bool)
@@ -78,17 +81,17 @@ def _random_mask(rows: int, k: int, fraction: float, gen, torch):
     return mask
 
 
-def _apply_random_masks(model, fraction, torch):
+def _apply_random_masks(model, fraction):
     gen = torch.Generator().manual_seed(0)
     if hasattr(model, "set_masks"):
         rows, k = model.mask_normal.shape
-        model.set_masks(_random_mask(rows, k, fraction, gen, torch), _random_mask(rows, k, fraction, gen, torch))
+        model.set_masks(_random_mask(rows, k, fraction, gen), _random_mask(rows, k, fraction, gen))
     else:
         rows, k = model.mask.shape
-        model.mask.copy_(_random_mask(rows, k, fraction, gen, torch))
+        model.mask.copy_(_random_mask(rows, k, fraction, gen))
 
 
-def count_saved_bytes(model, x, y, torch):
+def count_saved_bytes(model, x, y):
     """Bytes saved for backward by one forward: each storage once, parameters apart."""
     param_ptrs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
@@ -110,13 +113,11 @@ def count_saved_bytes(model, x, y, torch):
 
 
 def child(args) -> dict:
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model(args, torch).to(device)
+    model = build_model(args).to(device)
     size = 32
     x = torch.randn(args.batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
@@ -134,7 +135,6 @@ def child(args) -> dict:
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
-        name = torch.cuda.get_device_name()
     else:
         import gc
 
@@ -144,8 +144,7 @@ def child(args) -> dict:
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
         step()
         peak = _status_bytes("VmHWM") - before
-        name = _cpu_name()
-    saved, saved_params = count_saved_bytes(model, x, y, torch)
+    saved, saved_params = count_saved_bytes(model, x, y)
     times = []
     step()  # warm-up
     for _ in range(args.repeats):
@@ -168,20 +167,11 @@ def child(args) -> dict:
         "saved_bytes": int(saved),
         "saved_param_bytes": int(saved_params),
         "step_seconds": statistics.median(times),
-        "device": name,
+        "device": H.device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
-    except (OSError, AttributeError):
-        model = "cpu"
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -316,8 +306,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.device is None:
-        import torch
-
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
         args.batch = args.batch or 2

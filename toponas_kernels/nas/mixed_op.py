@@ -213,12 +213,16 @@ class FusedMixedOp(nn.Module):
             cand, pos = node.owners[0]
             return self._ops[cand][pos](x)
         if isinstance(node, Seq):
-            for item in node.items:
-                x = self._run(item, x, masses)
-            return x
+            return self._run_items(node.items, x, masses)
         if isinstance(node, Choice):
             return self._choice(node, x, masses)
         raise TypeError(f"unexpected node {node!r}")
+
+    def _run_items(self, items, x: Tensor, masses: "_Masses | None") -> Tensor:
+        """The nodes ``items`` applied in order."""
+        for item in items:
+            x = self._run(item, x, masses)
+        return x
 
     def _choice(self, choice: Choice, x: Tensor, masses: "_Masses", scale: Tensor | None = None) -> Tensor:
         """A weighted sum (times ``scale``, when given). Branches whose coefficient went into a
@@ -235,10 +239,7 @@ class FusedMixedOp(nn.Module):
             if self.recompute and coef is not None and coef.dim() == 0:
                 head, tail = self._free_tail(branch.node)
                 if tail:
-                    h = x
-                    for item in head:
-                        h = self._run(item, h, masses)
-                    light.append((tail, h))
+                    light.append((tail, self._run_items(head, x, masses)))
                     light_w.append(coef)
                     continue
             y, done = self._branch(branch, coef, x, masses)
@@ -265,7 +266,7 @@ class FusedMixedOp(nn.Module):
 
     def _parameter_free(self, node) -> bool:
         """A chain of modules without parameters and without inner weighted sums: cheap to run
-        again in backward from the edge input."""
+        again in backward from its input."""
         if isinstance(node, Seq):
             return all(self._parameter_free(item) for item in node.items)
         if isinstance(node, Leaf):
@@ -286,12 +287,7 @@ class FusedMixedOp(nn.Module):
         ]
 
         def run(*inputs: Tensor) -> list[Tensor]:
-            outs = []
-            for (items, _), h in zip(tails, inputs):
-                for item in items:
-                    h = self._run(item, h, None)
-                outs.append(h)
-            return outs
+            return [self._run_items(items, h, None) for (items, _), h in zip(tails, inputs)]
 
         inputs = [h for _, h in tails]
         return _RecomputedSum.apply(run, bns, _resolve(self.backend, w.device), w, *inputs)
@@ -316,9 +312,7 @@ class FusedMixedOp(nn.Module):
             return self._run(branch.node, x, masses), True
         items = branch.node.items if isinstance(branch.node, Seq) else [branch.node]
         if items and isinstance(items[-1], Choice) and _absorbs(items[-1]):
-            for item in items[:-1]:
-                x = self._run(item, x, masses)
-            return self._choice(items[-1], x, masses, scale=coef), True
+            return self._choice(items[-1], self._run_items(items[:-1], x, masses), masses, scale=coef), True
         return self._run(branch.node, x, masses), False
 
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ real format, plus Debian's Fashion-MNIST files when they are installed."""
 import gzip
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -466,8 +467,8 @@ def test_missing_and_broken_cifar_files(tmp_path):
         D.load_split("cifar10", "train", str(tmp_path))
     _one_line(e, os.path.join(folder, "data_batch_3"), "cifar.html")
     path = os.path.join(folder, "test_batch")
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[: len(raw) // 2])
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError) as e:
         D.load_split("cifar10", "test", str(tmp_path))
     _one_line(e, path, "not a readable pickle")
@@ -514,8 +515,8 @@ def test_broken_idx_files(tmp_path, gz):
     _write_fashion(str(tmp_path), gz)
     suffix = ".gz" if gz else ""
     path = str(tmp_path / ("train-images-idx3-ubyte" + suffix))
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[:-40])
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[:-40])
     with pytest.raises(DataError) as e:
         D.load_split("fashion-mnist", "train", str(tmp_path))
     _one_line(e, path, "truncated")

@@ -113,7 +113,8 @@ def dataset_info(name: str, channels: int | None = None) -> DatasetInfo:
             raise DataError(f"fashion-mnist: channels must be 1 or 3, got {channels!r}")
         return DatasetInfo(key, classes, size, c, mean * c, std * c)
     if channels not in (None, native):
-        raise DataError(f"{key}: channels must be {native} (or None), got {channels!r}; only fashion-mnist takes 1 or 3")
+        raise DataError(f"{key}: channels must be {native} (or None), got {channels!r}; "
+                        "only fashion-mnist takes 1 or 3")
     return DatasetInfo(key, classes, size, native, mean, std)
 
 
@@ -147,20 +148,24 @@ def _read_pickle_batch(path: str, dataset: str, label_key: str, size: int, hint:
         with open(path, "rb") as f:
             obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except OSError as e:
-        raise DataError(f"{dataset}: cannot read {path} ({e.strerror or e}); {hint}") from e
+        raise DataError(f"{dataset}: cannot read {path} ({_why(e)}); {hint}") from e
     except Exception as e:  # truncated or not a pickle at all
-        raise DataError(f"{dataset}: {path} is not a readable pickle ({type(e).__name__}: {e}); {hint}") from e
+        raise DataError(f"{dataset}: {path} is not a readable pickle ({_why(e)}); {hint}") from e
     if not isinstance(obj, dict):
         raise DataError(f"{dataset}: {path} holds a {type(obj).__name__}, expected a dict with 'data' and "
                         f"'{label_key}'; {hint}")
     obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     if "data" not in obj or label_key not in obj:
-        raise DataError(f"{dataset}: {path} lacks the 'data' or '{label_key}' entry (has {sorted(map(str, obj))}); {hint}")
-    data = np.asarray(obj["data"])
-    labels = np.asarray(obj[label_key])
+        raise DataError(f"{dataset}: {path} lacks the 'data' or '{label_key}' entry "
+                        f"(has {sorted(map(str, obj))}); {hint}")
+    try:
+        data, labels = np.asarray(obj["data"]), np.asarray(obj[label_key])
+    except (ValueError, TypeError) as e:  # ragged lists and the like
+        raise DataError(f"{dataset}: {path}: 'data' or '{label_key}' is not an array ({_why(e)}); {hint}") from e
     width = 3 * size * size
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != width:
-        raise DataError(f"{dataset}: {path}: 'data' is {data.dtype} {list(data.shape)}, expected uint8 [N, {width}]; {hint}")
+        raise DataError(f"{dataset}: {path}: 'data' is {data.dtype} {list(data.shape)}, "
+                        f"expected uint8 [N, {width}]; {hint}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{dataset}: {path}: '{label_key}' is {labels.dtype} {list(labels.shape)}, expected "
                         f"{data.shape[0]} integers; {hint}")
@@ -169,6 +174,12 @@ def _read_pickle_batch(path: str, dataset: str, label_key: str, size: int, hint:
 
 def _chw_rows_to_hwc(data: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, size, size).transpose(0, 2, 3, 1))
+
+
+def _why(e: BaseException) -> str:
+    """An exception as one line, for a one-line DataError."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _find_dir(candidates: list[str], marker: str) -> str | None:
@@ -189,8 +200,7 @@ def _torchvision_download(dataset: str, cls_name: str, root: str, train: bool, h
 
         getattr(tvd, cls_name)(root=root, train=train, download=True)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"{dataset}: download into {root} failed ({type(e).__name__}: {msg}); {hint}") from e
+        raise DataError(f"{dataset}: download into {root} failed ({_why(e)}); {hint}") from e
 
 
 def _read_cifar(key: str, split: str, data_dir: str | None, download: bool):
@@ -246,13 +256,13 @@ def _read_idx(path: str, ndim: int, hint: str) -> np.ndarray:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except OSError as e:  # includes truncated / corrupt gzip streams
-        raise DataError(f"{key}: cannot read {path} ({e}); {hint}") from e
+        raise DataError(f"{key}: cannot read {path} ({_why(e)}); {hint}") from e
     except EOFError as e:
-        raise DataError(f"{key}: {path} is truncated ({e}); {hint}") from e
+        raise DataError(f"{key}: {path} is truncated ({_why(e)}); {hint}") from e
     head = 4 + 4 * ndim
     if len(raw) < head or raw[:4] != bytes((0, 0, 8, ndim)):
-        raise DataError(f"{key}: {path} is not an idx file of {ndim}-d unsigned bytes (header {raw[:4].hex() or 'empty'}, "
-                        f"expected 000008{ndim:02x}); {hint}")
+        raise DataError(f"{key}: {path} is not an idx file of {ndim}-d unsigned bytes "
+                        f"(header {raw[:4].hex() or 'empty'}, expected 000008{ndim:02x}); {hint}")
     shape = tuple(int(x) for x in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     if len(raw) != head + int(np.prod(shape)):
         raise DataError(f"{key}: {path} has {len(raw) - head} data bytes, its header {list(shape)} says "
@@ -393,7 +403,8 @@ class ImageSet(Dataset):
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         if augment == "train" and not (isinstance(cutout, int) and 0 < cutout <= info.image_size):
-            raise ValueError(f"augment='train' needs cutout in 1..{info.image_size} (DARTS retrains with 16), got {cutout!r}")
+            raise ValueError(f"augment='train' needs cutout in 1..{info.image_size} (DARTS retrains with 16), "
+                             f"got {cutout!r}")
         if augment != "train" and cutout:
             raise ValueError(f"cutout={cutout!r} is only used with augment='train', got augment={augment!r}")
         self.images, self.labels, self.info = images, labels, info

@@ -136,9 +136,12 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path) -> str:
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, facecolor="white",
-                                                          bbox_inches="tight", pad_inches=0.15), text=False)
+def _save(fig, path, *, crop: bool = False) -> str:
+    # crop: trim the margins (the cell drawings' equal-aspect axes leave some); it draws the
+    # figure twice, so the plots, already fitted by the constrained layout, skip it
+    extra = dict(bbox_inches="tight", pad_inches=0.15) if crop else {}
+    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, facecolor="white", **extra),
+                         text=False)
 
 
 def _op_colors(n: int) -> list:
@@ -501,7 +504,7 @@ def draw_darts_cell(genotype: dict, path, *, title: str = "") -> str:
     0 = c_{k-2}, 1 = c_{k-1}, j >= 2 = intermediate node j-2; ``normal_concat`` / ``reduce_concat``
     name the nodes the output c_{k} concatenates (all intermediate nodes when absent). Every op
     edge carries its op's name; 'none' edges are drawn dashed grey, the concat edges plain grey."""
-    return _save(_darts_cell_figure(genotype, title=title), path)
+    return _save(_darts_cell_figure(genotype, title=title), path, crop=True)
 
 
 def parse_nb201(arch: str) -> list[list[tuple[str, int]]]:
@@ -548,7 +551,7 @@ def _nb201_cell_figure(arch: str, *, title=""):
 def draw_nb201_cell(arch: str, path, *, title: str = "") -> str:
     """Draw a NAS-Bench-201 cell (nodes 0..3 left to right, edge j -> i labelled with its op; 'none'
     edges are drawn dashed grey, with their label, not left out); returns ``path``."""
-    return _save(_nb201_cell_figure(arch, title=title), path)
+    return _save(_nb201_cell_figure(arch, title=title), path, crop=True)
 
 
 # --------------------------------------------------------------------------- learning curves

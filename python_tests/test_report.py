@@ -122,6 +122,18 @@ def test_plot_arch_weights_nb201_edge_labels(tmp_path):
     assert_png(R.plot_arch_weights(history, list(NB201_PRIMITIVES), tmp_path / "nb.png"))
 
 
+def test_plot_arch_weights_takes_tensors():
+    import torch
+
+    history = [{"alphas": torch.softmax(torch.randn(6, 5), -1), "betas": torch.softmax(torch.randn(6), -1)}
+               for _ in range(2)]
+    fig = R._arch_weights_figure(history, list(NB201_PRIMITIVES))
+    panel = next(ax for ax in fig.findobj(matplotlib.axes.Axes) if ax.get_title() == "3<-1")
+    assert [line.get_ydata()[1] for line in panel.get_lines()] == pytest.approx(history[1]["alphas"][4].tolist())
+    betas = next(ax for ax in fig.findobj(matplotlib.axes.Axes) if len(ax.get_lines()) == 6 and not ax.get_title())
+    assert [line.get_label() for line in betas.get_lines()] == R._default_edge_labels(6)
+
+
 def test_plot_arch_weights_errors(tmp_path):
     ops = list(DARTS_PRIMITIVES)
     good = darts_history(3)

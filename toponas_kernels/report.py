@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -442,6 +443,10 @@ def _draw_graph(ax, nodes: dict, edges: list, outputs: list, title: str):
     return bounds[1] - bounds[0] + 0.3, bounds[3] - bounds[2] + 0.3
 
 
+def _is_index(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _genes(genotype, key: str) -> tuple[list[tuple[str, int]], list[int]]:
     """The (op, input) genes and the concat list of one cell, checked."""
     genes = genotype.get(key)
@@ -453,21 +458,20 @@ def _genes(genotype, key: str) -> tuple[list[tuple[str, int]], list[int]]:
     for g, gene in enumerate(genes):
         node = g // 2
         if (not isinstance(gene, Sequence) or isinstance(gene, str) or len(gene) != 2
-                or not isinstance(gene[0], str) or not gene[0] or isinstance(gene[1], bool)
-                or not isinstance(gene[1], int)):
+                or not isinstance(gene[0], str) or not gene[0] or not _is_index(gene[1])):
             raise ValueError(f"genotype[{key!r}][{g}]: expected [op name, input index], got {gene!r}")
         if not 0 <= gene[1] < 2 + node:
             raise ValueError(f"genotype[{key!r}][{g}]: intermediate node {node} can read inputs 0..{1 + node} "
                              f"(0 = c_{{k-2}}, 1 = c_{{k-1}}, j >= 2 = node j-2), got input {gene[1]}"
                              + (" (a later node)" if gene[1] >= 2 + node else ""))
-        out.append((gene[0], gene[1]))
+        out.append((gene[0], int(gene[1])))
     concat_key = key + "_concat"
     concat = genotype.get(concat_key, list(range(2, 2 + steps)))
     concat = list(_as_list(concat)) if isinstance(_as_list(concat), (Sequence, range)) else concat
     if (not isinstance(concat, list) or not concat or len(set(concat)) != len(concat)
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2 + steps for c in concat)):
+            or not all(_is_index(c) and 0 <= c < 2 + steps for c in concat)):
         raise ValueError(f"genotype[{concat_key!r}]: expected distinct node indices in 0..{1 + steps}, got {concat!r}")
-    return out, concat
+    return out, [int(c) for c in concat]
 
 
 def _darts_cell_figure(genotype, *, title=""):

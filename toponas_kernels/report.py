@@ -345,19 +345,21 @@ def _label_box(text: str) -> tuple[float, float]:
     return (len(text) * char_in + 0.12) / _UNIT_IN, (1.5 * _LABEL_PT / 72 + 0.06) / _UNIT_IN
 
 
+def _control(p, q, rad: float):
+    """The control point of matplotlib's "arc3" connection style (the same in data and display
+    coordinates when the axes have an equal aspect)."""
+    return (p[0] + q[0]) / 2 + rad * (q[1] - p[1]), (p[1] + q[1]) / 2 - rad * (q[0] - p[0])
+
+
 def _bezier(p, q, rad: float, t: float):
-    # the control point of matplotlib's "arc3" connection style (same in data and display
-    # coordinates when the axes have an equal aspect)
-    cx = (p[0] + q[0]) / 2 + rad * (q[1] - p[1])
-    cy = (p[1] + q[1]) / 2 - rad * (q[0] - p[0])
+    cx, cy = _control(p, q, rad)
     return ((1 - t) ** 2 * p[0] + 2 * (1 - t) * t * cx + t * t * q[0],
             (1 - t) ** 2 * p[1] + 2 * (1 - t) * t * cy + t * t * q[1])
 
 
 def _angle(p, q, rad: float, t: float) -> float:
     """Direction of the curve at t in degrees, turned to read left to right (-90, 90]."""
-    cx = (p[0] + q[0]) / 2 + rad * (q[1] - p[1])
-    cy = (p[1] + q[1]) / 2 - rad * (q[0] - p[0])
+    cx, cy = _control(p, q, rad)
     dx = (1 - t) * (cx - p[0]) + t * (q[0] - cx)
     dy = (1 - t) * (cy - p[1]) + t * (q[1] - cy)
     a = math.degrees(math.atan2(dy, dx))
@@ -409,8 +411,8 @@ def _draw_graph(ax, nodes: dict, edges: list, outputs: list, title: str):
     ys = [y for _, y, *_ in nodes.values()]
     bounds = [min(xs) - _NODE_W / 2, max(xs) + _NODE_W / 2, min(ys) - _NODE_H / 2, max(ys) + _NODE_H / 2]
     placed = []  # label boxes (x, y, w, h)
-    order = sorted(range(len(edges)), key=lambda k: abs(nodes[edges[k][1]][0] - nodes[edges[k][0]][0]))
-    todo = [(edges[k][0], edges[k][1], edges[k][2]) for k in order] + [(s, d, None) for s, d in outputs]
+    # short edges first: they stay straight, the long ones bend around them
+    todo = sorted(edges, key=lambda e: abs(nodes[e[1]][0] - nodes[e[0]][0])) + [(s, d, None) for s, d in outputs]
     for src, dst, op in todo:
         p, q = nodes[src][:2], nodes[dst][:2]
         others = [v[:2] for key, v in nodes.items() if key not in (src, dst)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -136,9 +137,12 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path) -> str:
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, facecolor="white",
-                                                          bbox_inches="tight", pad_inches=0.15), text=False)
+def _save(fig, path, *, crop: bool = False) -> str:
+    # crop: trim the margins (the cell drawings' equal-aspect axes leave some); it draws the
+    # figure twice, so the plots, already fitted by the constrained layout, skip it
+    extra = dict(bbox_inches="tight", pad_inches=0.15) if crop else {}
+    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, facecolor="white", **extra),
+                         text=False)
 
 
 def _op_colors(n: int) -> list:
@@ -341,19 +345,21 @@ def _label_box(text: str) -> tuple[float, float]:
     return (len(text) * char_in + 0.12) / _UNIT_IN, (1.5 * _LABEL_PT / 72 + 0.06) / _UNIT_IN
 
 
+def _control(p, q, rad: float):
+    """The control point of matplotlib's "arc3" connection style (the same in data and display
+    coordinates when the axes have an equal aspect)."""
+    return (p[0] + q[0]) / 2 + rad * (q[1] - p[1]), (p[1] + q[1]) / 2 - rad * (q[0] - p[0])
+
+
 def _bezier(p, q, rad: float, t: float):
-    # the control point of matplotlib's "arc3" connection style (same in data and display
-    # coordinates when the axes have an equal aspect)
-    cx = (p[0] + q[0]) / 2 + rad * (q[1] - p[1])
-    cy = (p[1] + q[1]) / 2 - rad * (q[0] - p[0])
+    cx, cy = _control(p, q, rad)
     return ((1 - t) ** 2 * p[0] + 2 * (1 - t) * t * cx + t * t * q[0],
             (1 - t) ** 2 * p[1] + 2 * (1 - t) * t * cy + t * t * q[1])
 
 
 def _angle(p, q, rad: float, t: float) -> float:
     """Direction of the curve at t in degrees, turned to read left to right (-90, 90]."""
-    cx = (p[0] + q[0]) / 2 + rad * (q[1] - p[1])
-    cy = (p[1] + q[1]) / 2 - rad * (q[0] - p[0])
+    cx, cy = _control(p, q, rad)
     dx = (1 - t) * (cx - p[0]) + t * (q[0] - cx)
     dy = (1 - t) * (cy - p[1]) + t * (q[1] - cy)
     a = math.degrees(math.atan2(dy, dx))
@@ -405,8 +411,8 @@ def _draw_graph(ax, nodes: dict, edges: list, outputs: list, title: str):
     ys = [y for _, y, *_ in nodes.values()]
     bounds = [min(xs) - _NODE_W / 2, max(xs) + _NODE_W / 2, min(ys) - _NODE_H / 2, max(ys) + _NODE_H / 2]
     placed = []  # label boxes (x, y, w, h)
-    order = sorted(range(len(edges)), key=lambda k: abs(nodes[edges[k][1]][0] - nodes[edges[k][0]][0]))
-    todo = [(edges[k][0], edges[k][1], edges[k][2]) for k in order] + [(s, d, None) for s, d in outputs]
+    # short edges first: they stay straight, the long ones bend around them
+    todo = sorted(edges, key=lambda e: abs(nodes[e[1]][0] - nodes[e[0]][0])) + [(s, d, None) for s, d in outputs]
     for src, dst, op in todo:
         p, q = nodes[src][:2], nodes[dst][:2]
         others = [v[:2] for key, v in nodes.items() if key not in (src, dst)]
@@ -439,6 +445,10 @@ def _draw_graph(ax, nodes: dict, edges: list, outputs: list, title: str):
     return bounds[1] - bounds[0] + 0.3, bounds[3] - bounds[2] + 0.3
 
 
+def _is_index(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _genes(genotype, key: str) -> tuple[list[tuple[str, int]], list[int]]:
     """The (op, input) genes and the concat list of one cell, checked."""
     genes = genotype.get(key)
@@ -450,21 +460,20 @@ def _genes(genotype, key: str) -> tuple[list[tuple[str, int]], list[int]]:
     for g, gene in enumerate(genes):
         node = g // 2
         if (not isinstance(gene, Sequence) or isinstance(gene, str) or len(gene) != 2
-                or not isinstance(gene[0], str) or not gene[0] or isinstance(gene[1], bool)
-                or not isinstance(gene[1], int)):
+                or not isinstance(gene[0], str) or not gene[0] or not _is_index(gene[1])):
             raise ValueError(f"genotype[{key!r}][{g}]: expected [op name, input index], got {gene!r}")
         if not 0 <= gene[1] < 2 + node:
             raise ValueError(f"genotype[{key!r}][{g}]: intermediate node {node} can read inputs 0..{1 + node} "
                              f"(0 = c_{{k-2}}, 1 = c_{{k-1}}, j >= 2 = node j-2), got input {gene[1]}"
                              + (" (a later node)" if gene[1] >= 2 + node else ""))
-        out.append((gene[0], gene[1]))
+        out.append((gene[0], int(gene[1])))
     concat_key = key + "_concat"
     concat = genotype.get(concat_key, list(range(2, 2 + steps)))
     concat = list(_as_list(concat)) if isinstance(_as_list(concat), (Sequence, range)) else concat
     if (not isinstance(concat, list) or not concat or len(set(concat)) != len(concat)
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2 + steps for c in concat)):
+            or not all(_is_index(c) and 0 <= c < 2 + steps for c in concat)):
         raise ValueError(f"genotype[{concat_key!r}]: expected distinct node indices in 0..{1 + steps}, got {concat!r}")
-    return out, concat
+    return out, [int(c) for c in concat]
 
 
 def _darts_cell_figure(genotype, *, title=""):
@@ -501,7 +510,7 @@ def draw_darts_cell(genotype: dict, path, *, title: str = "") -> str:
     0 = c_{k-2}, 1 = c_{k-1}, j >= 2 = intermediate node j-2; ``normal_concat`` / ``reduce_concat``
     name the nodes the output c_{k} concatenates (all intermediate nodes when absent). Every op
     edge carries its op's name; 'none' edges are drawn dashed grey, the concat edges plain grey."""
-    return _save(_darts_cell_figure(genotype, title=title), path)
+    return _save(_darts_cell_figure(genotype, title=title), path, crop=True)
 
 
 def parse_nb201(arch: str) -> list[list[tuple[str, int]]]:
@@ -548,7 +557,7 @@ def _nb201_cell_figure(arch: str, *, title=""):
 def draw_nb201_cell(arch: str, path, *, title: str = "") -> str:
     """Draw a NAS-Bench-201 cell (nodes 0..3 left to right, edge j -> i labelled with its op; 'none'
     edges are drawn dashed grey, with their label, not left out); returns ``path``."""
-    return _save(_nb201_cell_figure(arch, title=title), path)
+    return _save(_nb201_cell_figure(arch, title=title), path, crop=True)
 
 
 # --------------------------------------------------------------------------- learning curves

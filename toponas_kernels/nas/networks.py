@@ -4,8 +4,11 @@ masks (Zero-One-Shot), partial channels and edge normalization (PC-DARTS), and g
 derivation.
 
 The architecture weights of a forward pass come from ``arch_weights()``: the masked softmax of
-the alphas (DARTS), or hard Gumbel samples (GDAS) when ``sampler="gumbel"``, in which case only
-the sampled operation of each edge runs.
+the alphas (DARTS), or hard Gumbel samples (GDAS, ROME) when ``sampler="gumbel"``, in which case
+only the sampled operation of each edge runs. ``exclude=("none",)`` keeps named operations out of
+sampling and of the derived genotype (ROME). ``topology=True`` (DARTS network, ROME) gives every
+edge a topology logit (``betas_normal``/``betas_reduce``); each forward keeps two incoming edges
+per node by Gumbel top-2 sampling and the other edges do not run.
 """
 
 from __future__ import annotations
@@ -28,10 +31,33 @@ class _ArchMixin:
 
     sampler: str = "softmax"
     tau: float = 1.0
+    exclude: tuple[str, ...] = ()
+
+    def _set_sampling(self, sampler: str, exclude) -> None:
+        if sampler not in ("softmax", "gumbel"):
+            raise ValueError(f"sampler: expected 'softmax' or 'gumbel', got {sampler!r}")
+        self.sampler = sampler
+        self.exclude = tuple(exclude)
+        for name in self.exclude:
+            if name not in self.space:
+                raise ValueError(f"exclude: {name!r} is not an operation of space {self.space.name!r}; known: {list(self.space.names)}")
+        if len(self.exclude) >= len(self.space):
+            raise ValueError("exclude: leaves no operation to choose from")
+        keep = torch.tensor([n not in self.exclude for n in self.space.names])
+        self.register_buffer("_selectable", keep, persistent=False)
+
+    def _selectable_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` less the excluded operations; an edge left with nothing raises."""
+        if not self.exclude:
+            return mask
+        m = mask & self._selectable.to(mask.device)
+        if not bool(m.any(dim=-1).all()):
+            raise ValueError(f"mask: some edge keeps only excluded operations {list(self.exclude)}")
+        return m
 
     def _arch_rows(self, alpha: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.sampler == "gumbel":
-            return ops.gumbel_softmax(alpha, mask, tau=self.tau, hard=True)
+            return ops.gumbel_softmax(alpha, self._selectable_mask(mask), tau=self.tau, hard=True)
         return ops.masked_softmax(alpha, mask)
 
     def _host_masks(self, weights: torch.Tensor, mask: torch.Tensor) -> list:
@@ -44,6 +70,13 @@ class _ArchMixin:
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]
+
+    def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The search-space mask buffers by name (``mask_normal``/``mask_reduce``, or ``mask``)."""
+        return {name: b for name, b in self.named_buffers() if name.startswith("mask")}
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith(("alphas", "betas"))]
@@ -68,13 +101,17 @@ class DartsCell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self.edges.append(FusedMixedOp(C, stride, primitives=space, **op_kwargs))
 
-    def forward(self, s0, s1, weights, masks=None, edge_weights=None):
+    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None):
+        """``edges_on``: host list of bools, one per edge; an edge that is off does not run
+        (ROME's sampled topology)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for i in range(self.steps):
             node = None
             for j, h in enumerate(states):
                 e = offset + j
+                if edges_on is not None and not edges_on[e]:
+                    continue
                 # PC-DARTS edge normalization: the edge's weight goes into the edge (exact, and
                 # its output need not be kept for the weight's gradient).
                 out = self.edges[e](
@@ -95,7 +132,8 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
 
     ``mode``, ``normalize`` and ``partial_channels`` go to every ``FusedMixedOp``;
     ``edge_normalization`` adds PC-DARTS' per-edge betas; ``masks`` (bool [14, K] for normal and
-    reduce cells) switch candidates off for good (Zero-One-Shot).
+    reduce cells) switch candidates off for good (Zero-One-Shot). ``topology`` adds ROME's
+    per-edge topology betas instead (two sampled incoming edges per node; see ``sample_topology``).
     """
 
     def __init__(
@@ -113,14 +151,19 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         partial_channels: int | None = None,
         edge_normalization: bool | None = None,
         sampler: str = "softmax",
+        exclude: tuple[str, ...] = (),
+        topology: bool = False,
         in_channels: int = 3,
     ):
         super().__init__()
         self.space = get_space(space)
         self.steps, self.multiplier = steps, multiplier
-        self.sampler = sampler
+        self._set_sampling(sampler, exclude)
         if edge_normalization is None:
-            edge_normalization = partial_channels is not None
+            edge_normalization = partial_channels is not None and not topology
+        if edge_normalization and topology:
+            raise ValueError("topology: ROME's topology betas and PC-DARTS' edge normalization exclude each other")
+        self.topology = bool(topology)
         op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
@@ -141,7 +184,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         k = len(self.space)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(num_edges, k))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, k))
-        if edge_normalization:
+        if edge_normalization or topology:
             self.betas_normal = nn.Parameter(1e-3 * torch.randn(num_edges))
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(num_edges))
         else:
@@ -159,15 +202,27 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         self.mask_normal.copy_(normal)
         self.mask_reduce.copy_(reduce)
 
+    def _node_slices(self) -> list[slice]:
+        """Each node's incoming edges as a slice of the edge index."""
+        out, start = [], 0
+        for i in range(self.steps):
+            out.append(slice(start, start + 2 + i))
+            start += 2 + i
+        return out
+
     def _edge_weights(self, betas: torch.Tensor | None) -> torch.Tensor | None:
         """Softmax of the betas over each node's incoming edges."""
         if betas is None:
             return None
-        parts, start = [], 0
-        for i in range(self.steps):
-            parts.append(torch.softmax(betas[start : start + 2 + i], dim=-1))
-            start += 2 + i
-        return torch.cat(parts)
+        return torch.cat([torch.softmax(betas[sl], dim=-1) for sl in self._node_slices()])
+
+    def sample_topology(self, betas: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """ROME's Gumbel top-2: per node, perturb log softmax(betas) of its incoming edges with
+        Gumbel noise and keep the two largest (two draws without replacement). Returns the edge
+        weights (1 on kept edges, 0 elsewhere, with the straight-through gradient of
+        softmax(perturbed / tau)) and the kept edges as a host list."""
+        weights = torch.cat([gumbel_top_k(betas[sl], 2, self.tau) for sl in self._node_slices()])
+        return weights, (weights.detach() != 0).tolist()
 
     def arch_weights(self):
         return (
@@ -177,48 +232,53 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
 
     def forward(self, x):
         w_normal, w_reduce = self.arch_weights()
-        e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
+        if self.topology:
+            e_normal, on_normal = self.sample_topology(self.betas_normal)
+            e_reduce, on_reduce = self.sample_topology(self.betas_reduce)
+        else:
+            e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
+            on_normal = on_reduce = None
         m_normal, m_reduce = self._host_masks(w_normal, self.mask_normal), self._host_masks(w_reduce, self.mask_reduce)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             if cell.reduction:
-                w, m, e = w_reduce, m_reduce, e_reduce
+                w, m, e, on = w_reduce, m_reduce, e_reduce, on_reduce
             else:
-                w, m, e = w_normal, m_normal, e_normal
-            s0, s1 = s1, cell(s0, s1, w.to(s1.dtype), m, e)
+                w, m, e, on = w_normal, m_normal, e_normal, on_normal
+            s0, s1 = s1, cell(s0, s1, w.to(s1.dtype), m, e, on)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     @torch.no_grad()
     def genotype(self) -> Genotype:
-        """Top-2 incoming edges per node by their best non-'none' weight (times the edge weight
-        with edge normalization), and on each the best non-'none' op (REFERENCE.md)."""
+        """The DARTS rule (REFERENCE.md): per node the two incoming edges with the largest
+        selectable weight, stronger edge first, and on each the best selectable operation.
+        Selectable: unmasked, not 'none', not in ``exclude``. With edge normalization (PC-DARTS)
+        an edge's weights are multiplied by its node-softmaxed beta; with ``topology`` (ROME)
+        edges are ranked by their topology betas alone. Ties go to the lower index, as in the
+        reference's stable sort."""
         names = list(self.space.names)
-        none_index = names.index("none") if "none" in names else None
+        blocked = torch.tensor([n == "none" or n in self.exclude for n in names])
 
-        def parse(weights, edge_w):
-            gene, start = [], 0
-            for i in range(self.steps):
-                n = 2 + i
-                W = weights[start : start + n].clone()
+        def parse(alphas, mask, betas):
+            weights = ops.masked_softmax(alphas, mask).cpu().double()
+            weights[~mask.cpu() | blocked] = -1.0
+            edge_w = None if self.topology else self._edge_weights(betas)
+            gene = []
+            for sl in self._node_slices():
+                W = weights[sl]
                 if edge_w is not None:
-                    W = W * edge_w[start : start + n, None]
-                if none_index is not None:
-                    W[:, none_index] = -1.0
-                best = W.max(dim=1).values
-                for j in sorted(best.argsort(descending=True)[:2].tolist()):
+                    W = torch.where(W >= 0, W * edge_w[sl].cpu().double()[:, None], W)
+                strength = betas[sl].cpu().tolist() if self.topology else W.max(dim=1).values.tolist()
+                order = sorted(range(W.shape[0]), key=lambda j: -strength[j])
+                for j in order[:2]:
                     gene.append((names[int(W[j].argmax())], j))
-                start += n
             return gene
 
-        w_normal = ops.masked_softmax(self.alphas_normal, self.mask_normal).cpu()
-        w_reduce = ops.masked_softmax(self.alphas_reduce, self.mask_reduce).cpu()
-        e_normal = self._edge_weights(self.betas_normal)
-        e_reduce = self._edge_weights(self.betas_reduce)
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
         return Genotype(
-            normal=parse(w_normal, None if e_normal is None else e_normal.cpu()),
+            normal=parse(self.alphas_normal, self.mask_normal, self.betas_normal),
             normal_concat=concat,
-            reduce=parse(w_reduce, None if e_reduce is None else e_reduce.cpu()),
+            reduce=parse(self.alphas_reduce, self.mask_reduce, self.betas_reduce),
             reduce_concat=concat,
         )
 
@@ -255,11 +315,12 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         normalize: bool = True,
         partial_channels: int | None = None,
         sampler: str = "softmax",
+        exclude: tuple[str, ...] = (),
         in_channels: int = 3,
     ):
         super().__init__()
         self.space = get_space(space)
-        self.sampler = sampler
+        self._set_sampling(sampler, exclude)
         op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()
@@ -302,11 +363,28 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
 
     @torch.no_grad()
     def genotype(self) -> str:
-        """The NAS-Bench-201 architecture string, argmax per edge ('none' allowed)."""
+        """The NAS-Bench-201 architecture string, argmax per edge over the unmasked operations
+        ('none' allowed unless in ``exclude``)."""
         names = list(self.space.names)
-        weights = ops.masked_softmax(self.alphas, self.mask)
+        weights = ops.masked_softmax(self.alphas, self._selectable_mask(self.mask)).cpu()
         groups = []
         for i in range(1, 4):
             ops_i = [f"{names[int(weights[e].argmax())]}~{src}" for e, (dst, src) in enumerate(self.EDGES) if dst == i]
             groups.append("|" + "|".join(ops_i) + "|")
         return "+".join(groups)
+
+
+def gumbel_top_k(logits: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel top-k over a 1-D row: keep the k largest of ``log_softmax(logits) + g`` (g standard
+    Gumbel noise), i.e. k draws without replacement from softmax(logits). Returns a 0/1 row with
+    the straight-through gradient ``hard - soft.detach() + soft``, soft = softmax((log_softmax +
+    g) / tau). With k >= the row length every entry is kept (weight 1, gradient 0)."""
+    if logits.dim() != 1:
+        raise ValueError(f"logits: expected a 1-D row, got shape {tuple(logits.shape)}")
+    if k >= logits.numel():
+        return torch.ones_like(logits)
+    noise = -torch.empty_like(logits).exponential_(generator=generator).log()
+    perturbed = torch.log_softmax(logits, dim=-1) + noise
+    soft = torch.softmax(perturbed / tau, dim=-1)
+    hard = torch.zeros_like(logits).scatter_(0, perturbed.topk(k).indices, 1.0)
+    return hard - soft.detach() + soft

@@ -23,8 +23,9 @@ import math
 import numbers
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+
+from ._io import atomic_write
 
 __all__ = [
     "ReportError",
@@ -48,24 +49,6 @@ class ReportError(RuntimeError):
 # --------------------------------------------------------------------------- writing files
 
 
-def _atomic_write(path, write: Callable, *, text: bool) -> str:
-    """Call ``write(f)`` on a temporary file next to ``path``, then move it onto ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def write_csv(path, rows: list[dict]) -> None:
@@ -91,7 +74,7 @@ def write_csv(path, rows: list[dict]) -> None:
         for row in rows:
             w.writerow({k: "" if v is None else v for k, v in row.items()})
 
-    _atomic_write(path, write, text=True)
+    atomic_write(path, write, text=True)
 
 
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -141,8 +124,8 @@ def _save(fig, path, *, crop: bool = False) -> str:
     # crop: trim the margins (the cell drawings' equal-aspect axes leave some); it draws the
     # figure twice, so the plots, already fitted by the constrained layout, skip it
     extra = dict(bbox_inches="tight", pad_inches=0.15) if crop else {}
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, facecolor="white", **extra),
-                         text=False)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, facecolor="white", **extra),
+                        text=False)
 
 
 def _op_colors(n: int) -> list:

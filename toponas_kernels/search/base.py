@@ -1,0 +1,172 @@
+"""What every search method shares: the two optimizers, the learning-rate schedule, one
+architecture step and one weight step, and the state a checkpoint needs.
+
+A method works on any supernet that has ``arch_parameters()`` and ``weight_parameters()`` and
+returns logits from ``forward(x)``: the package's ``DartsSearchNetwork`` / ``NB201SearchNetwork``
+or the user's own. Drive it from your own loop::
+
+    method = Darts(model, epochs=50)              # reference hyperparameters by default
+    for epoch in range(50):
+        method.begin_epoch(epoch)
+        for train_batch, val_batch in zip(train_loader, val_loader):
+            stats = method.step(train_batch, val_batch)
+        method.end_epoch(epoch)
+
+``step`` returns detached tensors (loss sums and correct counts), so nothing waits for the
+device until you read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import reference_defaults
+
+
+class SearchMethod:
+    """First-order DARTS mechanics; subclasses change what differs in their papers.
+
+    Args:
+        model: the supernet.
+        epochs: length of the schedule (cosine learning rate, tau and lambda schedules).
+        space: the space the reference hyperparameters come from ("darts", "nb201", ...).
+        **hparams: any of ``lr, lr_min, momentum, nesterov, weight_decay, grad_clip, arch_lr,
+            arch_weight_decay, arch_betas, warmup_epochs, beta_lambda, tau_max, tau_min,
+            rome_samples``; the rest take the method's reference values.
+    """
+
+    name = "darts"
+    #: the architecture step runs before the weight step (DARTS); GDAS and ROME run it after.
+    arch_first = True
+
+    def __init__(self, model: nn.Module, *, epochs: int, space: str = "darts", **hparams):
+        for attr in ("arch_parameters", "weight_parameters"):
+            if not callable(getattr(model, attr, None)):
+                raise TypeError(f"model: a supernet needs {attr}() (the package's supernets have it)")
+        defaults = reference_defaults(self.name, space)
+        unknown = set(hparams) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(defaults)}")
+        h = {**defaults, **{k: v for k, v in hparams.items() if v is not None}}
+        self.h = h
+        self.model = model
+        self.epochs = int(epochs)
+        self.arch_params = list(model.arch_parameters())
+        self.weight_params = list(model.weight_parameters())
+        if not self.arch_params:
+            raise ValueError("model: the supernet has no architecture parameters")
+        self.criterion = nn.CrossEntropyLoss()
+        self.w_optimizer = torch.optim.SGD(
+            self.weight_params, h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"], nesterov=h["nesterov"]
+        )
+        self.a_optimizer = torch.optim.Adam(
+            self.arch_params, h["arch_lr"], betas=tuple(h["arch_betas"]), weight_decay=h["arch_weight_decay"]
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, self.epochs, eta_min=h["lr_min"])
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ schedule
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def end_epoch(self, epoch: int) -> None:
+        self.scheduler.step()
+
+    def updates_arch(self) -> bool:
+        """Whether this epoch updates the architecture (PC-DARTS warms up without)."""
+        return self.epoch >= self.h["warmup_epochs"]
+
+    @property
+    def lr(self) -> float:
+        return self.w_optimizer.param_groups[0]["lr"]
+
+    def schedule(self) -> dict:
+        """The scheduled quantities of the current epoch, for the log."""
+        return {"lr": self.lr}
+
+    # ------------------------------------------------------------------ steps
+    def step(self, train_batch, val_batch) -> dict[str, Tensor]:
+        """One search iteration: the architecture step on ``val_batch`` and the weight step on
+        ``train_batch``, in the method's order. Returns detached sums for the log."""
+        stats = {}
+        if self.arch_first and self.updates_arch():
+            stats.update(self.arch_step(*val_batch))
+        stats.update(self.weight_step(*train_batch))
+        if not self.arch_first and self.updates_arch():
+            stats.update(self.arch_step(*val_batch))
+        return stats
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        return self.criterion(logits, y), logits
+
+    def regularizer(self) -> Tensor | None:
+        """Added to the validation loss of the architecture step (beta-DARTS)."""
+        return None
+
+    def arch_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss, logits = self.loss(x, y)
+        reg = self.regularizer()
+        return (loss if reg is None else loss + reg), logits
+
+    def arch_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        self.a_optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.arch_loss(x, y)
+        accumulate_grads(loss, self.arch_params)
+        self.a_optimizer.step()
+        return _stats("val", loss, logits, y)
+
+    def weight_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        self.w_optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.loss(x, y)
+        accumulate_grads(loss, self.weight_params)
+        self.clip()
+        self.w_optimizer.step()
+        return _stats("train", loss, logits, y)
+
+    def clip(self) -> None:
+        if self.h["grad_clip"]:
+            nn.utils.clip_grad_norm_(self.weight_params, self.h["grad_clip"])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "w_optimizer": self.w_optimizer.state_dict(),
+            "a_optimizer": self.a_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+
+
+def accumulate_grads(loss: Tensor, params: Sequence[Tensor], scale: float = 1.0) -> None:
+    """Add d(scale * loss)/d(params) to ``.grad``, computing no other gradient (the weight step
+    does not compute architecture gradients and vice versa). Parameters the loss does not reach
+    (a masked candidate's weights) keep their ``.grad``."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if scale != 1.0:
+            g = g * scale
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+def _stats(prefix: str, loss: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+    n = y.shape[0]
+    return {
+        f"{prefix}_loss_sum": loss.detach() * n,
+        f"{prefix}_correct": (logits.detach().argmax(-1) == y).sum(),
+        f"{prefix}_count": torch.tensor(n),
+    }

@@ -1,0 +1,207 @@
+"""What a search run is: ``SearchConfig``, the reference hyperparameters of every method on every
+space (REFERENCE facts, written down in ``docs/SEARCH.md``), and the checks that refuse what is
+not defined.
+
+Every field left ``None`` takes the method's reference value for the space (``resolved()``), so
+``SearchConfig(space="darts", method="pc-darts", dataset="cifar10")`` is PC-DARTS as published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..nas import spaces as S
+
+METHODS = ("darts", "darts2", "pc-darts", "beta-darts", "gdas", "rome")
+SPACES = ("darts", "nb201", "exaggerated")
+TOPO_MODES = ("plain", "pms", "pms+fms", "topo")
+MASK_KINDS = ("random", "zero-shot")
+MASK_RULES = ("operations", "architectures")
+
+
+class ConfigError(ValueError):
+    """A search configuration that cannot run; the message names the option and the fix."""
+
+
+# Reference values. DARTS space (DARTS, PC-DARTS, beta-DARTS, GDAS, ROME papers and code) and
+# NAS-Bench-201 (its DARTS/GDAS search settings). Where a paper states nothing for a space, the
+# DARTS-space value of the same method is used (said in docs/SEARCH.md).
+_COMMON = dict(
+    epochs=50, batch_size=64, lr=0.025, lr_min=0.001, momentum=0.9, nesterov=False, weight_decay=3e-4,
+    grad_clip=5.0, arch_lr=3e-4, arch_weight_decay=1e-3, arch_betas=(0.5, 0.999), warmup_epochs=0,
+    partial_channels=None, beta_lambda=0.0, tau_max=10.0, tau_min=0.1, rome_samples=7,
+)
+_METHOD = {
+    "darts": {},
+    "darts2": {},
+    "beta-darts": dict(beta_lambda=0.5),
+    "pc-darts": dict(batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, warmup_epochs=15, partial_channels=4),
+    "gdas": dict(epochs=250),
+    "rome": {},
+}
+_NB201 = dict(nesterov=True, weight_decay=5e-4)
+
+
+def reference_defaults(method: str, space: str) -> dict:
+    """The hyperparameters a method uses on a space when the user sets none."""
+    out = dict(_COMMON)
+    if space == "nb201":
+        out.update(_NB201)
+    out.update(_METHOD[method])
+    return out
+
+
+@dataclass
+class SearchConfig:
+    """One search run. ``None`` fields take the method's reference value (``resolved()``)."""
+
+    space: str | S.SearchSpace = "darts"
+    method: str = "darts"
+    dataset: str = "synthetic"
+    out: str | None = None
+    network: str | None = None  # "darts" or "nb201" macro for a user-declared SearchSpace
+    topo: str = "plain"
+    kernel_norm: bool = True
+    mask: str | None = None  # "random", "zero-shot", a mask file, or None
+    mask_level: float = 0.5
+    mask_rule: str = "operations"
+    mask_batches: int = 3
+    mask_batch_size: int = 128
+    mask_inits: int = 3
+    data_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    deterministic: bool = False
+    device: str = "auto"
+    # schedule and optimizers (None: reference value)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_min: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    arch_lr: float | None = None
+    arch_weight_decay: float | None = None
+    arch_betas: tuple[float, float] | None = None
+    warmup_epochs: int | None = None
+    partial_channels: int | None = None
+    beta_lambda: float | None = None
+    tau_max: float | None = None
+    tau_min: float | None = None
+    rome_samples: int | None = None
+    # supernet
+    init_channels: int | None = None  # DARTS 16, NB201 16
+    layers: int | None = None  # DARTS cells (8); NB201 cells per stage (5)
+    # data
+    train_portion: float = 0.5
+    train_size: int | None = None  # use only the first N training images (quick runs)
+    steps_per_epoch: int | None = None  # stop an epoch after N steps (quick runs)
+    num_workers: int | None = None
+    channels: int | None = None
+    # run
+    checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
+    progress: bool = True
+    plots: bool = True  # arch_weights.png and cell.png at the end
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ checks
+    def resolved(self) -> "SearchConfig":
+        """A copy with every reference value filled in, after checking the options."""
+        self.check()
+        space = self.space_name()
+        defaults = reference_defaults(self.method, "nb201" if self.macro() == "nb201" else space)
+        values = {}
+        for key, value in defaults.items():
+            values[key] = value if getattr(self, key) is None else getattr(self, key)
+        if self.init_channels is None:
+            values["init_channels"] = 16
+        if self.layers is None:
+            values["layers"] = 5 if self.macro() == "nb201" else 8
+        if self.num_workers is None:
+            values["num_workers"] = 0
+        out = dataclasses.replace(self, **values)
+        out._check_values()
+        return out
+
+    def space_name(self) -> str:
+        return self.space.name if isinstance(self.space, S.SearchSpace) else str(self.space)
+
+    def macro(self) -> str:
+        """Which supernet skeleton: the DARTS cell network or the NAS-Bench-201 one."""
+        if isinstance(self.space, S.SearchSpace):
+            return self.network or "darts"
+        return "nb201" if self.space == "nb201" else "darts"
+
+    def check(self) -> None:
+        if not isinstance(self.space, S.SearchSpace) and self.space not in SPACES:
+            raise ConfigError(f"--space: unknown search space {self.space!r}; choose one of {', '.join(SPACES)} (or pass a SearchSpace from Python)")
+        if self.network not in (None, "darts", "nb201"):
+            raise ConfigError(f"network: expected 'darts' or 'nb201', got {self.network!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.topo not in TOPO_MODES:
+            raise ConfigError(f"--topo: unknown mode {self.topo!r}; choose one of {', '.join(TOPO_MODES)}")
+        if self.mask_rule not in MASK_RULES:
+            raise ConfigError(f"--mask-rule: expected one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}")
+        if not (isinstance(self.mask_level, (int, float)) and 0.0 < self.mask_level < 1.0):
+            raise ConfigError(f"--mask-level: the pruning level must lie strictly between 0 and 1, got {self.mask_level!r}")
+        if not 0.0 < self.train_portion < 1.0:
+            raise ConfigError(f"--train-portion: expected a fraction strictly between 0 and 1, got {self.train_portion!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.partial_channels is not None and self.method in ("gdas", "rome"):
+            raise ConfigError(
+                f"--partial-channels: not defined for {self.method} (a single sampled path per edge already "
+                "runs; partial channels belong to pc-darts and the DARTS-family methods)"
+            )
+
+    def _check_values(self) -> None:
+        positive_int = ("epochs", "batch_size", "init_channels", "layers", "rome_samples", "mask_batches", "mask_batch_size", "mask_inits")
+        for key in positive_int:
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"--{key.replace('_', '-')}: expected a positive integer, got {v!r}")
+        for key in ("train_size", "steps_per_epoch"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"--{key.replace('_', '-')}: expected a positive integer, got {v!r}")
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs: expected an integer >= 0, got {self.warmup_epochs!r}")
+        for key in ("lr", "arch_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"--{key.replace('_', '-')}: expected a positive learning rate, got {getattr(self, key)!r}")
+        for key in ("lr_min", "weight_decay", "arch_weight_decay", "momentum", "grad_clip", "beta_lambda"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"--{key.replace('_', '-')}: expected a value >= 0, got {getattr(self, key)!r}")
+        if not (self.tau_max >= self.tau_min > 0):
+            raise ConfigError(f"--tau-max/--tau-min: expected tau_max >= tau_min > 0, got {self.tau_max!r} and {self.tau_min!r}")
+        k = self.partial_channels
+        if k is not None and (not isinstance(k, int) or k < 1 or self.init_channels % k):
+            raise ConfigError(
+                f"--partial-channels: expected a positive divisor of the initial channels ({self.init_channels}), got {k!r}"
+            )
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every: expected steps >= 0, got {self.checkpoint_every!r}")
+
+    # ------------------------------------------------------------------ records
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["space"] = self.space_name()
+        if isinstance(self.space, S.SearchSpace):
+            d["primitives"] = list(self.space.names)
+        for key in ("progress", "resume", "plots", "threads"):
+            d.pop(key)
+        return d
+
+
+# What must agree between a checkpoint and the configuration resuming it.
+RESUME_KEYS = (
+    "space", "method", "dataset", "network", "topo", "kernel_norm", "mask", "mask_level", "mask_rule", "seed",
+    "epochs", "batch_size", "lr", "lr_min", "momentum", "nesterov", "weight_decay", "grad_clip", "arch_lr",
+    "arch_weight_decay", "warmup_epochs", "partial_channels", "beta_lambda", "tau_max", "tau_min", "rome_samples",
+    "init_channels", "layers", "train_portion", "train_size", "steps_per_epoch", "channels",
+)

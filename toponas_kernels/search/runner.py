@@ -1,0 +1,556 @@
+"""One search run from a ``SearchConfig``: data, supernet, mask, method, the loop, checkpoints and
+the result files (``run``; the ``toponas search`` command calls it).
+
+Determinism and resume. The order of every epoch's batches is a permutation seeded by (seed,
+epoch) and the augmentation of an image by (seed, epoch, index) (``toponas_kernels.data``); the
+architecture half is read through one persistent iterator that cycles through it, pass after
+pass, each pass seeded by its number. A checkpoint (atomic, at the end of every epoch and every
+``checkpoint_every`` steps) holds the supernet, both optimizers, the schedule, the position in
+both data streams, the running sums of the epoch and every RNG state, so a killed run resumed
+with ``--resume`` continues with the same numbers, bit for bit on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from .. import _version
+from .._io import atomic_torch_save, atomic_write_json
+from ..nas import spaces as S
+from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
+from . import masks as M
+from .config import RESUME_KEYS, ConfigError, SearchConfig
+from .methods import METHOD_CLASSES
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+class Interrupted(RuntimeError):
+    """Raised by the test hook ``_interrupt_after``: the run stops as if killed."""
+
+
+# ====================================================================================== set-up
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def space_of(config: SearchConfig) -> S.SearchSpace:
+    if isinstance(config.space, S.SearchSpace):
+        return config.space
+    return S.get_space(config.space)
+
+
+def build_supernet(config: SearchConfig, num_classes: int, in_channels: int, *, proxy: bool = False) -> torch.nn.Module:
+    """The supernet of ``config`` (resolved), or the tiny ETENAS proxy of the same space."""
+    space = space_of(config)
+    method = config.method
+    sampler = "gumbel" if method in ("gdas", "rome") and not proxy else "softmax"
+    exclude = ("none",) if method == "rome" and "none" in space and not proxy else ()
+    common = dict(space=space, sampler=sampler, exclude=exclude, in_channels=in_channels, num_classes=num_classes)
+    if proxy:
+        common.update(mode="plain")
+    else:
+        common.update(mode=config.topo, normalize=config.kernel_norm, partial_channels=config.partial_channels)
+    if config.macro() == "nb201":
+        C, N = (3, 1) if proxy else (config.init_channels, config.layers)
+        return NB201SearchNetwork(C, N, **common)
+    C, layers = (1, 8) if proxy else (config.init_channels, config.layers)
+    return DartsSearchNetwork(C, layers=layers, topology=(method == "rome" and not proxy), **common)
+
+
+def build_method(config: SearchConfig, model: torch.nn.Module):
+    cls = METHOD_CLASSES[config.method]
+    names = ("lr", "lr_min", "momentum", "nesterov", "weight_decay", "grad_clip", "arch_lr", "arch_weight_decay",
+             "arch_betas", "warmup_epochs", "beta_lambda", "tau_max", "tau_min", "rome_samples")
+    space = "nb201" if config.macro() == "nb201" else "darts"
+    return cls(model, epochs=config.epochs, space=space, **{n: getattr(config, n) for n in names})
+
+
+# ====================================================================================== memory
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """GPU: ``torch.cuda.max_memory_allocated``. CPU: growth of the resident set over its value
+    at the start (the kernel's high-water mark, reset through /proc/self/clear_refs; without
+    /proc, ``ru_maxrss``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = 0
+            return
+        self.base = _status_bytes("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.hwm = True
+        except OSError:
+            self.hwm = False
+        if self.base is None:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        top = _status_bytes("VmHWM") if self.hwm else None
+        if top is None:
+            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, int(top) - int(self.base))
+
+
+# ====================================================================================== records
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def genotype_record(genotype):
+    """DARTS: the Genotype as a dict of lists ([op, input] genes); NB201: the string."""
+    if isinstance(genotype, str):
+        return genotype
+    return {
+        "normal": [[op, int(j)] for op, j in genotype.normal],
+        "normal_concat": list(genotype.normal_concat),
+        "reduce": [[op, int(j)] for op, j in genotype.reduce],
+        "reduce_concat": list(genotype.reduce_concat),
+    }
+
+
+def genotype_text(genotype) -> str:
+    if isinstance(genotype, str):
+        return genotype
+    g = genotype_record(genotype)
+    fmt = lambda genes: "[" + ", ".join(f"('{op}', {j})" for op, j in genes) + "]"  # noqa: E731
+    return (
+        f"Genotype(normal={fmt(g['normal'])}, normal_concat={g['normal_concat']}, "
+        f"reduce={fmt(g['reduce'])}, reduce_concat={g['reduce_concat']})"
+    )
+
+
+@torch.no_grad()
+def arch_weights(model) -> dict[str, list]:
+    """The architecture weights as a researcher reads them: alphas softmaxed over each edge's
+    unmasked operations; edge-normalization betas softmaxed over each node's incoming edges
+    (ROME's topology betas likewise)."""
+    from .. import ops
+
+    masks = model.masks() if hasattr(model, "masks") else {}
+    out = {}
+    for name, p in model.named_arch_parameters():
+        if name.startswith("alphas"):
+            mask = masks.get("mask" + name[len("alphas"):])
+            out[name] = ops.masked_softmax(p.detach().float(), mask).cpu().tolist()
+        elif hasattr(model, "_edge_weights"):
+            out[name] = model._edge_weights(p.detach().float()).cpu().tolist()
+        else:
+            out[name] = p.detach().float().cpu().tolist()
+    return out
+
+
+# ====================================================================================== data
+def _load_data(config: SearchConfig, device: torch.device):
+    from .. import data as D
+
+    train = D.load_split(config.dataset, "train", config.data_dir, channels=config.channels, download=True,
+                         seed=config.seed, augment="search")
+    n = len(train)
+    if config.train_size is not None:
+        if config.train_size < 2:
+            raise ConfigError("--train-size: need at least 2 images (one per half)")
+        n = min(n, config.train_size)
+    train_idx, val_idx = D.split_indices(n, config.train_portion)
+    if not train_idx or not val_idx:
+        raise ConfigError(f"--train-portion {config.train_portion} leaves one half of {n} images empty")
+    return D, train, train, train_idx, val_idx
+
+
+class _Cycle:
+    """A persistent iterator over the architecture half that starts a new seeded pass whenever
+    one ends (never ``next(iter(loader))`` per step, which replays the first batch)."""
+
+    def __init__(self, make: Callable[[int, int], object], pass_index: int = 0, position: int = 0):
+        self.make = make
+        self.pass_index, self.position = pass_index, position
+        self.it = iter(make(pass_index, position))
+
+    def __next__(self):
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.pass_index, self.position = self.pass_index + 1, 0
+            self.it = iter(self.make(self.pass_index, 0))
+            batch = next(self.it)
+        self.position += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"pass": self.pass_index, "position": self.position}
+
+
+# ====================================================================================== run
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_after: int | None = None) -> dict:
+    """Run (or resume) the search of ``config`` and return its result (also in
+    ``config.out/result.json``). ``log`` receives the one-line messages."""
+    cfg = config.resolved()
+    if not cfg.out:
+        raise ConfigError("--out: give the folder the search writes to")
+    out = os.path.abspath(cfg.out)
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    result_path = os.path.join(out, RESULT)
+    state = None
+    if os.path.exists(ckpt_path):
+        if not cfg.resume:
+            raise ConfigError(f"--out {cfg.out} already holds a search ({CHECKPOINT}); pass --resume to continue it or choose another --out")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume(state["config"], cfg)
+        if state.get("finished") and os.path.exists(result_path):
+            import json
+
+            log(f"search in {cfg.out} already finished; result in {result_path}")
+            with open(result_path) as f:
+                return json.load(f)
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {cfg.out} yet; starting the search")
+    os.makedirs(out, exist_ok=True)
+
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    num_workers = cfg.num_workers if cfg.num_workers else (min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    D, train_set, val_set, train_idx, val_idx = _load_data(cfg, device)
+    info = train_set.info
+    meter = PeakMemory(device)
+
+    model = build_supernet(cfg, info.num_classes, info.channels).to(device)
+    shapes = {name: tuple(b.shape) for name, b in model.masks().items()}
+    if state is None:
+        mask_record = _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log)
+    else:
+        mask_record = state["mask"]
+    if mask_record is not None:
+        for name, rows in mask_record["masks"].items():
+            model.get_buffer(name).copy_(torch.tensor(rows, dtype=torch.bool))
+        for name, m in model.masks().items():
+            if not bool(m.any(dim=1).all()):
+                raise ConfigError(f"--mask: '{name}' switches off every operation of some edge")
+
+    method = build_method(cfg, model)
+    pin = device.type == "cuda"
+
+    def train_loader(epoch: int, start: int):
+        return D.make_loader(train_set, train_idx, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=start,
+                             num_workers=num_workers, pin_memory=pin)
+
+    def val_loader(pass_index: int, start: int):
+        return D.make_loader(val_set, val_idx, cfg.batch_size, seed=cfg.seed + 7919, epoch=pass_index,
+                             start_batch=start, num_workers=num_workers, pin_memory=pin)
+
+    steps_total = math.ceil(len(train_idx) / cfg.batch_size)
+    steps = min(steps_total, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_total
+
+    run_state = {"epoch": 0, "step": 0, "sums": {}, "history": [], "rows": [], "step_times": [], "seconds": 0.0,
+                 "peak": 0, "val": {"pass": 0, "position": 0}}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        run_state = state["run"]
+        _set_rng_state(state["rng"])
+        log(f"resumed {cfg.out} at epoch {run_state['epoch'] + 1}, step {run_state['step']}")
+    if not run_state["history"]:
+        run_state["history"].append(arch_weights(model))  # epoch 0: the weights at initialization
+    cycle = _Cycle(val_loader, run_state["val"]["pass"], run_state["val"]["position"])
+    writer = _tensorboard(out)
+    bar_cls = _tqdm() if cfg.progress else None
+
+    def save(finished: bool = False):
+        run_state["val"] = cycle.state()
+        run_state["peak"] = max(run_state["peak"], meter.peak())
+        atomic_torch_save(ckpt_path, {
+            "config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
+            "run": run_state, "rng": _rng_state(), "mask": mask_record, "finished": finished,
+        })
+
+    done_steps = 0
+    for epoch in range(run_state["epoch"], cfg.epochs):
+        model.train()
+        method.begin_epoch(epoch)
+        start_step = run_state["step"]
+        it = iter(train_loader(epoch, start_step))
+        bar = bar_cls(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                      dynamic_ncols=True) if bar_cls else None
+        sums = {k: v.to(device) for k, v in run_state["sums"].items()}
+        t_epoch = time.perf_counter()
+        for step in range(start_step, steps):
+            xb, yb = next(it)
+            xv, yv = next(cycle)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
+            t0 = time.perf_counter()
+            stats = method.step((xb, yb), (xv, yv))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            run_state["step_times"].append(time.perf_counter() - t0)
+            for k, v in stats.items():
+                sums[k] = sums[k] + v.to(device) if k in sums else v.to(device)
+            run_state["step"] = step + 1
+            done_steps += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix_str(_postfix(sums))
+            if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
+                run_state["sums"] = {k: v.detach().cpu() for k, v in sums.items()}
+                run_state["seconds"] += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                save()
+            if _interrupt_after is not None and done_steps >= _interrupt_after:
+                raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
+        if bar is not None:
+            bar.close()
+        run_state["seconds"] += time.perf_counter() - t_epoch
+        row = _epoch_row(epoch, method, sums, model, run_state, steps)
+        run_state["rows"].append(row)
+        run_state["history"].append(arch_weights(model))
+        run_state["epoch"], run_state["step"], run_state["sums"] = epoch + 1, 0, {}
+        method.end_epoch(epoch)
+        _write_csv(os.path.join(out, "search_log.csv"), run_state["rows"])
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    writer.add_scalar(k, v, epoch + 1)
+            writer.flush()
+        save()
+        log(_summary(row, cfg.epochs))
+
+    result = _finish(cfg, model, run_state, mask_record, device, meter, out, log)
+    save(finished=True)
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _check_resume(saved: dict, cfg: SearchConfig) -> None:
+    now = cfg.to_dict()
+    diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"--resume: the checkpoint was made with {k}={saved.get(k)!r}, this run asks for {now.get(k)!r}; "
+            "resume with the same options or choose another --out"
+        )
+
+
+def _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log) -> dict | None:
+    if cfg.mask is None:
+        return None
+    space = space_of(cfg)
+    primitives = list(space.names)
+    if cfg.mask == "random":
+        g = torch.Generator().manual_seed(cfg.seed)
+        masks = M.random_masks(shapes, cfg.mask_level, g)
+        extra = {"kind": "random", "level": cfg.mask_level, "seconds": 0.0}
+    elif cfg.mask == "zero-shot":
+        n = min(len(train_idx), cfg.mask_batches * cfg.mask_batch_size)
+        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+        plain = train_set.with_augment("none")
+        images = torch.stack([plain[train_idx[i]][0] for i in order]).to(device)
+        proxy = lambda: build_supernet(cfg, info.num_classes, info.channels, proxy=True)  # noqa: E731
+        log(f"zero-shot mask: Algorithm 1 with the ETENAS ranking on {n} images, {cfg.mask_inits} inits, level {cfg.mask_level}")
+        masks, rec = M.zero_shot_masks(proxy, shapes, images, cfg.mask_level, inits=cfg.mask_inits, seed=cfg.seed,
+                                       rule=cfg.mask_rule, batch_size=cfg.mask_batch_size, progress=log)
+        extra = {"kind": "zero-shot", "level": cfg.mask_level, "rule": cfg.mask_rule, "seconds": rec["seconds"],
+                 "images": n, "inits": cfg.mask_inits, "rounds": len(rec["rounds"])}
+        log(f"zero-shot mask: {rec['seconds']:.1f} s")
+    else:
+        masks, record = M.load_masks(cfg.mask, shapes, primitives)
+        extra = {"kind": "file", "file": os.path.abspath(cfg.mask), "source_kind": record.get("kind"),
+                 "level": record.get("level"), "seconds": 0.0}
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    extra["kept_share"] = kept
+    record = M.mask_record(masks, space=space.name, primitives=primitives, info=extra)
+    atomic_write_json(os.path.join(os.path.abspath(cfg.out), "mask.json"), record)
+    return record
+
+
+def _postfix(sums) -> str:
+    parts = []
+    for half in ("train", "val"):
+        if f"{half}_count" in sums:
+            n = float(sums[f"{half}_count"])
+            parts.append(f"{half} loss {float(sums[f'{half}_loss_sum']) / n:.3f} acc {100 * float(sums[f'{half}_correct']) / n:.1f}%")
+    return ", ".join(parts)
+
+
+def _epoch_row(epoch, method, sums, model, run_state, steps) -> dict:
+    row = {"epoch": epoch + 1, **{k: v for k, v in method.schedule().items()}}
+    for half in ("train", "val"):
+        n = float(sums.get(f"{half}_count", torch.tensor(0)))
+        row[f"{half}_loss"] = float(sums[f"{half}_loss_sum"]) / n if n else float("nan")
+        row[f"{half}_acc"] = 100 * float(sums[f"{half}_correct"]) / n if n else float("nan")
+    recent = run_state["step_times"][-steps:]
+    row["step_seconds"] = statistics.median(recent) if recent else float("nan")
+    row["seconds"] = run_state["seconds"]
+    row["genotype"] = genotype_text(model.genotype())
+    return row
+
+
+def _summary(row: dict, epochs: int) -> str:
+    extra = "".join(f"  {k} {row[k]:.3g}" for k in ("tau", "beta_lambda") if k in row)
+    if row.get("arch_updates") is False:
+        extra += "  (warm-up: no architecture step)"
+    return (
+        f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}{extra}  train loss {row['train_loss']:.3f} acc {row['train_acc']:.1f}%"
+        f"  val loss {row['val_loss']:.3f} acc {row['val_acc']:.1f}%  step {row['step_seconds']:.3f} s  total {row['seconds']:.0f} s"
+    )
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    from ..report import write_csv
+
+    write_csv(path, rows)
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _finish(cfg, model, run_state, mask_record, device, meter, out, log) -> dict:
+    genotype = model.genotype()
+    peak = max(run_state["peak"], meter.peak())
+    times = run_state["step_times"]
+    result = {
+        "genotype": genotype_record(genotype),
+        "genotype_text": genotype_text(genotype),
+        "space": cfg.space_name(),
+        "method": cfg.method,
+        "topo": cfg.topo,
+        "kernel_norm": cfg.kernel_norm,
+        "mask": mask_record,
+        "dataset": cfg.dataset,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "peak_memory_bytes": int(peak),
+        "search_seconds": run_state["seconds"],
+        "step_seconds": statistics.median(times) if times else None,
+        "steps": len(times),
+        "alphas": {name: p.detach().cpu().tolist() for name, p in model.named_arch_parameters()},
+        "arch_weights": arch_weights(model),
+        "final": {k: v for k, v in (run_state["rows"][-1] if run_state["rows"] else {}).items() if k != "genotype"},
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "version": _version.__version__,
+        "commit": git_commit(),
+        "config": cfg.to_dict(),
+    }
+    atomic_write_json(os.path.join(out, RESULT), result)
+    if cfg.plots:
+        _pictures(cfg, model, run_state, genotype, out, log)
+    log(f"genotype: {genotype_text(genotype)}")
+    return result
+
+
+def _pictures(cfg, model, run_state, genotype, out, log) -> None:
+    try:
+        from .. import report
+    except ImportError:
+        return
+    try:
+        names = list(space_of(cfg).names)
+        report.plot_arch_weights(run_state["history"], names, os.path.join(out, "arch_weights.png"),
+                                 title=f"{cfg.method} on {cfg.space_name()} ({cfg.dataset})")
+        if isinstance(genotype, str):
+            report.draw_nb201_cell(genotype, os.path.join(out, "cell.png"), title=f"{cfg.method}, {cfg.dataset}")
+        else:
+            report.draw_darts_cell(genotype_record(genotype), os.path.join(out, "cell.png"), title=f"{cfg.method}, {cfg.dataset}")
+    except report.ReportError as exc:
+        log(f"no pictures: {exc}")

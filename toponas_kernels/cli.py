@@ -4,6 +4,7 @@
     toponas simplify --space darts --json     # {"stages": [{"name", "conv", "non_conv", "total"}]}
     toponas simplify --space exaggerated --num-sep-dil 5 --num-double-sep 7 --stride 2
     toponas spaces                            # the built-in spaces, op by op, as module chains
+    toponas search --space nb201 --method darts --topo topo --dataset fashion-mnist --epochs 5 --out runs/a
 """
 
 from __future__ import annotations
@@ -74,8 +75,125 @@ def _strideable(op: S.OpDef) -> bool:
     return True
 
 
+_SEARCH_EPILOG = """\
+methods and spaces: every method runs on darts, nb201 and exaggerated (and on a user-declared
+SearchSpace from Python). Refused: --partial-channels with gdas or rome (they run one sampled
+path per edge). On nb201, pc-darts has no edge normalization (NB201 cells keep every edge) and
+rome searches operations only (no topology to disentangle). A mask file must match the space's
+operations and the supernet's edges.
+
+Every hyperparameter left unset takes the method's reference value for the space (see
+docs/SEARCH.md), e.g. pc-darts: batch 256, lr 0.1, arch lr 6e-4, 15 warm-up epochs.
+"""
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}") from None
+    return a, b
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    from .search.config import METHODS, SPACES, TOPO_MODES
+
+    g = p.add_argument_group("what to search")
+    g.add_argument("--space", required=True, help=f"search space: {', '.join(SPACES)}, or module:NAME of a SearchSpace")
+    g.add_argument("--network", choices=("darts", "nb201"), default=None,
+                   help="supernet skeleton for a module:NAME space (default darts)")
+    g.add_argument("--method", required=True, help=f"search method: {', '.join(METHODS)}")
+    g.add_argument("--topo", default="plain", help=f"TopoNAS mode: {', '.join(TOPO_MODES)} (default plain: the method as published)")
+    g.add_argument("--no-kernel-norm", dest="kernel_norm", action="store_false",
+                   help="switch kernel normalization of merged kernels off (the paper's ablation)")
+    g.add_argument("--mask", default=None, help="Zero-One-Shot mask: random, zero-shot, or a mask.json/result.json to reuse")
+    g.add_argument("--mask-level", type=float, default=0.5, help="pruning level xi in (0, 1) (default 0.5)")
+    g.add_argument("--mask-rule", default="operations", choices=("operations", "architectures"),
+                   help="zero-shot stopping rule: share of operations kept (default) or Algorithm 1's literal ratio of architectures")
+    g.add_argument("--mask-batches", type=int, default=3, help="zero-shot: batches of images for the ranking (default 3)")
+    g.add_argument("--mask-batch-size", type=int, default=128, help="zero-shot: images per batch (default 128)")
+    g.add_argument("--mask-inits", type=int, default=3, help="zero-shot: proxy initializations averaged (default 3)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="cifar10, cifar100, imagenet16-120, fashion-mnist or synthetic")
+    g.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    g.add_argument("--train-portion", type=float, default=0.5, help="share of the training set for the weights (default 0.5)")
+    g.add_argument("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
+    g.add_argument("--channels", type=int, default=None, choices=(1, 3), help="fashion-mnist: 1 or 3 channels (default 3)")
+    g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 0 on CPU, 4 on GPU)")
+
+    g = p.add_argument_group("schedule (unset: the method's reference value)")
+    g.add_argument("--epochs", type=int, required=True, help="search epochs")
+    g.add_argument("--steps-per-epoch", type=int, default=None, help="cut every epoch after N steps (smoke runs)")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="weight learning rate (cosine schedule)")
+    g.add_argument("--lr-min", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--arch-lr", type=float, default=None)
+    g.add_argument("--arch-weight-decay", type=float, default=None)
+    g.add_argument("--arch-betas", type=_float_pair, default=None, help="Adam betas of the architecture step, e.g. 0.5,0.999")
+    g.add_argument("--warmup-epochs", type=int, default=None, help="epochs without architecture steps (pc-darts: 15)")
+    g.add_argument("--partial-channels", type=int, default=None, help="PC-DARTS' k (pc-darts: 4)")
+    g.add_argument("--beta-lambda", type=float, default=None, help="beta-darts: lambda per epoch (0.5)")
+    g.add_argument("--tau-max", type=float, default=None, help="gdas/rome: initial Gumbel temperature (10)")
+    g.add_argument("--tau-min", type=float, default=None, help="gdas/rome: final Gumbel temperature (0.1)")
+    g.add_argument("--rome-samples", type=int, default=None, help="rome: sub-networks per iteration (7)")
+    g.add_argument("--init-channels", type=int, default=None, help="supernet channels C (16)")
+    g.add_argument("--layers", type=int, default=None, help="DARTS: cells (8); NB201: cells per stage (5)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="folder for result.json, logs, pictures and the checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the search in --out from its last checkpoint")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (same seed, same result)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: every epoch)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="no arch_weights.png / cell.png at the end")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _space_arg(text: str):
+    if ":" not in text:
+        return text
+    import importlib
+
+    module, _, name = text.partition(":")
+    try:
+        space = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--space {text}: cannot import {name} from {module} ({exc})") from None
+    if not isinstance(space, S.SearchSpace):
+        raise ValueError(f"--space {text}: {name} is a {type(space).__name__}, not a SearchSpace")
+    return space
+
+
+def _cmd_search(args) -> int:
+    from .search import SearchConfig, run
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+    fields["space"] = _space_arg(args.space)
+    result = run(SearchConfig(**fields))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["genotype_text"])
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes answered in one line (and a non-zero exit), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toponas", description="TopoNAS kernels: tools")
+    parser = _Parser(prog="toponas", description="TopoNAS kernels: tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simplify", help="module counts of an edge per simplification stage (paper Table II)")
@@ -98,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spaces", help="list the built-in search spaces as module chains")
     p.set_defaults(func=_cmd_spaces)
+
+    p = sub.add_parser(
+        "search", help="run an architecture search (DARTS, PC-DARTS, beta-DARTS, GDAS, ROME; TopoNAS; masks)",
+        epilog=_SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_search_args(p)
+    p.set_defaults(func=_cmd_search)
     return parser
 
 
@@ -106,9 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, MaskError, DataError are ValueErrors
         print(f"toponas: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f"; continue with the same command and --resume (checkpoint in {out})" if out else ""
+        print(f"toponas: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -535,7 +535,7 @@ def _finish(cfg, model, run_state, mask_record, device, meter, out, log) -> dict
     atomic_write_json(os.path.join(out, RESULT), result)
     if cfg.plots:
         _pictures(cfg, model, run_state, genotype, out, log)
-    log(f"genotype: {genotype_text(genotype)}")
+    log(f"result: {os.path.join(out, RESULT)}")
     return result
 
 

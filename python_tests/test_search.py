@@ -477,6 +477,12 @@ def test_cli_search_prints_the_genotype_and_writes_the_result(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     rows = open(out / "search_log.csv").read().splitlines()
     assert rows[0].startswith("epoch,lr,") and "genotype" in rows[0] and len(rows) == 2
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not (out / "tensorboard").exists()
+    else:
+        assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
 
 
 @pytest.mark.parametrize(

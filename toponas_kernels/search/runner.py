@@ -217,6 +217,40 @@ def _load_data(config: SearchConfig, device: torch.device):
     return D, train, train, train_idx, val_idx
 
 
+class _StepClock:
+    """Step times without a host sync per step: CUDA events on a GPU, read once per epoch (or
+    checkpoint); the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((self._begin, end))
+        else:
+            self.pending.append(time.perf_counter() - self._begin)
+
+    def collect(self) -> list[float]:
+        """Seconds of the steps since the last call."""
+        if self.cuda and self.pending:
+            self.pending[-1][1].synchronize()
+            out = [a.elapsed_time(b) / 1000 for a, b in self.pending]
+        else:
+            out = list(self.pending)
+        self.pending = []
+        return out
+
+
 class _Cycle:
     """A persistent iterator over the architecture half that starts a new seeded pass whenever
     one ends (never ``next(iter(loader))`` per step, which replays the first batch)."""
@@ -356,17 +390,16 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         bar = bar_cls(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                       dynamic_ncols=True) if bar_cls else None
         sums = {k: v.to(device) for k, v in run_state["sums"].items()}
+        clock = _StepClock(device)
         t_epoch = time.perf_counter()
         for step in range(start_step, steps):
             xb, yb = next(it)
             xv, yv = next(cycle)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
-            t0 = time.perf_counter()
+            clock.start()
             stats = method.step((xb, yb), (xv, yv))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            run_state["step_times"].append(time.perf_counter() - t0)
+            clock.stop()
             for k, v in stats.items():
                 sums[k] = sums[k] + v.to(device) if k in sums else v.to(device)
             run_state["step"] = step + 1
@@ -376,6 +409,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
                 if step % 10 == 0:
                     bar.set_postfix_str(_postfix(sums))
             if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
+                run_state["step_times"].extend(clock.collect())
                 run_state["sums"] = {k: v.detach().cpu() for k, v in sums.items()}
                 run_state["seconds"] += time.perf_counter() - t_epoch
                 t_epoch = time.perf_counter()
@@ -384,6 +418,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
                 raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
         if bar is not None:
             bar.close()
+        run_state["step_times"].extend(clock.collect())
         run_state["seconds"] += time.perf_counter() - t_epoch
         row = _epoch_row(epoch, method, sums, model, run_state, steps)
         run_state["rows"].append(row)

@@ -144,6 +144,11 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-channels", type=int, default=None, help="supernet channels C (16)")
     g.add_argument("--layers", type=int, default=None, help="DARTS: cells (8); NB201: cells per stage (5)")
 
+    g = p.add_argument_group("memory budget")
+    g.add_argument("--memory-budget", default=None, help="fit the search into this much memory, e.g. 6GiB (measures two small steps first)")
+    g.add_argument("--fit-by", default="batch", choices=("batch", "pc", "mask"),
+                   help="what to shrink when the search does not fit: batch size (default), partial-channel k, or mask level")
+
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="folder for result.json, logs, pictures and the checkpoint")
     g.add_argument("--resume", action="store_true", help="continue the search in --out from its last checkpoint")
@@ -192,6 +197,59 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cmd_plan(args) -> int:
+    from .search import SearchConfig
+    from .search.budget import fit, format_bytes, parse_bytes, plan
+
+    cfg = SearchConfig(
+        space=_space_arg(args.space), network=args.network, method=args.method, topo=args.topo,
+        kernel_norm=args.kernel_norm, mask=args.mask, mask_level=args.mask_level, dataset=args.dataset,
+        batch_size=args.batch, partial_channels=args.partial_channels, init_channels=args.init_channels,
+        layers=args.layers, device=args.device, threads=args.threads, epochs=1,
+    )
+    if args.mask not in (None, "random", "zero-shot"):
+        raise ValueError("--mask: plan takes random or zero-shot (planned as a random mask of the same level)")
+    log = None if args.json else (lambda m: print(m, file=sys.stderr))
+    if args.memory_budget is None:
+        out = plan(cfg, log=log)
+    else:
+        _, out = fit(cfg, parse_bytes(args.memory_budget), args.fit_by, log=log)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    step = out.get("predicted_step_seconds")
+    step = "" if step is None else f", step {step:.3f} s"
+    if args.memory_budget is None:
+        print(f"batch {out['batch_size']}: predicted peak {format_bytes(out['predicted_peak_bytes'])}{step}")
+        return 0
+    chosen = ", ".join(f"{k} {v}" for k, v in out["chosen"].items()) or "fits as requested"
+    print(f"batch {out['requested_batch_size']}: predicted peak {format_bytes(out['requested_predicted_peak_bytes'])}")
+    print(f"budget {format_bytes(out['budget_bytes'])}: {chosen}; predicted peak {format_bytes(out['predicted_peak_bytes'])}{step}")
+    return 0
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    from .search.config import METHODS, SPACES, TOPO_MODES
+
+    p.add_argument("--space", required=True, help=f"search space: {', '.join(SPACES)}, or module:NAME")
+    p.add_argument("--network", choices=("darts", "nb201"), default=None)
+    p.add_argument("--method", required=True, help=f"search method: {', '.join(METHODS)}")
+    p.add_argument("--topo", default="plain", help=f"TopoNAS mode: {', '.join(TOPO_MODES)}")
+    p.add_argument("--no-kernel-norm", dest="kernel_norm", action="store_false")
+    p.add_argument("--mask", default=None, help="random or zero-shot (planned as a random mask of the same level)")
+    p.add_argument("--mask-level", type=float, default=0.5)
+    p.add_argument("--dataset", default="cifar10", help="only its image shape and classes are used (default cifar10)")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None, help="batch size (default: the method's)")
+    p.add_argument("--partial-channels", type=int, default=None)
+    p.add_argument("--init-channels", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--memory-budget", default=None, help="also say what fits into this much memory, e.g. 6GiB")
+    p.add_argument("--fit-by", default="batch", choices=("batch", "pc", "mask"))
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="toponas", description="TopoNAS kernels: tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_search_args(p)
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("plan", help="predict a search's peak memory and step time (and what fits a budget) without searching")
+    _add_plan_args(p)
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

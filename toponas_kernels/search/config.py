@@ -101,6 +101,9 @@ class SearchConfig:
     steps_per_epoch: int | None = None  # stop an epoch after N steps (quick runs)
     num_workers: int | None = None
     channels: int | None = None
+    # memory budget (search/budget.py)
+    memory_budget: str | int | None = None  # e.g. "6GiB"
+    fit_by: str = "batch"
     # run
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
     progress: bool = True
@@ -145,6 +148,8 @@ class SearchConfig:
             raise ConfigError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.topo not in TOPO_MODES:
             raise ConfigError(f"--topo: unknown mode {self.topo!r}; choose one of {', '.join(TOPO_MODES)}")
+        if self.fit_by not in ("batch", "pc", "mask"):
+            raise ConfigError(f"--fit-by: expected batch, pc or mask, got {self.fit_by!r}")
         if self.mask_rule not in MASK_RULES:
             raise ConfigError(f"--mask-rule: expected one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}")
         if not (isinstance(self.mask_level, (int, float)) and 0.0 < self.mask_level < 1.0):

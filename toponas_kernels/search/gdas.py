@@ -27,7 +27,7 @@ class GDAS(SearchMethod):
         lo, hi = self.h["tau_min"], self.h["tau_max"]
         if self.epochs <= 1:
             return hi
-        return hi - (hi - lo) * self.epoch / (self.epochs - 1)
+        return hi - (hi - lo) * min(self.epoch, self.epochs - 1) / (self.epochs - 1)
 
     def begin_epoch(self, epoch: int) -> None:
         super().begin_epoch(epoch)

@@ -12,6 +12,7 @@ with ``--resume`` continues with the same numbers, bit for bit on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -308,10 +309,14 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
     ckpt_path = os.path.join(out, CHECKPOINT)
     result_path = os.path.join(out, RESULT)
     state = None
+    budget = None
     if os.path.exists(ckpt_path):
         if not cfg.resume:
             raise ConfigError(f"--out {cfg.out} already holds a search ({CHECKPOINT}); pass --resume to continue it or choose another --out")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        budget = state.get("budget")
+        if budget:  # what --memory-budget chose when the search started
+            cfg = dataclasses.replace(cfg, **budget["chosen"])
         _check_resume(state["config"], cfg)
         if state.get("finished") and os.path.exists(result_path):
             import json
@@ -322,6 +327,13 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
     elif cfg.resume:
         log(f"--resume: no checkpoint in {cfg.out} yet; starting the search")
     os.makedirs(out, exist_ok=True)
+    if state is None and cfg.memory_budget is not None:
+        from .budget import fit, format_bytes, parse_bytes
+
+        cfg, budget = fit(cfg, parse_bytes(cfg.memory_budget), cfg.fit_by, log=log)
+        chosen = ", ".join(f"{k} {v}" for k, v in budget["chosen"].items()) or "the requested configuration"
+        log(f"memory budget {format_bytes(budget['budget_bytes'])}: {chosen} (predicted peak "
+            f"{format_bytes(budget['predicted_peak_bytes'])}; requested would need {format_bytes(budget['requested_predicted_peak_bytes'])})")
 
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -378,7 +390,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         run_state["peak"] = max(run_state["peak"], meter.peak())
         atomic_torch_save(ckpt_path, {
             "config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
-            "run": run_state, "rng": _rng_state(), "mask": mask_record, "finished": finished,
+            "run": run_state, "rng": _rng_state(), "mask": mask_record, "finished": finished, "budget": budget,
         })
 
     done_steps = 0
@@ -434,7 +446,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         save()
         log(_summary(row, cfg.epochs))
 
-    result = _finish(cfg, model, run_state, mask_record, device, meter, out, log)
+    result = _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)
     save(finished=True)
     if writer is not None:
         writer.close()
@@ -538,7 +550,7 @@ def _tqdm():
     return tqdm
 
 
-def _finish(cfg, model, run_state, mask_record, device, meter, out, log) -> dict:
+def _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget) -> dict:
     genotype = model.genotype()
     peak = max(run_state["peak"], meter.peak())
     times = run_state["step_times"]
@@ -567,6 +579,8 @@ def _finish(cfg, model, run_state, mask_record, device, meter, out, log) -> dict
         "commit": git_commit(),
         "config": cfg.to_dict(),
     }
+    if budget is not None:
+        result["memory_budget"] = budget
     atomic_write_json(os.path.join(out, RESULT), result)
     if cfg.plots:
         _pictures(cfg, model, run_state, genotype, out, log)

@@ -337,6 +337,17 @@ def test_make_loader_order_and_resume(drop_last):
     assert sum(_epoch(D.make_loader(ds, idx, 8, seed=1, epoch=2, shuffle=False)), []) == idx
 
 
+def test_make_loader_shards_partition_the_epoch():
+    ds, idx = _Index(), list(range(10, 61))  # 51: the shards differ by one
+    whole = sum(_epoch(D.make_loader(ds, idx, 51, seed=4, epoch=1)), [])
+    shards = [sum(_epoch(D.make_loader(ds, idx, 5, seed=4, epoch=1, shard=(r, 2))), []) for r in range(2)]
+    assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
+    assert _epoch(D.make_loader(ds, idx, 5, seed=4, epoch=1, shard=(1, 2), start_batch=2)) == \
+        _epoch(D.make_loader(ds, idx, 5, seed=4, epoch=1, shard=(1, 2)))[2:]
+    with pytest.raises(ValueError, match="shard"):
+        D.make_loader(ds, idx, 5, seed=4, epoch=1, shard=(2, 2))
+
+
 def test_make_loader_does_not_load_skipped_batches():
     class Counting(_Index):
         loaded = []

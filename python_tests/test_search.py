@@ -516,3 +516,29 @@ def test_cli_data_errors_are_one_line(tmp_path):
     bad.write_text("[1, 2")
     p = _cli("search", "--space", "nb201", "--method", "darts", *SMALL, "--mask", str(bad), "--out", str(tmp_path / "y"))
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "bad.json" in p.stderr
+
+
+# ------------------------------------------------------------------------------ data parallel
+@pytest.mark.parametrize("space,method", [("nb201", "darts"), ("nb201", "gdas"), ("darts", "rome")])
+def test_data_parallel_two_processes_agree(space, method, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each reads its share, gradients are averaged, every
+    random draw is the same on both ranks (a mismatch would stop the run), both ranks end with
+    the same architecture parameters, and only rank 0 writes."""
+    import toponas_kernels
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    layers = "1" if space == "nb201" else "3"
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "toponas_kernels.cli", "search", "--space", space, "--method", method, "--dataset", "synthetic",
+         "--epochs", "1", "--train-size", "32", "--batch-size", "8", "--init-channels", "4", "--layers", layers,
+         "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.load(open(out / "result.json"))
+    assert result["processes"] == {"world_size": 2, "ranks_agree": True}
+    assert p.stderr.count("result: ") == 1 and p.stderr.count("epoch 1/1") == 1  # rank 0 alone reports
+    assert result["steps"] == 2  # 16 images per half, 8 per step split over 2 ranks

@@ -183,6 +183,8 @@ def _cmd_search(args) -> int:
     fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
     fields["space"] = _space_arg(args.space)
     result = run(SearchConfig(**fields))
+    if not result:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

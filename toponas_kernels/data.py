@@ -469,7 +469,7 @@ def split_indices(n: int, portion: float = 0.5) -> tuple[list[int], list[int]]:
 
 def make_loader(dataset, indices, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
                 start_batch: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> DataLoader:
     """A DataLoader over ``indices`` of ``dataset`` for one epoch.
 
     The order is a permutation seeded by (seed, epoch) only (or ``indices`` as given when
@@ -477,6 +477,9 @@ def make_loader(dataset, indices, batch_size: int, *, seed: int, epoch: int, shu
     rest equals the tail of the full epoch. An ImageSet is read at ``epoch`` (and its epoch is set).
     Workers get torch/numpy/random seeds from the loader's own generator, seeded by (seed, epoch),
     so the global RNG is neither read nor advanced."""
+    rank, world = shard
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
     indices = [int(i) for i in indices]
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -489,6 +492,11 @@ def make_loader(dataset, indices, batch_size: int, *, seed: int, epoch: int, shu
     if shuffle:
         g = torch.Generator().manual_seed(_hash(seed, epoch) >> 1)
         indices = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    if world > 1:  # data parallel: every rank permutes alike, then takes its share
+        indices = indices[rank::world]
+        num_batches = len(indices) // batch_size if drop_last else -(-len(indices) // batch_size)
+        if start_batch > num_batches:
+            raise ValueError(f"start_batch must be in 0..{num_batches} (batches in this shard), got {start_batch!r}")
     order = indices[start_batch * batch_size:]
     if isinstance(dataset, ImageSet):
         dataset.set_epoch(epoch)

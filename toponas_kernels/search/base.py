@@ -67,6 +67,9 @@ class SearchMethod:
         )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, self.epochs, eta_min=h["lr_min"])
         self.epoch = 0
+        #: data parallel: called with a parameter list before every optimizer step, to average
+        #: the gradients over the processes (the runner sets it under torchrun)
+        self.grad_reducer = None
 
     # ------------------------------------------------------------------ schedule
     def begin_epoch(self, epoch: int) -> None:
@@ -116,20 +119,29 @@ class SearchMethod:
         self.a_optimizer.zero_grad(set_to_none=True)
         loss, logits = self.arch_loss(x, y)
         accumulate_grads(loss, self.arch_params)
-        self.a_optimizer.step()
+        self.update_arch()
         return _stats("val", loss, logits, y)
 
     def weight_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, logits = self.loss(x, y)
         accumulate_grads(loss, self.weight_params)
-        self.clip()
-        self.w_optimizer.step()
+        self.update_weights()
         return _stats("train", loss, logits, y)
 
-    def clip(self) -> None:
+    def update_arch(self) -> None:
+        """The architecture optimizer's step on the gradients in ``.grad``."""
+        if self.grad_reducer is not None:
+            self.grad_reducer(self.arch_params)
+        self.a_optimizer.step()
+
+    def update_weights(self) -> None:
+        """Clip, then the weight optimizer's step on the gradients in ``.grad``."""
+        if self.grad_reducer is not None:
+            self.grad_reducer(self.weight_params)
         if self.h["grad_clip"]:
             nn.utils.clip_grad_norm_(self.weight_params, self.h["grad_clip"])
+        self.w_optimizer.step()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -33,7 +33,7 @@ class Darts2(SearchMethod):
         grads, loss, logits = self.unrolled_arch_grads(xt, yt, x, y)
         for p, g in zip(self.arch_params, grads):
             p.grad = g
-        self.a_optimizer.step()
+        self.update_arch()
         return _stats("val", loss, logits, y)
 
     def step(self, train_batch, val_batch):

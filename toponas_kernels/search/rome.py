@@ -41,12 +41,11 @@ class ROME(GDAS):
     def weight_step(self, x, y):
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, logits = self._accumulated(self.weight_params, x, y, False)
-        self.clip()
-        self.w_optimizer.step()
+        self.update_weights()
         return _stats("train", loss, logits, y)
 
     def arch_step(self, x, y):
         self.a_optimizer.zero_grad(set_to_none=True)
         loss, logits = self._accumulated(self.arch_params, x, y, True)
-        self.a_optimizer.step()
+        self.update_arch()
         return _stats("val", loss, logits, y)

@@ -42,6 +42,96 @@ class Interrupted(RuntimeError):
     """Raised by the test hook ``_interrupt_after``: the run stops as if killed."""
 
 
+# ====================================================================================== processes
+class Processes:
+    """Data parallelism under ``torchrun``: each rank reads its share of both data halves, the
+    gradients of the weights and of the architecture parameters are averaged over the ranks
+    before every optimizer step, and every random draw that shapes the architecture (Gumbel
+    noise, ROME's edges, masks) comes from the same seeded generators on every rank, so all ranks
+    hold the same parameters and derive the same genotype. Rank 0 alone writes files and shows
+    progress. Without torchrun: one process, nothing to do."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.group = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> torch.device:
+        if self.world == 1:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.group = dist.group.WORLD
+        return device
+
+    def mean_grads(self, params) -> None:
+        """Average ``.grad`` over the ranks (one flat all-reduce)."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        # the ranks must have run the same sub-network (same samples, same masks): same set of
+        # parameters with a gradient, or the all-reduce would mix different tensors
+        present = torch.tensor([i for i, p in enumerate(params) if p.grad is not None] or [-1], dtype=torch.float64)
+        key = torch.stack([present.sum(), (present * present).sum(), torch.tensor(float(len(grads)), dtype=torch.float64)])
+        hi, lo = key.clone(), key.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        if not torch.equal(hi, lo):
+            raise RuntimeError("data parallel: the ranks ran different sub-networks (their random draws differ); "
+                               "start every rank with the same --seed")
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum(self, sums: dict) -> dict:
+        """Epoch sums added over the ranks (for the log)."""
+        if self.world == 1 or not sums:
+            return sums
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        flat = torch.stack([sums[k].double() for k in keys])
+        dist.all_reduce(flat)
+        return dict(zip(keys, flat))
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree(self, model) -> bool:
+        """Whether every rank holds the same architecture parameters as rank 0."""
+        if self.world == 1:
+            return True
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().reshape(-1).double() for p in model.arch_parameters()])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        return bool(torch.equal(hi, lo))
+
+
 # ====================================================================================== set-up
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -299,12 +389,21 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _silent(msg: str) -> None:
+    pass
+
+
 def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_after: int | None = None) -> dict:
     """Run (or resume) the search of ``config`` and return its result (also in
     ``config.out/result.json``). ``log`` receives the one-line messages."""
     cfg = config.resolved()
     if not cfg.out:
         raise ConfigError("--out: give the folder the search writes to")
+    procs = Processes()
+    if procs.world > 1 and cfg.batch_size % procs.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: must divide by the {procs.world} processes (it is the global batch)")
+    if not procs.main:
+        log = _silent
     out = os.path.abspath(cfg.out)
     ckpt_path = os.path.join(out, CHECKPOINT)
     result_path = os.path.join(out, RESULT)
@@ -326,8 +425,11 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
                 return json.load(f)
     elif cfg.resume:
         log(f"--resume: no checkpoint in {cfg.out} yet; starting the search")
-    os.makedirs(out, exist_ok=True)
+    if procs.main:
+        os.makedirs(out, exist_ok=True)
     if state is None and cfg.memory_budget is not None:
+        if procs.world > 1:
+            raise ConfigError("--memory-budget: plan with one process (toponas plan), then start torchrun with the batch it gives")
         from .budget import fit, format_bytes, parse_bytes
 
         cfg, budget = fit(cfg, parse_bytes(cfg.memory_budget), cfg.fit_by, log=log)
@@ -335,7 +437,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         log(f"memory budget {format_bytes(budget['budget_bytes'])}: {chosen} (predicted peak "
             f"{format_bytes(budget['predicted_peak_bytes'])}; requested would need {format_bytes(budget['requested_predicted_peak_bytes'])})")
 
-    device = resolve_device(cfg.device)
+    device = procs.start(resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -347,7 +449,8 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
     model = build_supernet(cfg, info.num_classes, info.channels).to(device)
     shapes = {name: tuple(b.shape) for name, b in model.masks().items()}
     if state is None:
-        mask_record = _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log)
+        mask_record = _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log) if procs.main else None
+        mask_record = procs.broadcast(mask_record)
     else:
         mask_record = state["mask"]
     if mask_record is not None:
@@ -358,17 +461,22 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
                 raise ConfigError(f"--mask: '{name}' switches off every operation of some edge")
 
     method = build_method(cfg, model)
+    if procs.world > 1:
+        method.grad_reducer = procs.mean_grads
     pin = device.type == "cuda"
+    batch = cfg.batch_size // procs.world
+    shard = (procs.rank, procs.world)
 
     def train_loader(epoch: int, start: int):
-        return D.make_loader(train_set, train_idx, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=start,
-                             num_workers=num_workers, pin_memory=pin)
+        return D.make_loader(train_set, train_idx, batch, seed=cfg.seed, epoch=epoch, start_batch=start,
+                             num_workers=num_workers, pin_memory=pin, shard=shard)
 
     def val_loader(pass_index: int, start: int):
-        return D.make_loader(val_set, val_idx, cfg.batch_size, seed=cfg.seed + 7919, epoch=pass_index,
-                             start_batch=start, num_workers=num_workers, pin_memory=pin)
+        return D.make_loader(val_set, val_idx, batch, seed=cfg.seed + 7919, epoch=pass_index,
+                             start_batch=start, num_workers=num_workers, pin_memory=pin, shard=shard)
 
-    steps_total = math.ceil(len(train_idx) / cfg.batch_size)
+    # every rank runs the same number of steps: that of the smallest share
+    steps_total = math.ceil((len(train_idx) // procs.world) / batch)
     steps = min(steps_total, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_total
 
     run_state = {"epoch": 0, "step": 0, "sums": {}, "history": [], "rows": [], "step_times": [], "seconds": 0.0,
@@ -382,12 +490,14 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
     if not run_state["history"]:
         run_state["history"].append(arch_weights(model))  # epoch 0: the weights at initialization
     cycle = _Cycle(val_loader, run_state["val"]["pass"], run_state["val"]["position"])
-    writer = _tensorboard(out)
-    bar_cls = _tqdm() if cfg.progress else None
+    writer = _tensorboard(out) if procs.main else None
+    bar_cls = _tqdm() if cfg.progress and procs.main else None
 
     def save(finished: bool = False):
         run_state["val"] = cycle.state()
         run_state["peak"] = max(run_state["peak"], meter.peak())
+        if not procs.main:
+            return
         atomic_torch_save(ckpt_path, {
             "config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
             "run": run_state, "rng": _rng_state(), "mask": mask_record, "finished": finished, "budget": budget,
@@ -432,12 +542,13 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
             bar.close()
         run_state["step_times"].extend(clock.collect())
         run_state["seconds"] += time.perf_counter() - t_epoch
-        row = _epoch_row(epoch, method, sums, model, run_state, steps)
+        row = _epoch_row(epoch, method, procs.sum(sums), model, run_state, steps)
         run_state["rows"].append(row)
         run_state["history"].append(arch_weights(model))
         run_state["epoch"], run_state["step"], run_state["sums"] = epoch + 1, 0, {}
         method.end_epoch(epoch)
-        _write_csv(os.path.join(out, "search_log.csv"), run_state["rows"])
+        if procs.main:
+            _write_csv(os.path.join(out, "search_log.csv"), run_state["rows"])
         if writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -446,7 +557,13 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         save()
         log(_summary(row, cfg.epochs))
 
+    agree = procs.agree(model)
+    if not procs.main:
+        return {}
     result = _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)
+    if procs.world > 1:
+        result["processes"] = {"world_size": procs.world, "ranks_agree": agree}
+        atomic_write_json(os.path.join(out, RESULT), result)
     save(finished=True)
     if writer is not None:
         writer.close()

@@ -1,0 +1,241 @@
+"""Search cost of every method with and without TopoNAS, measured by ``toponas search`` itself.
+
+    python bench/search_cost.py --space {nb201,darts,exaggerated} [--steps N] [--batch B] [--json] [--quick]
+
+Each configuration runs in a fresh process (``toponas search ... --epochs 1 --steps-per-epoch
+N``) on the same synthetic data, batch and seed; its ``result.json`` gives the peak memory (GPU:
+``max_memory_allocated``; CPU: growth of the resident set), the median seconds per step and the
+time the zero-shot mask took. The normalized cost is Eq. 29 of the TopoNAS paper: memory over the
+lowest memory of the run plus time over the lowest time of the run (2.0 for a configuration
+lowest in both). Prints one markdown table in the layout of the paper's Table III cost columns
+and, unless ``--no-record``, writes it with device, commit and date into ``bench/RESULTS.md``
+(replacing the previous table of the same space and device) with a bar plot of the normalized
+cost per method, with and without TopoNAS, next to it.
+
+Configurations: darts, darts2, pc-darts, beta-darts, gdas, rome, each ``--topo plain`` and
+``--topo topo``; darts and pc-darts with a random and a zero-shot mask at level 0.5 (plain and
+TopoNAS); darts + TopoNAS + PC 4 + zero-shot half mask; ``--merge`` variants where the searcher
+has them. ``--quick``: a tiny supernet and 2 steps, for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+
+METHODS = ("darts", "darts2", "pc-darts", "beta-darts", "gdas", "rome")
+
+
+def configurations(space: str, merges: list[str]) -> list[dict]:
+    out = []
+    for method in METHODS:
+        for topo in ("plain", "topo"):
+            out.append({"method": method, "topo": topo})
+    for method in ("darts", "pc-darts"):
+        for mask in ("random", "zero-shot"):
+            for topo in ("plain", "topo"):
+                out.append({"method": method, "topo": topo, "mask": mask})
+    out.append({"method": "darts", "topo": "topo", "mask": "zero-shot", "partial_channels": 4})
+    for merge in merges:
+        out.append({"method": "darts", "topo": "topo", "merge": merge})
+    return out
+
+
+def label(c: dict) -> str:
+    parts = [c["method"]]
+    if c.get("partial_channels"):
+        parts.append(f"PC {c['partial_channels']}")
+    if c.get("mask"):
+        parts.append(f"{c['mask']} mask")
+    if c.get("merge"):
+        parts.append(f"merge {c['merge']}")
+    return " + ".join(parts)
+
+
+def searcher_flags() -> set[str]:
+    """The flags this checkout's ``toponas search`` takes (``--merge`` may be missing)."""
+    p = subprocess.run([sys.executable, "-m", "toponas_kernels.cli", "search", "--help"], capture_output=True, text=True)
+    return set(re.findall(r"--[a-z][a-z0-9-]*", p.stdout))
+
+
+def run_one(c: dict, args, workdir: str) -> dict:
+    out = os.path.join(workdir, re.sub(r"[^a-z0-9]+", "-", label(c).lower() + "-" + c["topo"]))
+    cmd = [sys.executable, "-m", "toponas_kernels.cli", "search", "--space", args.space, "--method", c["method"],
+           "--topo", c["topo"], "--dataset", "synthetic", "--epochs", "1", "--steps-per-epoch", str(args.steps),
+           "--batch-size", str(args.batch), "--train-size", str(2 * args.steps * args.batch), "--seed", "0",
+           "--out", out, "--no-progress", "--no-plots", "--json", "--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if c.get("mask"):
+        cmd += ["--mask", c["mask"], "--mask-level", "0.5"]
+        if args.quick:
+            cmd += ["--mask-batches", "1", "--mask-batch-size", "8", "--mask-inits", "1"]
+    if c.get("partial_channels"):
+        cmd += ["--partial-channels", str(c["partial_channels"])]
+    if c.get("merge"):
+        cmd += ["--merge", c["merge"]]
+    if args.quick:
+        cmd += ["--init-channels", "4", "--layers", "1" if args.space == "nb201" else "3"]
+    meter = H.CpuMeter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    busy = meter.share()
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**c, "label": label(c), "error": last}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return {
+        **c,
+        "label": label(c),
+        "peak_bytes": r["peak_memory_bytes"],
+        "step_seconds": r["step_seconds"],
+        "mask_seconds": (r.get("mask") or {}).get("seconds"),
+        "device": r["device"],
+        "others_cpu": busy,
+    }
+
+
+def normalize(rows: list[dict]) -> None:
+    """Eq. 29: memory / lowest memory + time / lowest time, within this run."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    m0 = min(r["peak_bytes"] for r in ok) or 1
+    t0 = min(r["step_seconds"] for r in ok) or 1e-12
+    base = {r["label"]: r for r in ok if r["topo"] == "plain" and r["method"] == "darts" and not r.get("mask")}
+    plain = base.get("darts")
+    for r in ok:
+        r["normalized_cost"] = r["peak_bytes"] / m0 + r["step_seconds"] / t0
+        if plain:
+            r["memory_vs_darts"] = r["peak_bytes"] / plain["peak_bytes"]
+            r["time_vs_darts"] = r["step_seconds"] / plain["step_seconds"]
+
+
+def table(rows: list[dict]) -> str:
+    head = "| method | TopoNAS | peak memory | s / step | mask s | memory / DARTS | time / DARTS | normalized cost |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['topo']} | failed: {r['error']} | | | | | |")
+            continue
+        busy = " (busy)" if (r.get("others_cpu") or 0) > 0.15 else ""
+        lines.append(
+            f"| {r['label']} | {'yes' if r['topo'] == 'topo' else 'no'} | {H.fmt(r['peak_bytes'] / 2**20, '.0f')} MiB"
+            f" | {H.fmt(r['step_seconds'], '.3f')}{busy} | {H.fmt(r.get('mask_seconds'), '.1f')}"
+            f" | {H.fmt(r.get('memory_vs_darts'), '.3f')} | {H.fmt(r.get('time_vs_darts'), '.3f')}"
+            f" | {H.fmt(r.get('normalized_cost'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    labels = list(dict.fromkeys(r["label"] for r in ok))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 3.6), layout="constrained")
+    width = 0.4
+    for i, topo in enumerate(("plain", "topo")):
+        vals = [next((r["normalized_cost"] for r in ok if r["label"] == lab and r["topo"] == topo), 0) for lab in labels]
+        ax.bar([x + (i - 0.5) * width for x in range(len(labels))], vals, width,
+               label="with TopoNAS" if topo == "topo" else "without")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+    ax.set_ylabel("normalized cost (Eq. 29)")
+    ax.set_title(title)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def record(md: str, space: str, device: str, results: Path) -> None:
+    """Replace (or add) this space and device's section in RESULTS.md."""
+    text = results.read_text() if results.exists() else "# Benchmarks\n"
+    tag = f"<!-- search_cost {space} {device} -->"
+    end = f"<!-- /search_cost {space} {device} -->"
+    block = f"{tag}\n{md}\n{end}"
+    if tag in text and end in text:
+        text = text[: text.index(tag)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = results.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, results)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--space", default="nb201", choices=("nb201", "darts", "exaggerated"))
+    ap.add_argument("--steps", type=int, default=None, help="search steps per configuration (default 5; quick 2)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size of every configuration (default 16 on CPU, 64 on GPU; quick 4)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
+    ap.add_argument("--quick", action="store_true", help="tiny supernet, 2 steps (smoke test)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
+    ap.add_argument("--no-record", dest="record", action="store_false", help="do not write bench/RESULTS.md")
+    ap.add_argument("--results", default=str(H.REPO / "bench" / "RESULTS.md"), help="the markdown file to record into")
+    ap.add_argument("--only", default=None, help="comma-separated methods to run (default all)")
+    args = ap.parse_args(argv)
+    import torch
+
+    gpu = args.device in ("auto", "cuda") and torch.cuda.is_available()
+    if args.device == "cuda" and not gpu:
+        print("search_cost: --device cuda but no CUDA GPU is visible here; use --device cpu", file=sys.stderr)
+        return 2
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.batch = args.batch or (4 if args.quick else (64 if gpu else 16))
+    flags = searcher_flags()
+    merges = ["separable"] if "--merge" in flags and args.space == "exaggerated" else []
+    configs = configurations(args.space, merges)
+    if args.only:
+        keep = set(args.only.split(","))
+        configs = [c for c in configs if c["method"] in keep]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="search_cost_") as work:
+        for i, c in enumerate(configs, 1):
+            print(f"[{i}/{len(configs)}] {label(c)} topo={c['topo']}", file=sys.stderr, flush=True)
+            r = run_one(c, args, work)
+            rows.append(r)
+            if args.json:
+                print(H.json_line(r), flush=True)
+    normalize(rows)
+    device = next((r["device"] for r in rows if "device" in r), "unknown")
+    info = H.run_info(torch.device("cuda" if gpu else "cpu"), ignore=(args.results,))
+    busiest = max((r.get("others_cpu") or 0) for r in rows)
+    note = (f"Busy machine: other processes took up to {busiest:.0%} of the CPU during some runs; "
+            "rows marked (busy) have unreliable times." if busiest > 0.15 else "")
+    md = "\n".join([
+        f"### Search cost, {args.space} space: {device}; commit {info['commit']}, {info['date'][:10]}",
+        "",
+        f"`python bench/search_cost.py --space {args.space} --steps {args.steps} --batch {args.batch}"
+        f"{' --quick' if args.quick else ''}`: synthetic data, batch {args.batch}, {args.steps} steps per configuration, "
+        f"each in a fresh process; torch {info['torch']}. {note}",
+        "",
+        table(rows),
+    ])
+    if args.record:
+        results = Path(args.results)
+        png = results.parent / f"search_cost_{args.space}_{'gpu' if gpu else 'cpu'}.png"
+        try:
+            plot(rows, png, f"{args.space}: normalized cost per method")
+            md += f"\n\n![normalized cost]({png.name})"
+        except ImportError:
+            pass
+        record(md, args.space, "gpu" if gpu else "cpu", results)
+    print(md)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

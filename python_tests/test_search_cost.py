@@ -1,0 +1,44 @@
+"""Smoke test of bench/search_cost.py --quick: every configuration runs through `toponas search`,
+the table follows Eq. 29, and the table and plot are recorded in the given results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import toponas_kernels
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_cost.py"
+
+
+def test_search_cost_quick(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmarks\n\nkept text\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "darts", "--json", "--results", str(results)],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [(r["label"], r["topo"]) for r in rows] == [
+        ("darts", "plain"), ("darts", "topo"),
+        ("darts + random mask", "plain"), ("darts + random mask", "topo"),
+        ("darts + zero-shot mask", "plain"), ("darts + zero-shot mask", "topo"),
+        ("darts + PC 4 + zero-shot mask", "topo"),
+    ]
+    for r in rows:
+        assert r["peak_bytes"] >= 0 and r["step_seconds"] > 0
+    assert all(r["mask_seconds"] > 0 for r in rows if "zero-shot" in r["label"])
+    text = results.read_text()
+    assert "kept text" in text and "<!-- search_cost nb201 cpu -->" in text and "normalized cost" in text
+    lines = [line for line in text.splitlines() if line.startswith("| darts")]
+    costs = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in lines]
+    assert min(costs) >= 2.0 - 1e-9 and len(costs) == 7  # Eq. 29: 2 only for the lowest in both
+    assert (tmp_path / "search_cost_nb201_cpu.png").exists()
+    # a second run replaces its section instead of adding another
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "gdas", "--results", str(results)],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert results.read_text().count("<!-- search_cost nb201 cpu -->") == 1

@@ -182,6 +182,18 @@ def test_table_loaded_once(nb201_table, nats_folder):
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # set only while the .pth loads
 
 
+def test_check_table_loads_nothing(nb201_table, nats_folder, nats_file, tmp_path, monkeypatch):
+    L._APIS.clear()
+    assert L.check_table(nb201_table) == "nas_201_api"
+    assert L.check_table(nats_folder) == L.check_table(nats_file) == "nats_bench"
+    assert not L._APIS  # nothing loaded
+    with pytest.raises(L.LookupTableError, match="no such file"):
+        L.check_table(tmp_path / "missing.pth")
+    monkeypatch.setitem(sys.modules, "nats_bench", None)
+    with pytest.raises(L.LookupTableError, match="needs the nats_bench package"):
+        L.check_table(nats_folder)
+
+
 def test_pth_with_numpy_scalars_loads(nb201_table):
     """torch.load's default (weights-only) refuses this table, which nas_201_api would hit."""
     with pytest.raises(Exception, match="(?i)weights"):

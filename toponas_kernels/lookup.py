@@ -36,13 +36,14 @@ its best architecture found once per (dataset, hp).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 
 from .nas.spaces import NB201_PRIMITIVES
 from .report import parse_nb201
 
-__all__ = ["DATASETS", "HPS", "LookupTableError", "lookup", "table_api"]
+__all__ = ["DATASETS", "HPS", "SPLITS", "LookupTableError", "check_table", "lookup", "table_api"]
 
 DATASETS = ("cifar10-valid", "cifar10", "cifar100", "ImageNet16-120")
 HPS = ("12", "200")
@@ -99,17 +100,17 @@ def _hp(hp) -> str:
     return str(hp)
 
 
-def _kind(table: str) -> tuple[str, bool]:
-    """(API package, NATS fast mode) for a table path that exists."""
+def _kind(table: str) -> str:
+    """The API package for a table path that exists."""
     if os.path.isdir(table):
         if not os.path.isfile(os.path.join(table, "meta.pickle.pbz2")):
             raise LookupTableError(f"table {table}: a folder without meta.pickle.pbz2 is not a NATS-tss table; "
                                    f"expected the unpacked {_NATS_FILES}")
-        return "nats_bench", True
+        return "nats_bench"  # read in fast mode: one file per architecture when asked for
     if table.endswith(".pth"):
-        return "nas_201_api", False
+        return "nas_201_api"
     if table.endswith(".pbz2"):
-        return "nats_bench", False
+        return "nats_bench"
     raise LookupTableError(f"table {table}: expected a NAS-Bench-201 .pth file, a NATS-tss .pickle.pbz2 file "
                            "or a NATS-tss-...-simple folder")
 
@@ -142,31 +143,41 @@ def _key(table: str) -> tuple:
     return os.path.realpath(table), st.st_mtime_ns, st.st_size
 
 
+def check_table(table) -> str:
+    """The API package that reads ``table``, after checking (in milliseconds, nothing loaded) that
+    the file or folder exists, is of a known kind and that its package imports: a caller can
+    check before a long run what it will look up after."""
+    table = os.fspath(table)
+    if not os.path.exists(table):
+        raise LookupTableError(f"table {table}: no such file or folder. Download {_NB201_FILES}, or {_NATS_FILES}; "
+                               "toponas never downloads a table")
+    package = _kind(table)
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise LookupTableError(f"reading {os.path.basename(table)} needs the {package} package: "
+                               f"pip install {_PACKAGES[package]} (or pip install 'toponas_kernels[nb201]')") from None
+    return package
+
+
 def table_api(table) -> tuple[str, object]:
     """(package name, API object) for a table file or folder, loaded once per process (a table
     rewritten on disk is loaded again)."""
     table = os.fspath(table)
-    if not os.path.exists(table):
-        raise LookupTableError(f"table {table}: no such file or folder; download {_NB201_FILES}, or {_NATS_FILES} "
-                               "(toponas never downloads it)")
-    package, fast = _kind(table)
+    package = check_table(table)
     key = _key(table)
     if key in _APIS:
         return _APIS[key]
     try:
         if package == "nas_201_api":
             from nas_201_api import NASBench201API
-        else:
-            import nats_bench
-    except ImportError:
-        raise LookupTableError(f"reading {os.path.basename(table)} needs the {package} package: "
-                               f"pip install {_PACKAGES[package]} (or pip install 'toponas_kernels[nb201]')") from None
-    try:
-        if package == "nas_201_api":
+
             with _full_unpickling():
                 api = NASBench201API(table, verbose=False)
         else:
-            api = nats_bench.create(table, "tss", fast_mode=fast, verbose=False)
+            import nats_bench
+
+            api = nats_bench.create(table, "tss", fast_mode=os.path.isdir(table), verbose=False)
     except Exception as exc:  # the APIs assert, raise KeyError/ValueError, or fail to unpickle
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise LookupTableError(f"table {table}: {package} cannot read it ({msg})") from None

@@ -20,14 +20,14 @@ The user downloads the table (links in the benchmarks' READMEs); nothing here do
 Numbers are top-1 accuracies in percent after the last training epoch, averaged over the table's
 trials (seeds) of that architecture. ``hp='200'`` (200 training epochs) is the default because it
 is what papers report; the APIs' own default, '12', is a 12-epoch schedule. Splits per dataset
-(``DATASETS``): 'cifar10-valid' is trained on CIFAR-10's train half, valid = x-valid, test =
+(``SPLITS``): 'cifar10-valid' is trained on CIFAR-10's train half, valid = x-valid, test =
 ori-test; 'cifar100' and 'ImageNet16-120': valid = x-valid, test = x-test; 'cifar10' is trained
 on train+valid and has only ori-test (valid_accuracy is None).
 
 "best" is the architecture of the table with the highest valid accuracy on the same dataset, as
 the papers pick it, with its test accuracy; for 'cifar10', which has no validation split, it is
 picked by the x-valid accuracy of 'cifar10-valid' (the APIs' own convention). ``max_test_accuracy``
-is the highest test accuracy of any architecture (the "optimal" test column of the papers).
+is the highest test accuracy of any architecture (to set beside the papers' "optimal" rows).
 
 A table takes minutes and gigabytes to load: each is loaded once per process (``table_api``) and
 its best architecture found once per (dataset, hp).

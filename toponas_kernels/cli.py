@@ -5,6 +5,7 @@
     toponas simplify --space exaggerated --num-sep-dil 5 --num-double-sep 7 --stride 2
     toponas spaces                            # the built-in spaces, op by op, as module chains
     toponas search --space nb201 --method darts --topo topo --dataset fashion-mnist --epochs 5 --out runs/a
+    toponas lookup --arch '|nor_conv_3x3~0|+|...|' --table NAS-Bench-201-v1_1-096897.pth [--dataset cifar100]
 """
 
 from __future__ import annotations
@@ -192,6 +193,30 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_lookup(args) -> int:
+    from .lookup import lookup
+
+    r = lookup(args.arch, args.table, dataset=args.dataset, hp=args.hp)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+
+    def pct(v):
+        return f"{v:7.2f}" if v is not None else f"{'-':>7}"
+
+    best = r["best"]
+    print(f"{r['dataset']}, hp {r['hp']}: {r['table']} ({r['api']})")
+    print(f"{'':<6} {'index':>6} {'train':>7} {'valid':>7} {'test':>7}  arch")
+    print(f"{'arch':<6} {r['index']:>6} {pct(r['train_accuracy'])} {pct(r['valid_accuracy'])} "
+          f"{pct(r['test_accuracy'])}  {r['arch']}")
+    print(f"{'best':<6} {best['index']:>6} {pct(None)} {pct(best['valid_accuracy'])} "
+          f"{pct(best['test_accuracy'])}  {best['arch']}")
+    valid = f"valid = {r['valid_split']}, " if r["valid_split"] else "no valid split, "
+    print(f"({valid}test = {r['test_split']}; mean of {r['trials']} trial(s); best: {best['selected_by']}; "
+          f"highest test accuracy in the table {pct(best['max_test_accuracy']).strip()})")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes answered in one line (and a non-zero exit), not a usage block."""
 
@@ -287,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict a search's peak memory and step time (and what fits a budget) without searching")
     _add_plan_args(p)
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("lookup", help="NAS-Bench-201 accuracies of an architecture, from the benchmark's table")
+    p.add_argument("--arch", required=True, help="NB201 architecture string, e.g. '|nor_conv_3x3~0|+|...|'")
+    p.add_argument("--table", required=True,
+                   help="NAS-Bench-201-v1_*.pth, or a NATS-tss .pickle.pbz2 file or -simple folder (never downloaded)")
+    p.add_argument("--dataset", default="cifar10-valid",
+                   help="cifar10-valid (default), cifar10 (train+valid, test only), cifar100 or ImageNet16-120")
+    p.add_argument("--hp", default="200", help="training epochs of the table's runs: 200 (default, as papers report) or 12")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_lookup)
     return parser
 
 

@@ -308,3 +308,27 @@ def test_cli_errors_one_line(argv, words, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("toponas") and words in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_search_adds_the_lookup_to_its_result(nb201_table, tmp_path, monkeypatch):
+    from toponas_kernels.nas.networks import NB201SearchNetwork
+    from toponas_kernels.search import ConfigError, SearchConfig, run
+
+    monkeypatch.setattr(NB201SearchNetwork, "genotype", lambda self: ARCHS[1])  # a cell the tiny table has
+    cfg = SearchConfig(space="nb201", method="darts", dataset="synthetic", epochs=1, batch_size=8, train_size=16,
+                       layers=1, init_channels=4, progress=False, plots=False, out=str(tmp_path / "s"),
+                       lookup=nb201_table)
+    result = run(cfg, log=lambda m: None)
+    on_disk = json.load(open(tmp_path / "s" / "result.json"))
+    assert on_disk["lookup"] == result["lookup"]
+    for dataset in L.DATASETS:
+        train, valid, test = expected(1, dataset, "200")
+        assert close(result["lookup"][dataset]["test_accuracy"], test)
+        assert result["lookup"][dataset]["hp"] == "200"
+    with pytest.raises(ConfigError, match="--lookup"):
+        run(SearchConfig(space="darts", method="darts", dataset="synthetic", epochs=1, out=str(tmp_path / "d"),
+                         lookup=nb201_table), log=lambda m: None)
+    with pytest.raises(L.LookupTableError):  # refused before searching
+        run(SearchConfig(space="nb201", method="darts", dataset="synthetic", epochs=1, out=str(tmp_path / "m"),
+                         lookup=str(tmp_path / "NAS-Bench-201-v1_0-e61699.pth")), log=lambda m: None)
+    assert not (tmp_path / "m" / "checkpoint.pt").exists()

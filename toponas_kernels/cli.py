@@ -161,6 +161,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plots", dest="plots", action="store_false", help="no arch_weights.png / cell.png at the end")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g.add_argument("--lookup", default=None, metavar="TABLE",
+                   help="nb201: add the derived cell's NAS-Bench-201 accuracies (hp 200, every dataset) to result.json")
 
 
 def _space_arg(text: str):

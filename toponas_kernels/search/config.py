@@ -101,6 +101,7 @@ class SearchConfig:
     steps_per_epoch: int | None = None  # stop an epoch after N steps (quick runs)
     num_workers: int | None = None
     channels: int | None = None
+    lookup: str | None = None  # NAS-Bench-201 / NATS-tss table: accuracies of the derived cell
     # memory budget (search/budget.py)
     memory_budget: str | int | None = None  # e.g. "6GiB"
     fit_by: str = "batch"
@@ -148,6 +149,8 @@ class SearchConfig:
             raise ConfigError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.topo not in TOPO_MODES:
             raise ConfigError(f"--topo: unknown mode {self.topo!r}; choose one of {', '.join(TOPO_MODES)}")
+        if self.lookup is not None and self.macro() != "nb201":
+            raise ConfigError("--lookup: the benchmark tables hold NAS-Bench-201 cells; use it with --space nb201")
         if self.fit_by not in ("batch", "pc", "mask"):
             raise ConfigError(f"--fit-by: expected batch, pc or mask, got {self.fit_by!r}")
         if self.mask_rule not in MASK_RULES:

@@ -399,6 +399,10 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
     cfg = config.resolved()
     if not cfg.out:
         raise ConfigError("--out: give the folder the search writes to")
+    if cfg.lookup is not None:
+        from ..lookup import check_table
+
+        check_table(cfg.lookup)  # a missing table or API package fails now, not after the search
     procs = Processes()
     if procs.world > 1 and cfg.batch_size % procs.world:
         raise ConfigError(f"--batch-size {cfg.batch_size}: must divide by the {procs.world} processes (it is the global batch)")
@@ -698,11 +702,32 @@ def _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)
     }
     if budget is not None:
         result["memory_budget"] = budget
+    if cfg.lookup is not None:
+        result["lookup"] = _lookup(genotype, cfg.lookup, log)
     atomic_write_json(os.path.join(out, RESULT), result)
     if cfg.plots:
         _pictures(cfg, model, run_state, genotype, out, log)
     log(f"result: {os.path.join(out, RESULT)}")
     return result
+
+
+def _lookup(arch: str, table: str, log) -> dict:
+    """The derived cell's NAS-Bench-201 numbers on every dataset of the table (hp 200)."""
+    from ..lookup import DATASETS, LookupTableError, lookup
+
+    out = {}
+    for dataset in DATASETS:
+        try:
+            out[dataset] = lookup(arch, table, dataset=dataset)
+        except LookupTableError as exc:  # the search is done: record the failure, do not lose it
+            out[dataset] = {"error": str(exc)}
+            log(f"lookup {dataset}: {exc}")
+            continue
+        r = out[dataset]
+        valid = "-" if r.get("valid_accuracy") is None else f"{r['valid_accuracy']:.2f}"
+        log(f"NAS-Bench-201 {dataset}: valid {valid}, test {r['test_accuracy']:.2f} "
+            f"(best in the space: {r['best']['test_accuracy']:.2f})")
+    return out
 
 
 def _pictures(cfg, model, run_state, genotype, out, log) -> None:

@@ -294,3 +294,18 @@ def test_nb201_defaults_and_a_search_result_retrained(tmp_path):
         0.1, True, 5e-4, 0.0, 0.0, 0)
     assert TrainConfig(genotype=NB201_BEST).resolved()[0].epochs == 200
     assert TrainConfig(genotype="DARTS_V2").resolved()[0].epochs == 600
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(epochs=0), "--epochs: expected a positive integer, got 0"),
+    (dict(drop_path=1.0), "--drop-path: expected a probability in [0, 1)"),
+    (dict(lr=0.0), "--lr: expected a positive learning rate"),
+    (dict(layers=2), "--layers: the DARTS network needs at least 3 cells"),
+    (dict(init_channels=5), "--init-channels: the DARTS network needs an even C"),
+    (dict(cutout=40), "--cutout: expected a side of at most the image size (32 for synthetic)"),
+    (dict(dataset="imagenet16-120"), "--aux-weight: the auxiliary head needs 32x32 images"),
+])
+def test_bad_options_are_named(tmp_path, change, expected):
+    with pytest.raises(ValueError) as info:
+        train(TrainConfig(**{**TINY, "genotype": "DARTS_V2", "epochs": 1, "out": str(tmp_path / "r"), **change}), log=quiet)
+    assert expected in str(info.value)

@@ -25,7 +25,7 @@ from .._io import atomic_torch_save, atomic_write_json
 from ..nas import spaces as S
 from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
 from . import masks as M
-from ._run import (PeakMemory, StepClock, device_name, genotype_record, genotype_text, git_commit,  # noqa: F401
+from ._run import (PeakMemory, StepClock, device_name, genotype_record, genotype_text, git_commit,
                    resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer, tqdm_class)
 from .config import RESUME_KEYS, ConfigError, SearchConfig
 from .methods import METHOD_CLASSES

@@ -157,9 +157,12 @@ def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs))
 
 
-def _data(cfg: TrainConfig, arch: Arch):
+def _data(cfg: TrainConfig):
     from .. import data as D
 
+    size = D.dataset_info(cfg.dataset, cfg.channels).image_size
+    if cfg.cutout > size:
+        raise ConfigError(f"--cutout: expected a side of at most the image size ({size} for {cfg.dataset}), got {cfg.cutout}")
     augment, cutout = ("train", cfg.cutout) if cfg.cutout else ("search", 0)
     train = D.load_split(cfg.dataset, "train", cfg.data_dir, channels=cfg.channels, download=True, seed=cfg.seed,
                          augment=augment, cutout=cutout)
@@ -210,11 +213,14 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    D, train_set, test_set, train_idx, test_idx = _data(cfg, arch)
+    from ..data import dataset_info
+
+    size = dataset_info(cfg.dataset, cfg.channels).image_size
+    if arch.macro == "darts" and cfg.aux_weight > 0 and size < 32:
+        raise ConfigError(f"--aux-weight: the auxiliary head needs 32x32 images ({cfg.dataset} has {size}x{size}); "
+                          "pass --aux-weight 0")
+    D, train_set, test_set, train_idx, test_idx = _data(cfg)
     info = train_set.info
-    if arch.macro == "darts" and cfg.aux_weight > 0 and info.image_size < 32:
-        raise ConfigError(f"--aux-weight: the auxiliary head needs 32x32 images ({cfg.dataset} has "
-                          f"{info.image_size}x{info.image_size}); pass --aux-weight 0")
     meter = PeakMemory(device)
     model = build_network(arch, cfg, info.num_classes, info.channels).to(device)
     params, params_aux = count_parameters(model), count_parameters(model, auxiliary=True)

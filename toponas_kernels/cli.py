@@ -6,6 +6,7 @@
     toponas spaces                            # the built-in spaces, op by op, as module chains
     toponas search --space nb201 --method darts --topo topo --dataset fashion-mnist --epochs 5 --out runs/a
     toponas lookup --arch '|nor_conv_3x3~0|+|...|' --table NAS-Bench-201-v1_1-096897.pth [--dataset cifar100]
+    toponas train --genotype runs/a/result.json --dataset fashion-mnist --epochs 200 --out runs/a-train
 """
 
 from __future__ import annotations
@@ -219,6 +220,71 @@ def _cmd_lookup(args) -> int:
     return 0
 
 
+_TRAIN_EPILOG = """\
+--genotype: a toponas search result.json (or its folder), a DARTS Genotype(...) string, a
+published cell (DARTS_V1, DARTS_V2, PC_DARTS, GDAS, BETA_DARTS) or a NAS-Bench-201 string
+'|op~0|+|op~0|op~1|+|op~0|op~1|op~2|'. Options left unset take the space's reference value:
+DARTS: 20 cells, C 36, batch 96, SGD 0.025 cosine, wd 3e-4, clip 5, auxiliary 0.4, drop-path
+0.2, cutout 16 (600 epochs in the papers); NB201: 5 cells per stage, C 16, batch 256, SGD
+nesterov 0.1 cosine, wd 5e-4 (200 epochs). Search then train in one line:
+  toponas search ... --out runs/a && toponas train --genotype runs/a --dataset D --epochs N --out runs/a-train
+"""
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to train")
+    g.add_argument("--genotype", required=True, help="result.json, Genotype(...) string, published name or NB201 string")
+    g.add_argument("--init-channels", type=int, default=None, help="C (DARTS 36, NB201 16)")
+    g.add_argument("--layers", type=int, default=None, help="DARTS: cells (20); NB201: cells per stage (5)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="cifar10, cifar100, imagenet16-120, fashion-mnist or synthetic")
+    g.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    g.add_argument("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
+    g.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test images only (quick runs)")
+    g.add_argument("--channels", type=int, default=None, choices=(1, 3), help="fashion-mnist: 1 or 3 channels (default 3)")
+    g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 0)")
+    g.add_argument("--cutout", type=int, default=None, help="cutout side (DARTS 16; 0: none)")
+
+    g = p.add_argument_group("schedule (unset: the space's reference value)")
+    g.add_argument("--epochs", type=int, required=True, help="training epochs (papers: DARTS 600, NB201 200)")
+    g.add_argument("--steps-per-epoch", type=int, default=None, help="cut every epoch after N steps (smoke runs)")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="initial learning rate (cosine schedule)")
+    g.add_argument("--lr-min", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (DARTS 5; 0: none)")
+    g.add_argument("--aux-weight", type=float, default=None, help="auxiliary head loss weight (DARTS 0.4; 0: no head)")
+    g.add_argument("--drop-path", type=float, default=None, help="final drop-path probability, linear from 0 (DARTS 0.2)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="folder for result.json, train_log.csv, curves.png and the checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the training in --out from its last checkpoint")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: every epoch)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="no curves.png / cell.png at the end")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+    result = train(TrainConfig(**fields))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"params {result['params'] / 1e6:.6f} M (with auxiliary head {result['params_with_aux'] / 1e6:.6f} M)  "
+              f"test accuracy {result['test_accuracy']:.2f}%  best {result['best_accuracy']:.2f}%")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes answered in one line (and a non-zero exit), not a usage block."""
 
@@ -324,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hp", default="200", help="training epochs of the table's runs: 200 (default, as papers report) or 12")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_lookup)
+
+    p = sub.add_parser(
+        "train", help="retrain a searched cell from scratch (DARTS evaluation network or NAS-Bench-201 network)",
+        epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

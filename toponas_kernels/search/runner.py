@@ -15,12 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
-import random
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -31,6 +26,8 @@ from .._io import atomic_torch_save, atomic_write_json
 from ..nas import spaces as S
 from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
 from . import masks as M
+from ._run import (PeakMemory, StepClock, device_name, genotype_record, genotype_text, git_commit,
+                   resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer, tqdm_class)
 from .config import RESUME_KEYS, ConfigError, SearchConfig
 from .methods import METHOD_CLASSES
 
@@ -133,31 +130,6 @@ class Processes:
 
 
 # ====================================================================================== set-up
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
 def space_of(config: SearchConfig) -> S.SearchSpace:
     if isinstance(config.space, S.SearchSpace):
         return config.space
@@ -190,87 +162,7 @@ def build_method(config: SearchConfig, model: torch.nn.Module):
     return cls(model, epochs=config.epochs, space=space, **{n: getattr(config, n) for n in names})
 
 
-# ====================================================================================== memory
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """GPU: ``torch.cuda.max_memory_allocated``. CPU: growth of the resident set over its value
-    at the start (the kernel's high-water mark, reset through /proc/self/clear_refs; without
-    /proc, ``ru_maxrss``)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = 0
-            return
-        self.base = _status_bytes("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-        if self.base is None:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        top = _status_bytes("VmHWM") if self.hwm else None
-        if top is None:
-            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(0, int(top) - int(self.base))
-
-
 # ====================================================================================== records
-def git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def genotype_record(genotype):
-    """DARTS: the Genotype as a dict of lists ([op, input] genes); NB201: the string."""
-    if isinstance(genotype, str):
-        return genotype
-    return {
-        "normal": [[op, int(j)] for op, j in genotype.normal],
-        "normal_concat": list(genotype.normal_concat),
-        "reduce": [[op, int(j)] for op, j in genotype.reduce],
-        "reduce_concat": list(genotype.reduce_concat),
-    }
-
-
-def genotype_text(genotype) -> str:
-    if isinstance(genotype, str):
-        return genotype
-    g = genotype_record(genotype)
-    fmt = lambda genes: "[" + ", ".join(f"('{op}', {j})" for op, j in genes) + "]"  # noqa: E731
-    return (
-        f"Genotype(normal={fmt(g['normal'])}, normal_concat={g['normal_concat']}, "
-        f"reduce={fmt(g['reduce'])}, reduce_concat={g['reduce_concat']})"
-    )
-
-
 @torch.no_grad()
 def arch_weights(model) -> dict[str, list]:
     """The architecture weights as a researcher reads them: alphas softmaxed over each edge's
@@ -308,40 +200,6 @@ def _load_data(config: SearchConfig, device: torch.device):
     return D, train, train, train_idx, val_idx
 
 
-class _StepClock:
-    """Step times without a host sync per step: CUDA events on a GPU, read once per epoch (or
-    checkpoint); the wall clock on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pending: list = []
-
-    def start(self) -> None:
-        if self.cuda:
-            self._begin = torch.cuda.Event(enable_timing=True)
-            self._begin.record()
-        else:
-            self._begin = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.pending.append((self._begin, end))
-        else:
-            self.pending.append(time.perf_counter() - self._begin)
-
-    def collect(self) -> list[float]:
-        """Seconds of the steps since the last call."""
-        if self.cuda and self.pending:
-            self.pending[-1][1].synchronize()
-            out = [a.elapsed_time(b) / 1000 for a, b in self.pending]
-        else:
-            out = list(self.pending)
-        self.pending = []
-        return out
-
-
 class _Cycle:
     """A persistent iterator over the architecture half that starts a new seeded pass whenever
     one ends (never ``next(iter(loader))`` per step, which replays the first batch)."""
@@ -366,34 +224,11 @@ class _Cycle:
 
 
 # ====================================================================================== run
-def _rng_state() -> dict:
-    import numpy as np
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _silent(msg: str) -> None:
     pass
 
 
-def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_after: int | None = None) -> dict:
+def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_after: int | None = None) -> dict:
     """Run (or resume) the search of ``config`` and return its result (also in
     ``config.out/result.json``). ``log`` receives the one-line messages."""
     cfg = config.resolved()
@@ -489,13 +324,13 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
         run_state = state["run"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log(f"resumed {cfg.out} at epoch {run_state['epoch'] + 1}, step {run_state['step']}")
     if not run_state["history"]:
         run_state["history"].append(arch_weights(model))  # epoch 0: the weights at initialization
     cycle = _Cycle(val_loader, run_state["val"]["pass"], run_state["val"]["position"])
-    writer = _tensorboard(out) if procs.main else None
-    bar_cls = _tqdm() if cfg.progress and procs.main else None
+    writer = tensorboard_writer(out) if procs.main else None
+    bar_cls = tqdm_class() if cfg.progress and procs.main else None
 
     def save(finished: bool = False):
         run_state["val"] = cycle.state()
@@ -504,7 +339,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
             return
         atomic_torch_save(ckpt_path, {
             "config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
-            "run": run_state, "rng": _rng_state(), "mask": mask_record, "finished": finished, "budget": budget,
+            "run": run_state, "rng": rng_state(), "mask": mask_record, "finished": finished, "budget": budget,
         })
 
     done_steps = 0
@@ -516,7 +351,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = _say, _interrupt_a
         bar = bar_cls(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                       dynamic_ncols=True) if bar_cls else None
         sums = {k: v.to(device) for k, v in run_state["sums"].items()}
-        clock = _StepClock(device)
+        clock = StepClock(device)
         t_epoch = time.perf_counter()
         for step in range(start_step, steps):
             xb, yb = next(it)
@@ -653,22 +488,6 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     from ..report import write_csv
 
     write_csv(path, rows)
-
-
-def _tensorboard(out: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        return None
-    return SummaryWriter(os.path.join(out, "tensorboard"))
-
-
-def _tqdm():
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm
 
 
 def _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget) -> dict:

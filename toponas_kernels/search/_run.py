@@ -1,0 +1,196 @@
+"""Run helpers shared by the searcher (``runner``) and the retrainer (``toponas_kernels.train``):
+device choice, seeding, peak memory, step clocks, RNG state for exact resumes, the records of a
+result file (device, commit, genotype), progress bars and TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from .config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """GPU: ``torch.cuda.max_memory_allocated``. CPU: growth of the resident set over its value
+    at the start (the kernel's high-water mark, reset through /proc/self/clear_refs; without
+    /proc, ``ru_maxrss``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = 0
+            return
+        self.base = _status_bytes("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.hwm = True
+        except OSError:
+            self.hwm = False
+        if self.base is None:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        top = _status_bytes("VmHWM") if self.hwm else None
+        if top is None:
+            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, int(top) - int(self.base))
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def genotype_record(genotype):
+    """DARTS: the Genotype as a dict of lists ([op, input] genes); NB201: the string."""
+    if isinstance(genotype, str):
+        return genotype
+    return {
+        "normal": [[op, int(j)] for op, j in genotype.normal],
+        "normal_concat": list(genotype.normal_concat),
+        "reduce": [[op, int(j)] for op, j in genotype.reduce],
+        "reduce_concat": list(genotype.reduce_concat),
+    }
+
+
+def genotype_text(genotype) -> str:
+    if isinstance(genotype, str):
+        return genotype
+    g = genotype_record(genotype)
+    fmt = lambda genes: "[" + ", ".join(f"('{op}', {j})" for op, j in genes) + "]"  # noqa: E731
+    return (
+        f"Genotype(normal={fmt(g['normal'])}, normal_concat={g['normal_concat']}, "
+        f"reduce={fmt(g['reduce'])}, reduce_concat={g['reduce_concat']})"
+    )
+
+
+class StepClock:
+    """Step times without a host sync per step: CUDA events on a GPU, read once per epoch (or
+    checkpoint); the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((self._begin, end))
+        else:
+            self.pending.append(time.perf_counter() - self._begin)
+
+    def collect(self) -> list[float]:
+        """Seconds of the steps since the last call."""
+        if self.cuda and self.pending:
+            self.pending[-1][1].synchronize()
+            out = [a.elapsed_time(b) / 1000 for a, b in self.pending]
+        else:
+            out = list(self.pending)
+        self.pending = []
+        return out
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def tensorboard_writer(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def tqdm_class():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+

@@ -309,3 +309,25 @@ def test_bad_options_are_named(tmp_path, change, expected):
     with pytest.raises(ValueError) as info:
         train(TrainConfig(**{**TINY, "genotype": "DARTS_V2", "epochs": 1, "out": str(tmp_path / "r"), **change}), log=quiet)
     assert expected in str(info.value)
+
+
+def test_search_then_train_in_one_command(tmp_path):
+    import subprocess
+    import sys
+
+    import toponas_kernels
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    out = tmp_path / "s"
+    p = subprocess.run(
+        [sys.executable, "-m", "toponas_kernels.cli", "search", "--space", "nb201", "--method", "gdas",
+         "--dataset", "synthetic", "--epochs", "1", "--train-size", "16", "--batch-size", "8", "--init-channels", "4",
+         "--layers", "1", "--no-progress", "--no-plots", "--threads", "1", "--out", str(out),
+         "--then-train", "--train-epochs", "1"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    searched = json.load(open(out / "result.json"))
+    trained = json.load(open(out / "train" / "result.json"))
+    assert trained["genotype"] == searched["genotype"] and trained["epochs"] == 1
+    assert p.stdout.splitlines()[0] == searched["genotype"] and "retrained" in p.stdout

@@ -162,6 +162,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plots", dest="plots", action="store_false", help="no arch_weights.png / cell.png at the end")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g.add_argument("--then-train", action="store_true",
+                   help="retrain the derived cell from scratch afterwards (toponas train, into OUT/train)")
+    g.add_argument("--train-epochs", type=int, default=None,
+                   help="with --then-train: retraining epochs (default: the space's reference, DARTS 600, NB201 200)")
     g.add_argument("--lookup", default=None, metavar="TABLE",
                    help="nb201: add the derived cell's NAS-Bench-201 accuracies (hp 200, every dataset) to result.json")
 
@@ -184,15 +188,34 @@ def _space_arg(text: str):
 def _cmd_search(args) -> int:
     from .search import SearchConfig, run
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json", "then_train", "train_epochs")}
     fields["space"] = _space_arg(args.space)
+    if args.train_epochs is not None and not args.then_train:
+        raise ValueError("--train-epochs: only used with --then-train")
     result = run(SearchConfig(**fields))
     if not result:  # a data-parallel rank other than 0: rank 0 reports
         return 0
-    if args.json:
+    if args.json and not args.then_train:
         print(json.dumps(result))
     else:
         print(result["genotype_text"])
+    if args.then_train:
+        import os
+
+        from .train import TrainConfig, train
+
+        epochs = args.train_epochs if args.train_epochs is not None else (200 if result["space"] == "nb201" else 600)
+        trained = train(TrainConfig(
+            genotype=os.path.join(args.out, "result.json"), dataset=args.dataset, data_dir=args.data_dir,
+            channels=args.channels, epochs=epochs, out=os.path.join(args.out, "train"), seed=args.seed,
+            resume=args.resume, deterministic=args.deterministic, device=args.device, progress=args.progress,
+            plots=args.plots, threads=args.threads,
+        ))
+        if args.json:
+            print(json.dumps({"search": result, "train": trained}))
+        else:
+            print(f"retrained: params {trained['params'] / 1e6:.6f} M  test accuracy {trained['test_accuracy']:.2f}%  "
+                  f"best {trained['best_accuracy']:.2f}%")
     return 0
 
 

@@ -331,3 +331,28 @@ def test_search_then_train_in_one_command(tmp_path):
     trained = json.load(open(out / "train" / "result.json"))
     assert trained["genotype"] == searched["genotype"] and trained["epochs"] == 1
     assert p.stdout.splitlines()[0] == searched["genotype"] and "retrained" in p.stdout
+
+
+def test_data_parallel_training_two_processes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): shares of every epoch, averaged gradients, the same
+    weights on both ranks at the end, the test split evaluated in shares and added; rank 0 writes."""
+    import subprocess
+    import sys
+
+    import toponas_kernels
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    out = tmp_path / "ddp"
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "toponas_kernels.cli", "train", "--genotype", "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|skip_connect~1|avg_pool_3x3~2|",
+         "--dataset", "synthetic", "--epochs", "1", "--train-size", "64", "--test-size", "40", "--batch-size", "16",
+         "--init-channels", "4", "--layers", "1", "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.load(open(out / "result.json"))
+    assert result["processes"] == {"world_size": 2, "ranks_agree": True}
+    assert p.stderr.count("epoch 1/1") == 1
+    rows = open(out / "train_log.csv").read().splitlines()
+    assert len(rows) == 2

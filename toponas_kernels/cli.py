@@ -300,6 +300,8 @@ def _cmd_train(args) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
     result = train(TrainConfig(**fields))
+    if not result:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

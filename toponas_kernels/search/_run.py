@@ -194,3 +194,103 @@ def tqdm_class():
     return tqdm
 
 
+def silent(msg: str) -> None:
+    pass
+
+
+class Processes:
+    """Data parallelism under ``torchrun``: each rank reads its share of both data halves, the
+    gradients of the weights and of the architecture parameters are averaged over the ranks
+    before every optimizer step, and every random draw that shapes the architecture (Gumbel
+    noise, ROME's edges, masks) comes from the same seeded generators on every rank, so all ranks
+    hold the same parameters and derive the same genotype. Rank 0 alone writes files and shows
+    progress. Without torchrun: one process, nothing to do."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.group = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> torch.device:
+        if self.world == 1:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.group = dist.group.WORLD
+        return device
+
+    def mean_grads(self, params) -> None:
+        """Average ``.grad`` over the ranks (one flat all-reduce)."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        # the ranks must have run the same sub-network (same samples, same masks): same set of
+        # parameters with a gradient, or the all-reduce would mix different tensors
+        present = torch.tensor([i for i, p in enumerate(params) if p.grad is not None] or [-1], dtype=torch.float64)
+        key = torch.stack([present.sum(), (present * present).sum(), torch.tensor(float(len(grads)), dtype=torch.float64)])
+        hi, lo = key.clone(), key.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        if not torch.equal(hi, lo):
+            raise RuntimeError("data parallel: the ranks ran different sub-networks (their random draws differ); "
+                               "start every rank with the same --seed")
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum(self, sums: dict) -> dict:
+        """Epoch sums added over the ranks (for the log)."""
+        if self.world == 1 or not sums:
+            return sums
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        flat = torch.stack([sums[k].double() for k in keys])
+        dist.all_reduce(flat)
+        return dict(zip(keys, flat))
+
+    def broadcast_buffers(self, module) -> None:
+        """Rank 0's buffers (BN running statistics) to every rank."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree(self, params) -> bool:
+        """Whether every rank holds the same values of ``params`` as the others."""
+        if self.world == 1:
+            return True
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        return bool(torch.equal(hi, lo))

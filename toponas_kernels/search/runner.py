@@ -26,7 +26,7 @@ from .._io import atomic_torch_save, atomic_write_json
 from ..nas import spaces as S
 from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
 from . import masks as M
-from ._run import (PeakMemory, StepClock, device_name, genotype_record, genotype_text, git_commit,
+from ._run import (PeakMemory, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
                    resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer, tqdm_class)
 from .config import RESUME_KEYS, ConfigError, SearchConfig
 from .methods import METHOD_CLASSES
@@ -37,96 +37,6 @@ RESULT = "result.json"
 
 class Interrupted(RuntimeError):
     """Raised by the test hook ``_interrupt_after``: the run stops as if killed."""
-
-
-# ====================================================================================== processes
-class Processes:
-    """Data parallelism under ``torchrun``: each rank reads its share of both data halves, the
-    gradients of the weights and of the architecture parameters are averaged over the ranks
-    before every optimizer step, and every random draw that shapes the architecture (Gumbel
-    noise, ROME's edges, masks) comes from the same seeded generators on every rank, so all ranks
-    hold the same parameters and derive the same genotype. Rank 0 alone writes files and shows
-    progress. Without torchrun: one process, nothing to do."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.group = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def start(self, device: torch.device) -> torch.device:
-        if self.world == 1:
-            return device
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.group = dist.group.WORLD
-        return device
-
-    def mean_grads(self, params) -> None:
-        """Average ``.grad`` over the ranks (one flat all-reduce)."""
-        import torch.distributed as dist
-
-        grads = [p.grad for p in params if p.grad is not None]
-        # the ranks must have run the same sub-network (same samples, same masks): same set of
-        # parameters with a gradient, or the all-reduce would mix different tensors
-        present = torch.tensor([i for i, p in enumerate(params) if p.grad is not None] or [-1], dtype=torch.float64)
-        key = torch.stack([present.sum(), (present * present).sum(), torch.tensor(float(len(grads)), dtype=torch.float64)])
-        hi, lo = key.clone(), key.clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        if not torch.equal(hi, lo):
-            raise RuntimeError("data parallel: the ranks ran different sub-networks (their random draws differ); "
-                               "start every rank with the same --seed")
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def sum(self, sums: dict) -> dict:
-        """Epoch sums added over the ranks (for the log)."""
-        if self.world == 1 or not sums:
-            return sums
-        import torch.distributed as dist
-
-        keys = sorted(sums)
-        flat = torch.stack([sums[k].double() for k in keys])
-        dist.all_reduce(flat)
-        return dict(zip(keys, flat))
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def agree(self, model) -> bool:
-        """Whether every rank holds the same architecture parameters as rank 0."""
-        if self.world == 1:
-            return True
-        import torch.distributed as dist
-
-        flat = torch.cat([p.detach().reshape(-1).double() for p in model.arch_parameters()])
-        hi, lo = flat.clone(), flat.clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        return bool(torch.equal(hi, lo))
 
 
 # ====================================================================================== set-up
@@ -224,10 +134,6 @@ class _Cycle:
 
 
 # ====================================================================================== run
-def _silent(msg: str) -> None:
-    pass
-
-
 def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_after: int | None = None) -> dict:
     """Run (or resume) the search of ``config`` and return its result (also in
     ``config.out/result.json``). ``log`` receives the one-line messages."""
@@ -242,7 +148,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
     if procs.world > 1 and cfg.batch_size % procs.world:
         raise ConfigError(f"--batch-size {cfg.batch_size}: must divide by the {procs.world} processes (it is the global batch)")
     if not procs.main:
-        log = _silent
+        log = silent
     out = os.path.abspath(cfg.out)
     ckpt_path = os.path.join(out, CHECKPOINT)
     result_path = os.path.join(out, RESULT)
@@ -396,7 +302,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
         save()
         log(_summary(row, cfg.epochs))
 
-    agree = procs.agree(model)
+    agree = procs.agree(model.arch_parameters())
     if not procs.main:
         return {}
     result = _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import _version
 from .._io import atomic_torch_save, atomic_write_json
-from ..search._run import (PeakMemory, StepClock, device_name, genotype_record, genotype_text, git_commit,
+from ..search._run import (PeakMemory, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
                            resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer,
                            tqdm_class)
 from ..search.config import ConfigError
@@ -175,17 +175,20 @@ def _data(cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model, D, test, idx, batch_size, device) -> tuple[float, float]:
-    """(mean loss, accuracy in %) of ``model`` on ``test[idx]``, in eval mode."""
+def evaluate(model, D, test, idx, batch_size, device, procs: Processes | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy in %) of ``model`` on ``test[idx]``, in eval mode; data parallel:
+    each rank its share, the sums added over the ranks."""
+    procs = procs or Processes()
     model.eval()
-    loss = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in D.make_loader(test, idx, batch_size, seed=0, epoch=0, shuffle=False):
+    sums = {"loss": torch.zeros((), device=device, dtype=torch.float64),
+            "correct": torch.zeros((), device=device, dtype=torch.float64)}
+    for x, y in D.make_loader(test, idx, batch_size, seed=0, epoch=0, shuffle=False, shard=(procs.rank, procs.world)):
         x, y = x.to(device), y.to(device)
         logits, _ = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    return float(loss) / len(idx), 100.0 * float(correct) / len(idx)
+        sums["loss"] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums["correct"] += (logits.argmax(1) == y).sum()
+    sums = procs.sum(sums)
+    return float(sums["loss"]) / len(idx), 100.0 * float(sums["correct"]) / len(idx)
 
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_after: int | None = None) -> dict:
@@ -193,6 +196,11 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
     cfg, arch = config.resolved()
     if not cfg.out:
         raise ConfigError("--out: give the folder the training writes to")
+    procs = Processes()
+    if procs.world > 1 and cfg.batch_size % procs.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: must divide by the {procs.world} processes (it is the global batch)")
+    if not procs.main:
+        log = silent
     out = os.path.abspath(cfg.out)
     ckpt_path, result_path = os.path.join(out, CHECKPOINT), os.path.join(out, RESULT)
     state = None
@@ -207,9 +215,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
                 return json.load(f)
     elif cfg.resume:
         log(f"--resume: no checkpoint in {cfg.out} yet; starting the training")
-    os.makedirs(out, exist_ok=True)
+    if procs.main:
+        os.makedirs(out, exist_ok=True)
 
-    device = resolve_device(cfg.device)
+    device = procs.start(resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -228,9 +237,12 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
                                 nesterov=cfg.nesterov)
     num_workers = cfg.num_workers
     pin = device.type == "cuda"
+    # data parallel: each rank its share of every epoch, 1/world of the (global) batch
+    batch, shard = cfg.batch_size // procs.world, (procs.rank, procs.world)
+    share = len(train_idx) // procs.world  # the smallest share: every rank runs as many steps
     # BatchNorm cannot train on a last batch of one image: drop it then.
-    drop_last = len(train_idx) % cfg.batch_size == 1
-    steps_total = len(train_idx) // cfg.batch_size if drop_last else math.ceil(len(train_idx) / cfg.batch_size)
+    drop_last = share % batch == 1
+    steps_total = share // batch if drop_last else math.ceil(share / batch)
     steps = min(steps_total, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_total
 
     run_state = {"epoch": 0, "step": 0, "sums": {}, "rows": [], "step_times": [], "seconds": 0.0, "peak": 0}
@@ -243,16 +255,19 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
     else:
         log(f"retraining {genotype_text(arch.genotype)} ({arch.space}) on {cfg.dataset}: "
             f"{params / 1e6:.6f} M parameters ({params_aux / 1e6:.6f} M with the auxiliary head)")
-    writer = tensorboard_writer(out)
-    bar_cls = tqdm_class() if cfg.progress else None
+    writer = tensorboard_writer(out) if procs.main else None
+    bar_cls = tqdm_class() if cfg.progress and procs.main else None
 
     def save(finished: bool = False):
         run_state["peak"] = max(run_state["peak"], meter.peak())
+        if not procs.main:
+            return
         atomic_torch_save(ckpt_path, {"config": cfg.to_dict(arch), "model": model.state_dict(),
                                       "optimizer": optimizer.state_dict(), "run": run_state, "rng": rng_state(),
                                       "finished": finished})
 
     done_steps = 0
+    params_list = list(model.parameters())
     for epoch in range(run_state["epoch"], cfg.epochs):
         model.train()
         lr = cosine_lr(cfg, epoch)
@@ -260,8 +275,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
             group["lr"] = lr
         model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
         start = run_state["step"]
-        it = iter(D.make_loader(train_set, train_idx, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=start,
-                                num_workers=num_workers, pin_memory=pin, drop_last=drop_last))
+        it = iter(D.make_loader(train_set, train_idx, batch, seed=cfg.seed, epoch=epoch, start_batch=start,
+                                num_workers=num_workers, pin_memory=pin, drop_last=drop_last, shard=shard))
         bar = bar_cls(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                       dynamic_ncols=True) if bar_cls else None
         sums = {k: v.to(device) for k, v in run_state["sums"].items()} or {
@@ -279,6 +294,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
             loss = F.cross_entropy(logits, y)
             total = loss if logits_aux is None else loss + cfg.aux_weight * F.cross_entropy(logits_aux, y)
             total.backward()
+            if procs.world > 1:
+                procs.mean_grads(params_list)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -305,7 +322,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
             bar.close()
         run_state["step_times"].extend(clock.collect())
         run_state["seconds"] += time.perf_counter() - t_epoch
-        test_loss, test_acc = evaluate(model, D, test_set, test_idx, cfg.batch_size, device)
+        procs.broadcast_buffers(model)  # BN statistics are per rank in training; evaluate with rank 0's
+        test_loss, test_acc = evaluate(model, D, test_set, test_idx, batch, device, procs)
+        sums = procs.sum(sums)
         n = float(sums["count"])
         recent = run_state["step_times"][-steps:]
         row = {"epoch": epoch + 1, "lr": lr, "drop_path_prob": model.drop_path_prob,
@@ -315,7 +334,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
                "step_seconds": statistics.median(recent) if recent else float("nan"), "seconds": run_state["seconds"]}
         run_state["rows"].append(row)
         run_state["epoch"], run_state["step"], run_state["sums"] = epoch + 1, 0, {}
-        _write_log(out, run_state["rows"])
+        if procs.main:
+            _write_log(out, run_state["rows"])
         if writer is not None:
             for k, v in row.items():
                 writer.add_scalar(k, v, epoch + 1)
@@ -325,7 +345,13 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
             f"{row['train_loss']:.3f} acc {row['train_acc']:.2f}%  test loss {test_loss:.3f} acc {test_acc:.2f}%  "
             f"step {row['step_seconds']:.3f} s  total {row['seconds']:.0f} s")
 
+    agree = procs.agree(params_list)
+    if not procs.main:
+        return {}
     result = _finish(cfg, arch, run_state, params, params_aux, device, meter, out, log)
+    if procs.world > 1:
+        result["processes"] = {"world_size": procs.world, "ranks_agree": agree}
+        atomic_write_json(result_path, result)
     save(finished=True)
     if writer is not None:
         writer.close()

@@ -42,3 +42,26 @@ def test_search_cost_quick(tmp_path):
                        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert results.read_text().count("<!-- search_cost nb201 cpu -->") == 1
+
+
+def test_search_quality_quick(tmp_path):
+    """bench/search_quality.py --quick: search, retrain, summarize; a second start reuses the
+    finished runs instead of running them again."""
+    bench = BENCH.parent / "search_quality.py"
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    cmd = [sys.executable, str(bench), "--quick", "--seeds", "0,1", "--work", str(tmp_path / "w"), "--results", str(results)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(f.read_text()) for f in sorted((tmp_path / "w").glob("*/row.json"))]
+    assert len(rows) == 6  # darts plain / TopoNAS / TopoNAS without kernel normalization, 2 seeds
+    for r in rows:
+        assert 0 <= r["test_accuracy"] <= 100 and 0 <= r["collapse"] <= 1
+        ops = [o.split("~")[0] for g in r["genotype"].split("+") for o in g.strip("|").split("|")]
+        assert r["collapse"] == sum(op in ("skip_connect", "none", "avg_pool_3x3") for op in ops) / 6
+    text = results.read_text()
+    assert "NOT the papers' CIFAR protocol" in text and "| darts / TopoNAS / no kernel norm | 2 |" in text
+    stamp = {f: f.stat().st_mtime for f in (tmp_path / "w").glob("*/row.json")}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0
+    assert {f: f.stat().st_mtime for f in (tmp_path / "w").glob("*/row.json")} == stamp

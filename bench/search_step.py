@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import _harness as H  # bench/ is sys.path[0] when this file runs as a script
+from toponas_kernels.nas.forms import MERGE_CHOICES
 
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "pms", "pms+fms", "topo")
@@ -59,7 +60,7 @@ def build_model(args):
     from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
     from toponas_kernels.nas.spaces import exaggerated_space
 
-    common = dict(mode=args.mode, normalize=not args.no_normalize, partial_channels=args.partial_channels)
+    common = dict(mode=args.mode, normalize=not args.no_normalize, partial_channels=args.partial_channels, merge=args.merge)
     if args.space == "nb201":
         model = NB201SearchNetwork(C=args.C or 16, N=args.cells or 5, **common)
     else:
@@ -162,6 +163,7 @@ def child(args) -> dict:
         "partial_channels": args.partial_channels,
         "mask_fraction": args.mask_fraction,
         "normalize": not args.no_normalize,
+        "merge": args.merge,
         "num_ops": len(model.space),
         "peak_bytes": int(peak),
         "saved_bytes": int(saved),
@@ -180,7 +182,7 @@ def measure(args, **override) -> dict:
     opts = vars(args).copy()
     opts.update(override)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
-    for key in ("space", "mode", "batch", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep"):
+    for key in ("space", "mode", "batch", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep", "merge"):
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
     for key in ("partial_channels", "C", "cells", "threads"):
         if opts[key] is not None:
@@ -294,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-sep-dil", type=int, default=5, help="exaggerated space: separable dilated convs")
     p.add_argument("--num-double-sep", type=int, default=7, help="exaggerated space: double-stacked separable convs")
     p.add_argument("--no-normalize", action="store_true", help="topo without kernel normalization")
+    p.add_argument("--merge", choices=MERGE_CHOICES, default="auto",
+                   help="topo: form of the merged convs (auto: cheapest exact; separable: approximation)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 GPU / 3 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the measuring process (default: torch's)")

@@ -93,7 +93,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     """The DARTS CIFAR search network: stem Conv3x3(3, 3C)+BN, ``layers`` cells with reductions
     at 1/3 and 2/3 depth (channels double), global average pool, Linear.
 
-    ``mode``, ``normalize`` and ``partial_channels`` go to every ``FusedMixedOp``;
+    ``mode``, ``normalize``, ``partial_channels`` and ``merge`` go to every ``FusedMixedOp``;
     ``edge_normalization`` adds PC-DARTS' per-edge betas; ``masks`` (bool [14, K] for normal and
     reduce cells) switch candidates off for good (Zero-One-Shot).
     """
@@ -111,6 +111,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         mode: str = "plain",
         normalize: bool = True,
         partial_channels: int | None = None,
+        merge: str = "auto",
         edge_normalization: bool | None = None,
         sampler: str = "softmax",
         in_channels: int = 3,
@@ -121,7 +122,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         self.sampler = sampler
         if edge_normalization is None:
             edge_normalization = partial_channels is not None
-        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
+        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels, merge=merge)
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
@@ -254,13 +255,14 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         mode: str = "plain",
         normalize: bool = True,
         partial_channels: int | None = None,
+        merge: str = "auto",
         sampler: str = "softmax",
         in_channels: int = 3,
     ):
         super().__init__()
         self.space = get_space(space)
         self.sampler = sampler
-        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
+        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels, merge=merge)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()
         c = C

@@ -187,3 +187,22 @@ def test_merge_argument_is_checked_and_passed_through():
     net = NB201SearchNetwork(C=4, N=1, mode="topo", merge="dense")
     assert {m.merge for m in net.modules() if isinstance(m, FusedMixedOp)} == {"dense"}
     assert isinstance(net, nn.Module)
+
+
+def test_compile_step_matches_eager():
+    """``compile_step`` computes the eager loss and gradients (dynamo's eager backend: the
+    capture and the recompile cap are tested, not Inductor's code generation)."""
+    from toponas_kernels.nas.compile import compile_step
+
+    torch.manual_seed(0)
+    net = DartsSearchNetwork(C=4, layers=1, mode="topo", merge="stacked").to(DT)
+    x, y = torch.randn(2, 3, 8, 8, dtype=DT), torch.tensor([1, 3])
+    step = compile_step(net, backend="eager", max_graphs=2)
+    loss = step(x, y)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    ref = torch.nn.functional.cross_entropy(net(x), y)
+    torch.testing.assert_close(loss, ref, **TIGHT)
+    for g, r in zip(grads, torch.autograd.grad(ref, list(net.parameters()))):
+        torch.testing.assert_close(g, r, **TIGHT)
+    with pytest.raises(ValueError, match="max_graphs"):
+        compile_step(net, max_graphs=0)

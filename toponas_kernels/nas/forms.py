@@ -30,9 +30,10 @@ recomputes them (one depthwise pass).
 ``merge="auto"`` picks, per merged group and device, the exact form with the lowest modelled
 cost (``form_costs``): multiply-accumulates of forward + backward per output pixel plus
 ``BYTE_WEIGHT[device]`` times the activation elements read and written (depthwise convs and the
-stacked tensor are memory-bound where a dense conv is not). The weights were fitted on this
-package's CPU measurements (bench/RESULTS.md); the GPU weight is a guess from the H100's
-FLOP-to-bandwidth ratio, not measured.
+stacked tensor are memory-bound where a dense conv is not). The CPU weight is fitted to
+measurements of the two DARTS groups at C = 4..64 (bench/RESULTS.md: stacked is slower than dense
+up to C = 16 and faster from C = 32 (dil) or 64 (sep), which brackets it between about 205 and
+250); the GPU weight is a guess, not measured.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ EXACT_FORMS = ("dense", "stacked")
 CHANNELS_LAST_DEPTHWISE = True
 
 #: Multiply-accumulates one activation element read or written is worth, per device type.
-BYTE_WEIGHT = {"cpu": 24.0, "cuda": 150.0}
+BYTE_WEIGHT = {"cpu": 230.0, "cuda": 150.0}
 
 
 def check_merge(merge) -> str:

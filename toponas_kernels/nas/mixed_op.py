@@ -22,15 +22,19 @@ weights. Merging is exact (a conv is linear in its kernel) when ``normalize=Fals
 normalization changes the function on purpose (paper Sec. 3.5). With one-hot weights every mode
 with ``normalize=False`` equals plain.
 
-Merging a depthwise+pointwise unit (DESIGN.md section 5): each unit is turned into its exact
-dense kernel ``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]) and the dense kernels are merged, giving
-one dense conv. Merging the depthwise and the pointwise kernels separately would keep the conv
-separable (fewer FLOPs) but is NOT equal to the weighted sum, since
-``sum_i q_i P_i D_i != (sum_i q_i P_i)(sum_i q_i D_i)``; we keep the rewrite exact and pay FLOPs,
-which at DARTS widths (C = 16..64) is small next to the activations it saves. Kernel
-normalization standardizes each candidate's dense kernel, so a candidate is invariant to
-rescaling its depthwise or pointwise kernel and to shifting its dense kernel (not to shifting
-only its depthwise kernel, which is not a shift of the dense kernel).
+Merging a depthwise+pointwise unit (DESIGN.md section 5): the unit's exact dense kernel is
+``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]). How a merged group is evaluated is its *form*
+(``merge=``, ``forms.py``): ``dense`` merges the dense kernels into one dense conv (exact; cost
+grows with C^2 k^2); ``stacked`` runs each candidate's depthwise conv and ONE 1x1 conv over the
+stacked outputs with the coefficients and normalization in its weights (exact; cost grows with
+C^2 + C k^2 per candidate); ``separable`` merges the depthwise kernels and the pointwise kernels
+separately (one depthwise + one 1x1 conv whatever the number of candidates), which is NOT the
+weighted sum, since ``sum_i q_i P_i D_i != (sum_i q_i P_i)(sum_i q_i D_i)``, except for one-hot
+weights. ``"auto"`` (default) picks the exact form with the lowest modelled cost per group and
+device. Kernel normalization standardizes each candidate's dense kernel in every form, so a
+candidate is invariant to rescaling its depthwise or pointwise kernel and (dense groups) to
+shifting its dense kernel (not to shifting only its depthwise kernel, which is not a shift of
+the dense kernel).
 
 Memory. Merged kernels and normalization statistics are never stored: a merged conv is one
 autograd Function (``_MergedConv``) that keeps the conv input, the coefficients and the

@@ -47,7 +47,7 @@ from torch import Tensor
 from .. import ops
 from .simplify import Merged
 
-__all__ = ["FORMS", "MERGE_CHOICES", "BYTE_WEIGHT", "FormCost", "check_merge", "form_costs", "choose_form",
+__all__ = ["FORMS", "MERGE_CHOICES", "EXACT_FORMS", "BYTE_WEIGHT", "FormCost", "check_merge", "form_costs", "choose_form",
            "normalization_affine", "stacked_input", "separable_input"]
 
 FORMS = ("dense", "stacked", "separable")

@@ -20,6 +20,9 @@ Fields of the JSON line (one per measurement):
   parameters and buffers are left out (they live anyway: reported as ``saved_param_bytes``).
   Every saved tensor stays referenced until backward, so no address is reused while counting.
 * ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
+* ``merge``: the form of topo's merged convs (``--merge``); ``compile``, ``compile_seconds``:
+  with ``--compile`` the step runs under ``torch.compile`` (``nas/compile.py``), compiled by one
+  untimed step (its wall time) before memory and time are measured.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 import _harness as H  # bench/ is sys.path[0] when this file runs as a script
+from toponas_kernels.nas.forms import MERGE_CHOICES
 
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "pms", "pms+fms", "topo")
@@ -59,7 +63,7 @@ def build_model(args):
     from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
     from toponas_kernels.nas.spaces import exaggerated_space
 
-    common = dict(mode=args.mode, normalize=not args.no_normalize, partial_channels=args.partial_channels)
+    common = dict(mode=args.mode, normalize=not args.no_normalize, partial_channels=args.partial_channels, merge=args.merge)
     if args.space == "nb201":
         model = NB201SearchNetwork(C=args.C or 16, N=args.cells or 5, **common)
     else:
@@ -122,10 +126,23 @@ def child(args) -> dict:
     x = torch.randn(args.batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
+    forward_loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    if args.compile:
+        from toponas_kernels.nas.compile import compile_step
+
+        compiled = compile_step(model)
+        forward_loss = lambda: compiled(x, y)  # noqa: E731
+
     def step():
         model.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = forward_loss()
         loss.backward()
+
+    compile_seconds = None
+    if args.compile:  # compile before measuring: memory and time are those of the compiled step
+        t0 = time.perf_counter()
+        step()
+        compile_seconds = time.perf_counter() - t0
 
     # Memory: the first step of a fresh process.
     if device.type == "cuda":
@@ -162,6 +179,9 @@ def child(args) -> dict:
         "partial_channels": args.partial_channels,
         "mask_fraction": args.mask_fraction,
         "normalize": not args.no_normalize,
+        "merge": args.merge,
+        "compile": args.compile,
+        "compile_seconds": compile_seconds,
         "num_ops": len(model.space),
         "peak_bytes": int(peak),
         "saved_bytes": int(saved),
@@ -180,13 +200,15 @@ def measure(args, **override) -> dict:
     opts = vars(args).copy()
     opts.update(override)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
-    for key in ("space", "mode", "batch", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep"):
+    for key in ("space", "mode", "batch", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep", "merge"):
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
     for key in ("partial_channels", "C", "cells", "threads"):
         if opts[key] is not None:
             cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
     if opts["no_normalize"]:
         cmd.append("--no-normalize")
+    if opts["compile"]:
+        cmd.append("--compile")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
@@ -294,6 +316,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-sep-dil", type=int, default=5, help="exaggerated space: separable dilated convs")
     p.add_argument("--num-double-sep", type=int, default=7, help="exaggerated space: double-stacked separable convs")
     p.add_argument("--no-normalize", action="store_true", help="topo without kernel normalization")
+    p.add_argument("--merge", choices=MERGE_CHOICES, default="auto",
+                   help="topo: form of the merged convs (auto: cheapest exact; separable: approximation)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 GPU / 3 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the measuring process (default: torch's)")

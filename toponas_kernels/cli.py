@@ -3,6 +3,7 @@
     toponas simplify --space darts            # Table II: module counts per stage, and the graphs
     toponas simplify --space darts --json     # {"stages": [{"name", "conv", "non_conv", "total"}]}
     toponas simplify --space exaggerated --num-sep-dil 5 --num-double-sep 7 --stride 2
+    toponas simplify --space darts --C 64 --device cuda --merge auto   # the form of each merged conv
     toponas spaces                            # the built-in spaces, op by op, as module chains
     toponas search --space nb201 --method darts --topo topo --dataset fashion-mnist --epochs 5 --out runs/a
     toponas lookup --arch '|nor_conv_3x3~0|+|...|' --table NAS-Bench-201-v1_1-096897.pth [--dataset cifar100]
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from .nas import simplify as simp
+from .nas.forms import MERGE_CHOICES
 from .nas import spaces as S
 
 
@@ -30,9 +32,24 @@ def _space(args) -> S.SearchSpace:
     return space
 
 
+def _forms(space: S.SearchSpace, args) -> list[dict]:
+    """The form each merged conv group of the topo edge runs in at ``args.C`` channels on
+    ``args.device``, and why (``nas/forms.py``)."""
+    from .nas.mixed_op import FusedMixedOp
+
+    op = FusedMixedOp(args.C, args.stride, primitives=space, merge=args.merge, normalize=not args.no_normalize)
+    out = []
+    for node, form, why in op.merge_forms(device_type=args.device):
+        names = ", ".join(space.names[p.owners[0][0]] for p in node.parts)
+        group = f"conv{node.size}x{node.size}" + (f" s{node.stride}" if node.stride != 1 else "") + f" {{{names}}}"
+        out.append({"group": group, "form": form, "why": why})
+    return out
+
+
 def _cmd_simplify(args) -> int:
     space = _space(args)
     rows = simp.stages(space, args.stride)
+    forms = _forms(space, args)
     if args.json:
         out = {
             "space": space.name,
@@ -41,6 +58,7 @@ def _cmd_simplify(args) -> int:
             "stages": [
                 {"name": name, "conv": c.conv, "non_conv": c.non_conv, "total": c.total} for name, _, c in rows
             ],
+            "forms": forms,
         }
         print(json.dumps(out))
         return 0
@@ -55,6 +73,10 @@ def _cmd_simplify(args) -> int:
                 print()
                 print(f"== {name} ==")
                 print(simp.format_graph(graph))
+    print()
+    print(f"== forms of the merged convs (C = {args.C} at the edge, {args.device}, merge={args.merge}) ==")
+    for f in forms:
+        print(f"{f['group']}: {f['form']}  ({f['why']})")
     return 0
 
 
@@ -108,6 +130,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topo", default="plain", help=f"TopoNAS mode: {', '.join(TOPO_MODES)} (default plain: the method as published)")
     g.add_argument("--no-kernel-norm", dest="kernel_norm", action="store_false",
                    help="switch kernel normalization of merged kernels off (the paper's ablation)")
+    g.add_argument("--merge", default="auto", choices=("auto", "dense", "stacked", "separable"),
+                   help="form of merged conv groups in --topo topo: auto (default: the cheaper exact form), dense, "
+                        "stacked (exact), separable (faster approximation, exact for one-hot weights)")
+    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile each step's forward and loss (default backend inductor; recompilation capped "
+                        "for sampled sub-networks); see README on when it helps")
     g.add_argument("--mask", default=None, help="Zero-One-Shot mask: random, zero-shot, or a mask.json/result.json to reuse")
     g.add_argument("--mask-level", type=float, default=0.5, help="pruning level xi in (0, 1) (default 0.5)")
     g.add_argument("--mask-rule", default="operations", choices=("operations", "architectures"),
@@ -386,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exaggerated space: double-stacked separable convs (default 7, Table VI)",
     )
     p.add_argument("--json", action="store_true", help="print the counts as JSON only")
+    p.add_argument("--C", type=int, default=16, help="channels at the edge, for the forms of the merged convs (default 16)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device the forms are chosen for (default cpu)")
+    p.add_argument("--merge", default="auto", choices=MERGE_CHOICES, help="form of the merged convs (default auto)")
+    p.add_argument("--no-normalize", action="store_true", help="merged convs without kernel normalization")
     p.add_argument(
         "--graph", default="all", choices=("all", "none") + tuple(n for n, _ in simp.STAGES),
         help="which stages' graphs to print (default all)",

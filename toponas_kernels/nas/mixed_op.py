@@ -22,15 +22,19 @@ weights. Merging is exact (a conv is linear in its kernel) when ``normalize=Fals
 normalization changes the function on purpose (paper Sec. 3.5). With one-hot weights every mode
 with ``normalize=False`` equals plain.
 
-Merging a depthwise+pointwise unit (DESIGN.md section 5): each unit is turned into its exact
-dense kernel ``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]) and the dense kernels are merged, giving
-one dense conv. Merging the depthwise and the pointwise kernels separately would keep the conv
-separable (fewer FLOPs) but is NOT equal to the weighted sum, since
-``sum_i q_i P_i D_i != (sum_i q_i P_i)(sum_i q_i D_i)``; we keep the rewrite exact and pay FLOPs,
-which at DARTS widths (C = 16..64) is small next to the activations it saves. Kernel
-normalization standardizes each candidate's dense kernel, so a candidate is invariant to
-rescaling its depthwise or pointwise kernel and to shifting its dense kernel (not to shifting
-only its depthwise kernel, which is not a shift of the dense kernel).
+Merging a depthwise+pointwise unit (DESIGN.md section 5): the unit's exact dense kernel is
+``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]). How a merged group is evaluated is its *form*
+(``merge=``, ``forms.py``): ``dense`` merges the dense kernels into one dense conv (exact; cost
+grows with C^2 k^2); ``stacked`` runs each candidate's depthwise conv and ONE 1x1 conv over the
+stacked outputs with the coefficients and normalization in its weights (exact; cost grows with
+C^2 + C k^2 per candidate); ``separable`` merges the depthwise kernels and the pointwise kernels
+separately (one depthwise + one 1x1 conv whatever the number of candidates), which is NOT the
+weighted sum, since ``sum_i q_i P_i D_i != (sum_i q_i P_i)(sum_i q_i D_i)``, except for one-hot
+weights. ``"auto"`` (default) picks the exact form with the lowest modelled cost per group and
+device. Kernel normalization standardizes each candidate's dense kernel in every form, so a
+candidate is invariant to rescaling its depthwise or pointwise kernel and (dense groups) to
+shifting its dense kernel (not to shifting only its depthwise kernel, which is not a shift of
+the dense kernel).
 
 Memory. Merged kernels and normalization statistics are never stored: a merged conv is one
 autograd Function (``_MergedConv``) that keeps the conv input, the coefficients and the
@@ -65,8 +69,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backend import resolve as _resolve
+from . import forms as Fm
 from . import spaces as S
-from .operations import ConvUnit, OpChain, build_op, chosen_module
+from .operations import ConvUnit, OpChain, PoolBN, build_op, chosen_module
 from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
 
 __all__ = ["FusedMixedOp"]
@@ -92,6 +97,11 @@ class FusedMixedOp(nn.Module):
         affine: BN affine parameters (False in search, as DARTS).
         eps: kernel normalization epsilon.
         backend: kernel backend for ``toponas_kernels.ops`` (None: automatic).
+        merge: how ``"topo"`` evaluates each merged conv group (``forms.py``): ``"auto"`` (the
+            exact form with the lowest modelled cost for the group and device), ``"dense"`` (one
+            dense conv, exact), ``"stacked"`` (depthwise convs + one 1x1 conv, exact) or
+            ``"separable"`` (one depthwise + one 1x1 conv; an approximation, exact for one-hot
+            weights). Groups of dense convs always run dense.
         recompute: in the rewritten modes, run the parameter-free ends of the weighted branches
             (pooling, BN without affine, identity) without keeping their activations, and
             recompute them in backward from their input (kept anyway). Same values and
@@ -113,9 +123,11 @@ class FusedMixedOp(nn.Module):
         eps: float = 1e-5,
         backend: str | None = None,
         recompute: bool | None = None,
+        merge: str = "auto",
     ):
         super().__init__()
         self.rewrites = rewrites_for(mode)
+        self.merge = Fm.check_merge(merge)
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize: expected True, False, 'channel', 'tensor' or 'none', got {normalize!r}")
         k = 1 if partial_channels is None else partial_channels
@@ -140,6 +152,7 @@ class FusedMixedOp(nn.Module):
         self._ops = nn.ModuleList(build_op(op, C // k, stride, affine) for op in self.space)
         self.mp = nn.MaxPool2d(2, 2) if k > 1 and stride > 1 else None
         self._plans: dict[tuple[bool, ...], _Plan] = {}
+        self._forms: dict[tuple[Merged, str], tuple[str, str]] = {}
 
     @property
     def primitives(self) -> tuple[str, ...]:
@@ -148,7 +161,7 @@ class FusedMixedOp(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"C={self.C}, stride={self.stride}, mode={self.mode!r}, normalize={self.normalize!r}, "
-            f"partial_channels={self.partial_channels}, primitives={list(self.primitives)}"
+            f"merge={self.merge!r}, partial_channels={self.partial_channels}, primitives={list(self.primitives)}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -211,7 +224,10 @@ class FusedMixedOp(nn.Module):
     def _run(self, node, x: Tensor, masses: "_Masses") -> Tensor:
         if isinstance(node, Leaf):
             cand, pos = node.owners[0]
-            return self._ops[cand][pos](x)
+            module = self._ops[cand][pos]
+            if self.recompute and isinstance(module, PoolBN) and module.spec.kind == "max":
+                return _channels_last_on_cpu(module, x)
+            return module(x)
         if isinstance(node, Seq):
             return self._run_items(node.items, x, masses)
         if isinstance(node, Choice):
@@ -316,9 +332,19 @@ class FusedMixedOp(nn.Module):
         return self._run(branch.node, x, masses), False
 
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
-        """``conv(x, merge_kernels(candidate kernels, coefficients))``: one conv for the weighted
-        sum of several conv units (exact up to kernel normalization)."""
+        """The weighted sum of several conv units as one merged conv, in the form ``merge``
+        picks for the group (``forms.py``)."""
         units = [self._ops[p.owners[0][0]][p.owners[0][1]] for p in node.parts]
+        tensors = [t for unit in units for t in unit.kernel_tensors()]
+        form = self.form_of(node, x.device.type)[0]
+        if form != "dense":
+            build = Fm.stacked_input if form == "stacked" else Fm.separable_input
+            normalize, eps = self.normalize, self.eps
+
+            def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
+                return build(node, h, c, ts, normalize, eps)
+
+            return _MergedConv.apply(prepare, 1, 1, x, coefs, *tensors)
         dilations = [p.module.dilation for p in node.parts]
         sizes = [len(unit.kernel_tensors()) for unit in units]
 
@@ -329,8 +355,37 @@ class FusedMixedOp(nn.Module):
                 start += n
             return ops.merge_kernels(kernels, c.to(kernels[0].dtype), dilations, self.normalize, self.eps, backend=self.backend)
 
-        tensors = [t for unit in units for t in unit.kernel_tensors()]
-        return _MergedConv.apply(make_kernel, node.stride, node.groups, x, coefs, *tensors)
+        def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
+            return h, make_kernel(c, *ts)
+
+        return _MergedConv.apply(prepare, node.stride, node.groups, x, coefs, *tensors)
+
+    def form_of(self, node: Merged, device_type: str = "cpu") -> tuple[str, str]:
+        """The form a merged group runs in on ``device_type``, and why (cached)."""
+        key = (node, device_type)
+        got = self._forms.get(key)
+        if got is None:
+            c = self.C // self.partial_channels
+            got = self._forms[key] = Fm.choose_form(node, self.merge, c, c, device_type, self.normalize != "none")
+        return got
+
+    def merge_forms(self, mask=None, device_type: str = "cpu") -> list[tuple[Merged, str, str]]:
+        """Every merged group of the graph (for ``mask``) with its form on ``device_type`` and why."""
+        out = []
+
+        def visit(node):
+            if isinstance(node, Merged):
+                out.append((node, *self.form_of(node, device_type)))
+            elif isinstance(node, Seq):
+                for item in node.items:
+                    visit(item)
+            elif isinstance(node, Choice):
+                for b in node.branches:
+                    visit(b.node)
+
+        if self.rewrites.reparam:
+            visit(self.simplified_graph(mask).root)
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _check_weights(self, weights: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -494,22 +549,23 @@ class _Masses:
 
 
 class _MergedConv(torch.autograd.Function):
-    """``conv2d(x, make_kernel(coefs))`` ('same' padding) that keeps only x, the coefficients and
-    the candidates' parameters for backward: the merged kernel (and each separable candidate's
-    dense kernel) is rebuilt there, which costs a few small kernel-sized ops instead of keeping
-    C_out x C_in x k x k tensors per merged conv for the whole step (at C = 64 they outweigh the
-    edge's activations)."""
+    """``conv2d(z, kernel)`` ('same' padding) with ``z, kernel = prepare(x, coefs, *tensors)``,
+    keeping only x, the coefficients and the candidates' parameters for backward. Dense form:
+    z is x and kernel the merged kernel; stacked and separable forms: z the depthwise outputs
+    and kernel the 1x1 conv over them (``forms.py``). Backward runs ``prepare`` again, which
+    costs a few small kernel-sized ops (and a depthwise pass) instead of keeping C_out x C_in x
+    k x k kernels or n x |x| depthwise outputs per merged conv for the whole step."""
 
     @staticmethod
-    def forward(ctx, make_kernel, stride, groups, x, coefs, *tensors):
-        # Under autocast the conv runs in the autocast dtype, like F.conv2d would; the kernel is
+    def forward(ctx, prepare, stride, groups, x, coefs, *tensors):
+        # Under autocast the conv runs in the autocast dtype, like F.conv2d would; kernels are
         # merged in the parameters' dtype and cast, and backward repeats the same casts.
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
-            kernel = make_kernel(coefs, *tensors)  # autograd is off here: nothing is kept
-            y = F.conv2d(x.to(dtype), kernel.to(dtype), None, stride, kernel.shape[-1] // 2, 1, groups)
-        ctx.make_kernel, ctx.conv, ctx.dtype = make_kernel, (stride, kernel.shape[-1] // 2, groups), dtype
+            z, kernel = prepare(x.to(dtype), coefs, *tensors)  # autograd is off here: nothing is kept
+            y = F.conv2d(z, kernel.to(dtype), None, stride, kernel.shape[-1] // 2, 1, groups)
+        ctx.prepare, ctx.conv, ctx.dtype = prepare, (stride, kernel.shape[-1] // 2, groups), dtype
         ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
         return y
 
@@ -517,16 +573,25 @@ class _MergedConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, *sources = ctx.saved_tensors
         stride, padding, groups = ctx.conv
-        with torch.enable_grad():
-            sources = [t.detach().requires_grad_() for t in sources]
-            kernel = ctx.make_kernel(*sources).to(ctx.dtype)
         need_x = ctx.needs_input_grad[3]
-        gx, gk, _ = torch.ops.aten.convolution_backward(
-            grad.to(ctx.dtype), x.to(ctx.dtype), kernel.detach(), None, [stride] * 2, [padding] * 2, [1, 1],
-            False, [0, 0], groups, [need_x, True, False],
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            xg = x.detach().requires_grad_(need_x)
+            sources = [t.detach().requires_grad_() for t in sources]
+            z, kernel = ctx.prepare(xg.to(ctx.dtype), *sources)
+            kernel = kernel.to(ctx.dtype)
+        need_z = z.requires_grad
+        gz, gk, _ = torch.ops.aten.convolution_backward(
+            grad.to(ctx.dtype), z.detach(), kernel.detach(), None, [stride] * 2, [padding] * 2, [1, 1],
+            False, [0, 0], groups, [need_z, True, False],
         )
-        grads = torch.autograd.grad(kernel, sources, gk, allow_unused=True)
-        return (None, None, None, gx.to(x.dtype) if need_x else None, *grads)
+        outs, gouts = [kernel], [gk]
+        if need_z:
+            outs.append(z)
+            gouts.append(gz)
+        inputs = ([xg] if need_x else []) + sources
+        grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True))
+        gx = grads.pop(0) if need_x else None
+        return (None, None, None, gx.to(x.dtype) if gx is not None else None, *grads)
 
 
 class _RecomputedSum(torch.autograd.Function):
@@ -567,6 +632,16 @@ def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
     for y in outputs:
         dtype = torch.promote_types(dtype, y.dtype)
     return [y if y.dtype == dtype else y.to(dtype) for y in outputs], (w if w.dtype == dtype else w.to(dtype))
+
+
+def _channels_last_on_cpu(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a max pooling module, run channels-last on a CPU, where max pooling is
+    10-80x faster than in NCHW (bench/RESULTS.md); the same values, for two layout copies. Used
+    where the pool is recomputed in backward, so the channels-last copy is never kept (plain
+    stays the DARTS reference)."""
+    if x.device.type != "cpu":
+        return module(x)
+    return module(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 def _absorbs(choice: Choice) -> bool:

@@ -130,7 +130,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     """The DARTS CIFAR search network: stem Conv3x3(3, 3C)+BN, ``layers`` cells with reductions
     at 1/3 and 2/3 depth (channels double), global average pool, Linear.
 
-    ``mode``, ``normalize`` and ``partial_channels`` go to every ``FusedMixedOp``;
+    ``mode``, ``normalize``, ``partial_channels`` and ``merge`` go to every ``FusedMixedOp``;
     ``edge_normalization`` adds PC-DARTS' per-edge betas; ``masks`` (bool [14, K] for normal and
     reduce cells) switch candidates off for good (Zero-One-Shot). ``topology`` adds ROME's
     per-edge topology betas instead (two sampled incoming edges per node; see ``sample_topology``).
@@ -149,6 +149,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         mode: str = "plain",
         normalize: bool = True,
         partial_channels: int | None = None,
+        merge: str = "auto",
         edge_normalization: bool | None = None,
         sampler: str = "softmax",
         exclude: tuple[str, ...] = (),
@@ -164,7 +165,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         if edge_normalization and topology:
             raise ValueError("topology: ROME's topology betas and PC-DARTS' edge normalization exclude each other")
         self.topology = bool(topology)
-        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
+        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels, merge=merge)
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
@@ -314,6 +315,7 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         mode: str = "plain",
         normalize: bool = True,
         partial_channels: int | None = None,
+        merge: str = "auto",
         sampler: str = "softmax",
         exclude: tuple[str, ...] = (),
         in_channels: int = 3,
@@ -321,7 +323,7 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         super().__init__()
         self.space = get_space(space)
         self._set_sampling(sampler, exclude)
-        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels)
+        op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels, merge=merge)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()
         c = C

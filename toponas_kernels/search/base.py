@@ -70,6 +70,9 @@ class SearchMethod:
         #: data parallel: called with a parameter list before every optimizer step, to average
         #: the gradients over the processes (the runner sets it under torchrun)
         self.grad_reducer = None
+        #: a compiled ``(x, y) -> (loss, logits)`` (``nas.compile.compile_step``) used instead of
+        #: the eager forward when set (the runner's ``--compile``)
+        self.compiled_loss = None
 
     # ------------------------------------------------------------------ schedule
     def begin_epoch(self, epoch: int) -> None:
@@ -103,6 +106,8 @@ class SearchMethod:
         return stats
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.compiled_loss is not None:
+            return self.compiled_loss(x, y)
         logits = self.model(x)
         return self.criterion(logits, y), logits
 

@@ -18,6 +18,7 @@ SPACES = ("darts", "nb201", "exaggerated")
 TOPO_MODES = ("plain", "pms", "pms+fms", "topo")
 MASK_KINDS = ("random", "zero-shot")
 MASK_RULES = ("operations", "architectures")
+MERGES = ("auto", "dense", "stacked", "separable")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,8 @@ class SearchConfig:
     network: str | None = None  # "darts" or "nb201" macro for a user-declared SearchSpace
     topo: str = "plain"
     kernel_norm: bool = True
+    merge: str = "auto"  # how merged conv groups run: auto, dense, stacked (exact), separable (approximation)
+    compile: bool | str = False  # torch.compile the loss of a step (True: inductor; or a backend name)
     mask: str | None = None  # "random", "zero-shot", a mask file, or None
     mask_level: float = 0.5
     mask_rule: str = "operations"
@@ -153,6 +156,8 @@ class SearchConfig:
             raise ConfigError("--lookup: the benchmark tables hold NAS-Bench-201 cells; use it with --space nb201")
         if self.fit_by not in ("batch", "pc", "mask"):
             raise ConfigError(f"--fit-by: expected batch, pc or mask, got {self.fit_by!r}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"--merge: expected one of {', '.join(MERGES)}, got {self.merge!r}")
         if self.mask_rule not in MASK_RULES:
             raise ConfigError(f"--mask-rule: expected one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}")
         if not (isinstance(self.mask_level, (int, float)) and 0.0 < self.mask_level < 1.0):
@@ -208,7 +213,7 @@ class SearchConfig:
 
 # What must agree between a checkpoint and the configuration resuming it.
 RESUME_KEYS = (
-    "space", "method", "dataset", "network", "topo", "kernel_norm", "mask", "mask_level", "mask_rule", "seed",
+    "space", "method", "dataset", "network", "topo", "kernel_norm", "merge", "mask", "mask_level", "mask_rule", "seed",
     "epochs", "batch_size", "lr", "lr_min", "momentum", "nesterov", "weight_decay", "grad_clip", "arch_lr",
     "arch_weight_decay", "warmup_epochs", "partial_channels", "beta_lambda", "tau_max", "tau_min", "rome_samples",
     "init_channels", "layers", "train_portion", "train_size", "steps_per_epoch", "channels",

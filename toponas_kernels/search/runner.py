@@ -56,7 +56,8 @@ def build_supernet(config: SearchConfig, num_classes: int, in_channels: int, *, 
     if proxy:
         common.update(mode="plain")
     else:
-        common.update(mode=config.topo, normalize=config.kernel_norm, partial_channels=config.partial_channels)
+        common.update(mode=config.topo, normalize=config.kernel_norm, partial_channels=config.partial_channels,
+                      merge=config.merge)
     if config.macro() == "nb201":
         C, N = (3, 1) if proxy else (config.init_channels, config.layers)
         return NB201SearchNetwork(C, N, **common)
@@ -206,6 +207,11 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
                 raise ConfigError(f"--mask: '{name}' switches off every operation of some edge")
 
     method = build_method(cfg, model)
+    if cfg.compile:
+        from ..nas.compile import compile_step
+
+        backend = "inductor" if cfg.compile is True else str(cfg.compile)
+        method.compiled_loss = compile_step(model, lambda logits, y: (method.criterion(logits, y), logits), backend=backend)
     if procs.world > 1:
         method.grad_reducer = procs.mean_grads
     pin = device.type == "cuda"

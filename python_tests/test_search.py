@@ -547,3 +547,20 @@ def test_data_parallel_two_processes_agree(space, method, tmp_path):
     assert result["processes"] == {"world_size": 2, "ranks_agree": True}
     assert p.stderr.count("result: ") == 1 and p.stderr.count("epoch 1/1") == 1  # rank 0 alone reports
     assert result["steps"] == 2  # 16 images per half, 8 per step split over 2 ranks
+
+
+def test_merge_forms_and_compile_reach_the_supernet(tmp_path):
+    cfg = tiny("darts", "darts", tmp_path / "sep", topo="topo", merge="separable")
+    run(cfg, log=quiet)
+    from toponas_kernels.search.runner import build_supernet
+
+    model = build_supernet(cfg.resolved(), 10, 3)
+    assert {op.merge for cell in model.cells for op in cell.edges} == {"separable"}
+    with pytest.raises(ConfigError, match="--merge"):
+        run(tiny("darts", "darts", tmp_path / "bad", merge="fast"), log=quiet)
+    # compiled steps (aot_eager: the compiled forward and backward graphs without code generation)
+    eager = run(tiny("nb201", "darts", tmp_path / "e"), log=quiet)
+    compiled = run(tiny("nb201", "darts", tmp_path / "c", compile="aot_eager"), log=quiet)
+    for name in eager["alphas"]:
+        torch.testing.assert_close(torch.tensor(compiled["alphas"][name]), torch.tensor(eager["alphas"][name]),
+                                   rtol=1e-4, atol=1e-6)

@@ -112,6 +112,15 @@ def test_merge_opcheck(backend, device):
             torch.ops.toponas.merge_kernels_backward.default,
             (g, [k.detach() for k in ks], w.detach(), [2, 1], normalize, 1e-5, backend),
         )
+    # channels_last kernels and gradient: the results are contiguous, as the fake promises.
+    cl = [k.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for k in ks]
+    gl = g.contiguous(memory_format=torch.channels_last)
+    for normalize in MODES:
+        torch.library.opcheck(torch.ops.toponas.merge_kernels.default, (cl, w, [2, 1], normalize, 1e-5, backend))
+        torch.library.opcheck(
+            torch.ops.toponas.merge_kernels_backward.default,
+            (gl, [k.detach() for k in cl], w.detach(), [2, 1], normalize, 1e-5, backend),
+        )
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

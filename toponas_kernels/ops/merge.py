@@ -448,7 +448,7 @@ def _merge_backward_ref(
         st = (kmax - span) // 2
         G = g[..., st : st + span : d, st : st + span : d]  # crop: the candidate's taps
         if normalize == "none":
-            dxs.append((w[i] * G).to(kernel.dtype))
+            dxs.append((w[i] * G).to(kernel.dtype).contiguous())
             gw.append((G * x).sum())
             continue
         dims = tuple(range(1, 4)) if normalize == "channel" else tuple(range(4))
@@ -460,7 +460,7 @@ def _merge_backward_ref(
         sg = G.sum(dim=dims, keepdim=True)
         sgx = (G * xc).sum(dim=dims, keepdim=True)
         c2 = torch.where(std > 0, sgx * inv * inv / (n * torch.where(std > 0, std, 1.0)), 0.0)
-        dxs.append((w[i] * ((G - sg / n) * inv - c2 * xc)).to(kernel.dtype))
+        dxs.append((w[i] * ((G - sg / n) * inv - c2 * xc)).to(kernel.dtype).contiguous())
         gw.append((sgx * inv).sum())
     return dxs + [torch.stack(gw).to(weights.dtype)]
 
@@ -475,7 +475,7 @@ def _merge_kernels_op(
     kernels: list[Tensor], weights: Tensor, dilations: list[int], normalize: str, eps: float, backend: str
 ) -> Tensor:
     if backend == "reference":
-        return _ref.merge_kernels_ref(kernels, weights, dilations, normalize, eps)
+        return _ref.merge_kernels_ref(kernels, weights, dilations, normalize, eps).contiguous()
     if backend == "triton":
         return _merge_triton(kernels, weights, dilations, normalize, eps)
     ks, w = _compiled_args(kernels, weights)

@@ -148,6 +148,7 @@ def _padded(tensors: list[Tensor], start: int) -> tuple[list[Tensor], int]:
 
 def _mixed_sum_triton(outputs: list[Tensor], weights: Tensor) -> Tensor:
     ys = [y.contiguous() for y in outputs]
+    weights = weights.contiguous()  # the kernels read weights[k] at w_ptr + k
     out = torch.empty_like(ys[0])
     n, k_total = out.numel(), len(ys)
     if n == 0:
@@ -170,6 +171,7 @@ def _mixed_sum_triton(outputs: list[Tensor], weights: Tensor) -> Tensor:
 def _mixed_sum_backward_triton(grad: Tensor, outputs: list[Tensor], weights: Tensor) -> list[Tensor]:
     g = grad.contiguous()
     ys = [y.contiguous() for y in outputs]
+    weights = weights.contiguous()
     gys = [torch.empty_like(y) for y in ys]
     n, k_total = g.numel(), len(ys)
     if n == 0:
@@ -219,7 +221,7 @@ def _mixed_sum_backward_ref(grad: Tensor, outputs: list[Tensor], weights: Tensor
     acc = _ref.acc_dtype(grad.dtype)
     g = grad.to(acc)
     w = weights.to(acc)
-    gys = [(w[k] * g).to(grad.dtype) for k in range(len(outputs))]
+    gys = [(w[k] * g).to(grad.dtype).contiguous() for k in range(len(outputs))]
     gw = torch.stack([(g * y.to(acc)).sum() for y in outputs]).to(weights.dtype)
     return gys + [gw]
 
@@ -227,14 +229,14 @@ def _mixed_sum_backward_ref(grad: Tensor, outputs: list[Tensor], weights: Tensor
 def _masked_softmax_backward_ref(grad: Tensor, probs: Tensor, tau: float) -> Tensor:
     acc = _ref.acc_dtype(probs.dtype)
     g, p = grad.to(acc), probs.to(acc)
-    return (p * (g - (g * p).sum(-1, keepdim=True)) / tau).to(probs.dtype)
+    return (p * (g - (g * p).sum(-1, keepdim=True)) / tau).to(probs.dtype).contiguous()
 
 
 # ============================================================================ custom ops
 @torch.library.custom_op("toponas::mixed_sum", mutates_args=())
 def _mixed_sum_op(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
-    if backend == "reference":
-        return _ref.mixed_sum_ref(outputs, weights)
+    if backend == "reference":  # contiguous, as the fake promises (eager keeps channels_last)
+        return _ref.mixed_sum_ref(outputs, weights).contiguous()
     if backend == "triton":
         return _mixed_sum_triton(outputs, weights)
     return torch.ops.toponas.mixed_sum_kernel([y.contiguous() for y in outputs], weights.contiguous())
@@ -282,7 +284,7 @@ _mixed_sum_op.register_autograd(_mixed_sum_grad, setup_context=_mixed_sum_setup)
 @torch.library.custom_op("toponas::masked_softmax", mutates_args=())
 def _masked_softmax_op(logits: Tensor, mask: Tensor, tau: float, backend: str) -> Tensor:
     if backend == "reference":
-        return _ref.masked_softmax_ref(logits, mask, tau)
+        return _ref.masked_softmax_ref(logits, mask, tau).contiguous()
     if backend == "triton":
         return _masked_softmax_triton(logits, mask, tau)
     return torch.ops.toponas.masked_softmax_kernel(logits.contiguous(), mask.contiguous(), tau)

@@ -36,6 +36,7 @@ TIMES = ("fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms")
 
 def _run(tmp_path, *extra, device="cpu", timeout=600):
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # ops.py interprets Triton only for CPU runs, itself
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     cmd = [sys.executable, str(OPS_PY), "--quick", "--device", device, "--json", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

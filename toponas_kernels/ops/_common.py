@@ -3,6 +3,7 @@ import, and launch sizes for the GPU and for the CPU interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -84,3 +85,9 @@ def register_kernel_fake(name: str):
         return fn
 
     return wrap
+
+
+def device_guard(t: Tensor):
+    """Triton launches go to the current CUDA device: run them under the device of ``t``
+    (tensors on cuda:1 while cuda:0 is current). A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

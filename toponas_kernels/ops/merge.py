@@ -63,6 +63,7 @@ from ._common import (
     block_size,
     check_like,
     check_tensor,
+    device_guard,
     register_kernel_fake,
     tl,
     triton,
@@ -477,7 +478,8 @@ def _merge_kernels_op(
     if backend == "reference":
         return _ref.merge_kernels_ref(kernels, weights, dilations, normalize, eps).contiguous()
     if backend == "triton":
-        return _merge_triton(kernels, weights, dilations, normalize, eps)
+        with device_guard(kernels[0]):
+            return _merge_triton(kernels, weights, dilations, normalize, eps)
     ks, w = _compiled_args(kernels, weights)
     return torch.ops.toponas.merge_kernels_kernel(ks, w, dilations, MODE_CODES[normalize], eps)
 
@@ -500,7 +502,8 @@ def _merge_kernels_backward_op(
     if backend == "reference":
         return _merge_backward_ref(grad, kernels, weights, dilations, normalize, eps)
     if backend == "triton":
-        return _merge_backward_triton(grad, kernels, weights, dilations, normalize, eps)
+        with device_guard(grad):
+            return _merge_backward_triton(grad, kernels, weights, dilations, normalize, eps)
     ks, w = _compiled_args(kernels, weights)
     return torch.ops.toponas.merge_kernels_backward_kernel(grad.contiguous(), ks, w, dilations, MODE_CODES[normalize], eps)
 

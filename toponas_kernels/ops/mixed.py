@@ -27,6 +27,7 @@ from ._common import (
     block_size,
     check_like,
     check_tensor,
+    device_guard,
     register_kernel_fake,
     tl,
     triton,
@@ -238,7 +239,8 @@ def _mixed_sum_op(outputs: list[Tensor], weights: Tensor, backend: str) -> Tenso
     if backend == "reference":  # contiguous, as the fake promises (eager keeps channels_last)
         return _ref.mixed_sum_ref(outputs, weights).contiguous()
     if backend == "triton":
-        return _mixed_sum_triton(outputs, weights)
+        with device_guard(outputs[0]):
+            return _mixed_sum_triton(outputs, weights)
     return torch.ops.toponas.mixed_sum_kernel([y.contiguous() for y in outputs], weights.contiguous())
 
 
@@ -253,7 +255,8 @@ def _mixed_sum_backward_op(grad: Tensor, outputs: list[Tensor], weights: Tensor,
     if backend == "reference":
         return _mixed_sum_backward_ref(grad, outputs, weights)
     if backend == "triton":
-        return _mixed_sum_backward_triton(grad, outputs, weights)
+        with device_guard(grad):
+            return _mixed_sum_backward_triton(grad, outputs, weights)
     return torch.ops.toponas.mixed_sum_backward_kernel(
         grad.contiguous(), [y.contiguous() for y in outputs], weights.contiguous()
     )
@@ -286,7 +289,8 @@ def _masked_softmax_op(logits: Tensor, mask: Tensor, tau: float, backend: str) -
     if backend == "reference":
         return _ref.masked_softmax_ref(logits, mask, tau).contiguous()
     if backend == "triton":
-        return _masked_softmax_triton(logits, mask, tau)
+        with device_guard(logits):
+            return _masked_softmax_triton(logits, mask, tau)
     return torch.ops.toponas.masked_softmax_kernel(logits.contiguous(), mask.contiguous(), tau)
 
 
@@ -300,7 +304,8 @@ def _masked_softmax_backward_op(grad: Tensor, probs: Tensor, tau: float, backend
     if backend == "reference":
         return _masked_softmax_backward_ref(grad, probs, tau)
     if backend == "triton":
-        return _masked_softmax_backward_triton(grad, probs, tau)
+        with device_guard(grad):
+            return _masked_softmax_backward_triton(grad, probs, tau)
     return torch.ops.toponas.masked_softmax_backward_kernel(grad.contiguous(), probs.contiguous(), tau)
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from . import reference as _ref
-from ._common import HAS_TRITON, INTERPRET, check_like, check_tensor, register_kernel_fake, tl, triton
+from ._common import HAS_TRITON, INTERPRET, check_like, check_tensor, device_guard, register_kernel_fake, tl, triton
 
 # The kernels move raw words of the element size: bf16 never meets (interpreter) arithmetic.
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -199,7 +199,8 @@ def _channel_shuffle_op(x: Tensor, groups: int, backend: str) -> Tensor:
     if backend == "reference":
         return _owned(_ref.channel_shuffle_ref(x, groups), x)
     if backend == "triton":
-        return _channel_shuffle_triton(x, groups)
+        with device_guard(x):
+            return _channel_shuffle_triton(x, groups)
     return torch.ops.toponas.channel_shuffle_kernel(x, groups)
 
 
@@ -229,7 +230,8 @@ def _partial_channel_shuffle_op(processed: Tensor, bypass: Tensor, groups: int, 
     if backend == "reference":
         return _owned(_ref.partial_channel_shuffle_ref(processed, bypass, groups), processed, bypass)
     if backend == "triton":
-        return _partial_channel_shuffle_triton(processed, bypass, groups)
+        with device_guard(processed):
+            return _partial_channel_shuffle_triton(processed, bypass, groups)
     return torch.ops.toponas.partial_channel_shuffle_kernel(processed, bypass, groups)
 
 
@@ -246,7 +248,8 @@ def _partial_channel_unshuffle_op(
     if backend == "reference":
         return _partial_channel_unshuffle_ref(grad, processed_channels, groups)
     if backend == "triton":
-        return _partial_channel_unshuffle_triton(grad, processed_channels, groups)
+        with device_guard(grad):
+            return _partial_channel_unshuffle_triton(grad, processed_channels, groups)
     return torch.ops.toponas.partial_channel_unshuffle_kernel(grad, processed_channels, groups)
 
 

@@ -537,6 +537,28 @@ def test_bad_input_names_the_argument():
         op.load_plain_state(RefMixedOp(6, 1))
 
 
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(C=16, stride=3), "stride"),  # used to fail later, inside a kernel
+        (dict(C=16, stride=0), "stride"),
+        (dict(C=16, stride=True), "stride"),
+        (dict(C=True), "C"),
+        (dict(C=0), "C"),
+        (dict(C=16, partial_channels=2.0), "partial_channels"),
+        (dict(C=16, affine="yes"), "affine"),
+        (dict(C=16, eps=0.0), "eps"),
+        (dict(C=16, eps=float("nan")), "eps"),
+        (dict(C=16, backend="cuad"), "backend"),
+        (dict(C=16, recompute="no"), "recompute"),
+        (dict(C=16, space="nope"), "space|nope"),
+    ],
+)
+def test_constructor_checks_every_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FusedMixedOp(**kwargs)
+
+
 @pytest.mark.parametrize("mode", ["pms", "pms+fms", "topo"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_recompute_changes_nothing_but_memory(mode, stride):

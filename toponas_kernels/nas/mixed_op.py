@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..backend import BACKENDS
 from ..backend import resolve as _resolve
 from . import spaces as S
 from .operations import ConvUnit, OpChain, build_op, chosen_module
@@ -119,14 +120,22 @@ class FusedMixedOp(nn.Module):
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize: expected True, False, 'channel', 'tensor' or 'none', got {normalize!r}")
         k = 1 if partial_channels is None else partial_channels
-        if not isinstance(k, int) or k < 1:
+        if not _is_int(k) or k < 1:
             raise ValueError(f"partial_channels: expected a positive int, got {partial_channels!r}")
-        if not isinstance(C, int) or C < 1:
+        if not _is_int(C) or C < 1:
             raise ValueError(f"C: expected a positive int, got {C!r}")
         if C % k:
             raise ValueError(f"partial_channels: C = {C} is not divisible by partial_channels = {k}")
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride: expected a positive int, got {stride!r}")
+        if not _is_int(stride) or stride not in (1, 2):
+            raise ValueError(f"stride: expected 1 (normal edge) or 2 (reduction edge), got {stride!r}")
+        if not isinstance(affine, bool):
+            raise ValueError(f"affine: expected True or False, got {affine!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+            raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
+        if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in ("auto", *BACKENDS)):
+            raise ValueError(f"backend: expected None or one of {('auto', *BACKENDS)}, got {backend!r}")
+        if recompute is not None and not isinstance(recompute, bool):
+            raise ValueError(f"recompute: expected None, True or False, got {recompute!r}")
 
         if isinstance(primitives, (S.SearchSpace, str)):
             self.space = S.get_space(primitives)
@@ -579,6 +588,10 @@ def _absorbs(choice: Choice) -> bool:
         if not (items and isinstance(items[-1], Choice) and _absorbs(items[-1])):
             return False
     return True
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shape(mask) -> tuple:

@@ -211,3 +211,66 @@ def test_network_defaults_are_documented_ones():
     assert model.betas_normal is None
     pc = DartsSearchNetwork(C=4, layers=3, partial_channels=2)
     assert pc.betas_normal is not None  # PC-DARTS: edge normalization on with partial channels
+
+
+# ----------------------------------------------------------------------------- host syncs
+class _SyncCounter:
+    """Counts the calls that read a tensor back to the host (a device-to-host sync on a GPU)
+    and list indexing (a host-to-device index copy), through hooks on torch.Tensor."""
+
+    READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.READS:
+            self._hook(monkeypatch, name)
+        real_getitem = torch.Tensor.__getitem__
+
+        def getitem(t, index):
+            if isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index)):
+                self.calls.append("__getitem__[list]")
+            return real_getitem(t, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+
+    def _hook(self, monkeypatch, name):
+        real = getattr(torch.Tensor, name)
+
+        def counted(t, *a, **k):
+            self.calls.append(name)
+            return real(t, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DartsSearchNetwork(C=4, layers=3, mode="topo"),
+        lambda: DartsSearchNetwork(C=4, layers=3, mode="plain"),
+        lambda: DartsSearchNetwork(C=8, layers=3, mode="topo", partial_channels=2),
+        lambda: NB201SearchNetwork(C=4, N=1, mode="topo"),
+    ],
+    ids=["darts-topo", "darts-plain", "pc-darts-topo", "nb201-topo"],
+)
+def test_search_step_makes_no_host_sync(make, monkeypatch):
+    """After the first step (which reads the search-space masks once), a forward + backward
+    step reads nothing back from the device: no per-call mask checks, no retried noise, no
+    index lists."""
+    model = make()
+    if isinstance(model, DartsSearchNetwork):
+        mask = torch.ones_like(model.mask_normal)
+        mask[:, 3] = False  # a masked candidate: the plain edges index the weights
+        model.set_masks(mask, mask.clone())
+    x = torch.randn(2, 3, 8, 8)
+    _train_step(model, x)
+    counter = _SyncCounter(monkeypatch)
+    for _ in range(2):
+        model.zero_grad()
+        _train_step(model, x)
+    monkeypatch.undo()
+    assert counter.calls == [], counter.calls
+    # A new mask is picked up (the cached host copy follows the buffer).
+    if isinstance(model, DartsSearchNetwork):
+        model.mask_normal[:, 5] = False
+        assert model._host_masks(None, model.mask_normal)[0][5] is False

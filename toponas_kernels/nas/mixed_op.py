@@ -211,9 +211,10 @@ class FusedMixedOp(nn.Module):
 
     def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:
         if self.mode == "plain":
-            idx = [i for i, a in enumerate(active) if a]
+            idx = tuple(i for i, a in enumerate(active) if a)
             outputs = [self._ops[i](x) for i in idx]
-            w = weights if len(idx) == len(active) else weights[idx]
+            # A cached index tensor: weights[list] would copy a new index to the device per call.
+            w = weights if len(idx) == len(active) else weights.index_select(0, self._plan(active).index(idx, weights.device))
             return ops.mixed_sum(*_promoted(outputs, w), backend=self.backend)
         plan = self._plan(active)
         root = plan.graph.root

@@ -389,9 +389,9 @@ def _check_mask(mask, logits: Tensor) -> Tensor:
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}, not broadcastable to logits {tuple(logits.shape)}"
             ) from None
-    # A data-dependent check: eager calls only (under torch.compile it would break the graph).
-    if not torch.compiler.is_compiling() and not bool(mask.any(dim=-1).all()):
-        raise ValueError("mask leaves a row with no active candidate; keep at least one per row")
+    # Whether every row keeps a candidate is NOT checked here: that would read the mask back
+    # from the device on every call (a sync per search step). Masks are checked once where they
+    # are set (the supernets' set_masks, FusedMixedOp); a row with none active gives NaN.
     return mask
 
 
@@ -424,17 +424,14 @@ def gumbel_softmax(
     """GDAS weights: ``softmax((log_softmax(logits) + g) / tau)`` with g = -log(Exponential(1))
     noise, restricted to ``mask``; ``hard`` returns the one-hot of the argmax with the
     straight-through gradient ``one_hot - probs.detach() + probs``. (log_softmax only shifts a
-    row by a constant, so it is left out.) Noise that gives inf/NaN is drawn again."""
+    row by a constant, so it is left out.) The exponential draws are clamped to the finite
+    positive range of the dtype, so the noise is always finite (no check, no device sync)."""
     _check_logits(logits, tau)
     mask = _check_mask(mask, logits)
     resolved = _backend.resolve(backend, logits.device)
-    for _ in range(100):
-        noise = -torch.empty_like(logits).exponential_(generator=generator).log()
-        probs = _masked_softmax_op(logits + noise, mask, float(tau), resolved)
-        if bool(torch.isfinite(probs).all()):
-            break
-    else:  # pragma: no cover - needs non-finite logits
-        raise ValueError("gumbel_softmax gave non-finite weights 100 times: are the logits finite?")
+    info = torch.finfo(logits.dtype)
+    draws = torch.empty_like(logits).exponential_(generator=generator).clamp_(info.tiny, info.max)
+    probs = _masked_softmax_op(logits - draws.log(), mask, float(tau), resolved)
     if not hard:
         return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)

@@ -26,8 +26,10 @@ from ._common import (
     as_tensor_list,
     block_size,
     check_like,
+    check_same,
     check_tensor,
     device_guard,
+    fast_path,
     register_kernel_fake,
     tl,
     triton,
@@ -234,14 +236,18 @@ def _masked_softmax_backward_ref(grad: Tensor, probs: Tensor, tau: float) -> Ten
 
 
 # ============================================================================ custom ops
-@torch.library.custom_op("toponas::mixed_sum", mutates_args=())
-def _mixed_sum_op(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
+# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
+# directly by the eager fast path (``_MixedSum`` below).
+def _mixed_sum_impl(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
     if backend == "reference":  # contiguous, as the fake promises (eager keeps channels_last)
         return _ref.mixed_sum_ref(outputs, weights).contiguous()
     if backend == "triton":
         with device_guard(outputs[0]):
             return _mixed_sum_triton(outputs, weights)
-    return torch.ops.toponas.mixed_sum_kernel([y.contiguous() for y in outputs], weights.contiguous())
+    return torch.ops.toponas.mixed_sum_kernel(outputs, weights)  # the kernels make inputs contiguous
+
+
+_mixed_sum_op = torch.library.custom_op("toponas::mixed_sum", _mixed_sum_impl, mutates_args=())
 
 
 @_mixed_sum_op.register_fake
@@ -249,17 +255,17 @@ def _(outputs, weights, backend):
     return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("toponas::mixed_sum_backward", mutates_args=())
-def _mixed_sum_backward_op(grad: Tensor, outputs: list[Tensor], weights: Tensor, backend: str) -> list[Tensor]:
+def _mixed_sum_backward_impl(grad: Tensor, outputs: list[Tensor], weights: Tensor, backend: str) -> list[Tensor]:
     """Returns K output gradients followed by the weight gradient."""
     if backend == "reference":
         return _mixed_sum_backward_ref(grad, outputs, weights)
     if backend == "triton":
         with device_guard(grad):
             return _mixed_sum_backward_triton(grad, outputs, weights)
-    return torch.ops.toponas.mixed_sum_backward_kernel(
-        grad.contiguous(), [y.contiguous() for y in outputs], weights.contiguous()
-    )
+    return torch.ops.toponas.mixed_sum_backward_kernel(grad, outputs, weights)
+
+
+_mixed_sum_backward_op = torch.library.custom_op("toponas::mixed_sum_backward", _mixed_sum_backward_impl, mutates_args=())
 
 
 @_mixed_sum_backward_op.register_fake
@@ -282,6 +288,23 @@ def _mixed_sum_grad(ctx, grad):
 
 
 _mixed_sum_op.register_autograd(_mixed_sum_grad, setup_context=_mixed_sum_setup)
+
+
+class _MixedSum(torch.autograd.Function):
+    """The eager fast path of mixed_sum (see ``_common.fast_path``): the same kernels and
+    backward as the custom op, without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, backend, weights, *outputs):
+        ctx.save_for_backward(weights, *outputs)
+        ctx.backend = backend
+        return _mixed_sum_impl(list(outputs), weights, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, *outputs = ctx.saved_tensors
+        grads = _mixed_sum_backward_impl(grad, outputs, weights, ctx.backend)
+        return (None, grads[-1], *grads[:-1])
 
 
 @torch.library.custom_op("toponas::masked_softmax", mutates_args=())
@@ -362,15 +385,15 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
         backend: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` or None/``"auto"``.
     """
     ys = as_tensor_list("outputs", outputs)
-    first = check_tensor("outputs[0]", ys[0])
-    for k, y in enumerate(ys[1:], start=1):
-        check_tensor(f"outputs[{k}]", y)
-        check_like(f"outputs[{k}]", y, "outputs[0]", first)
+    first = check_same("outputs", ys)
     check_tensor("weights", weights, dim=1)
     if weights.shape[0] != len(ys):
         raise ValueError(f"weights has {weights.shape[0]} entries but there are {len(ys)} outputs; one weight per output")
     check_like("weights", weights, "outputs[0]", first, shape=False)
-    return _mixed_sum_op(ys, weights, _backend.resolve(backend, first.device))
+    resolved = _backend.resolve(backend, first.device)
+    if fast_path():
+        return _MixedSum.apply(resolved, weights, *ys)
+    return _mixed_sum_op(ys, weights, resolved)
 
 
 def _check_mask(mask, logits: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 normalization, Gumbel sampling, genotypes; and the search-step benchmark end to end."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -115,17 +116,35 @@ def test_nb201_network(mode):
     assert model.genotype() == "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
 
 
-def test_search_step_benchmark_json():
-    """bench/search_step.py end to end on a tiny supernet: one JSON line with the issue's fields."""
-    cmd = [sys.executable, str(ROOT / "bench" / "search_step.py"), "--space", "darts", "--mode", "topo",
-           "--C", "4", "--cells", "3", "--batch", "2", "--repeats", "1", "--threads", "1", "--json"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def _search_step(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, str(ROOT / "bench" / "search_step.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("mode", ["topo", "fms"])
+def test_search_step_benchmark_json(mode):
+    """bench/search_step.py end to end on a tiny supernet: one JSON line with the issue's fields,
+    in every FusedMixedOp mode (fms included), with the CPU contention of the timing."""
+    result = _search_step("--space", "darts", "--mode", mode, "--C", "4", "--cells", "3", "--batch", "2",
+                          "--repeats", "1", "--threads", "1", "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("peak_bytes", "saved_bytes", "step_seconds", "device"):
+    for key in ("peak_bytes", "saved_bytes", "step_seconds", "device", "others_cpu"):
         assert key in record
-    assert record["mode"] == "topo" and record["space"] == "darts" and record["batch"] == 2
+    assert record["mode"] == mode and record["space"] == "darts" and record["batch"] == 2
     assert record["saved_bytes"] > 0 and record["step_seconds"] > 0 and record["peak_bytes"] > 0
+    assert 0 <= record["others_cpu"] <= 1.5
+    if record["others_cpu"] > record["busy_limit"]:
+        assert "unreliable" in result.stderr
+
+
+def test_search_step_without_gpu_answers_in_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    result = _search_step("--device", "cuda", "--quick")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["--device cuda: no CUDA device is visible here; use --device cpu"]
 
 
 # ----------------------------------------------------------------------------- structure pins

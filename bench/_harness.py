@@ -185,14 +185,15 @@ _FLUSH: dict[str, torch.Tensor] = {}
 
 
 def flush_cache(device: torch.device) -> None:
-    """Write a buffer larger than the last-level cache (GPU: 256 MiB, as triton's do_bench; CPU:
-    twice the LLC, at least 64 MiB) so the next repetition starts cold."""
+    """Read a buffer larger than the last-level cache (GPU: 256 MiB; CPU: twice the LLC, at
+    least 64 MiB) so the next repetition starts cold. Reading, not writing: written lines stay
+    dirty in the cache and their write-back would land inside the timed op."""
     key = str(device)
     buf = _FLUSH.get(key)
     if buf is None:
         nbytes = 256 << 20 if device.type == "cuda" else max(64 << 20, 2 * _llc_bytes())
-        buf = _FLUSH[key] = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
-    buf.zero_()
+        buf = _FLUSH[key] = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
+    buf.sum()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -333,6 +334,15 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, budget: Budg
     t = time_fn(lambda _: dst.copy_(src), device, Budget(**{**budget.__dict__, "flush": False}))
     del src, dst
     return gbps(2 * nbytes, t.median)
+
+
+def copy_time(device: torch.device, nbytes: int, budget: Budget) -> float:
+    """Median ms of ``dst.copy_(src)`` moving ``nbytes`` in all (read + write), timed like the ops
+    (same budget and cache flush): the yardstick for shapes too small to reach the large-copy
+    bandwidth, where launch and cache effects dominate."""
+    src = torch.zeros(max(1, nbytes // 8), dtype=torch.int32, device=device)
+    dst = torch.empty_like(src)
+    return time_fn(lambda _: dst.copy_(src), device, budget).median
 
 
 def gbps(nbytes: float, ms: float) -> float:

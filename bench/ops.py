@@ -51,7 +51,7 @@ COLUMNS = [
     "date", "commit", "device", "torch", "op", "impl", "shape", "dtype",
     "fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms", "reps",
     "fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac",
-    "peak_bytes", "speedup_vs_eager", "host_us", "rel_err", "others_cpu", "note",
+    "copy_same_frac", "peak_bytes", "speedup_vs_eager", "host_us", "rel_err", "others_cpu", "note",
 ]  # fmt: skip
 
 
@@ -417,6 +417,8 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
 
     elem = torch.finfo(dtype).bits // 8
     fwd_bytes, bwd_bytes = case.fwd_elems * elem, case.bwd_elems * elem
+    # A copy of the same bytes, timed the same way: for small shapes the fair yardstick.
+    same_copy_gbps = H.gbps(fwd_bytes + bwd_bytes, H.copy_time(device, fwd_bytes + bwd_bytes, budget))
     rows = []
     for impl in impls:
         note = []
@@ -489,6 +491,7 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
             both_q20_ms=t_both.q20, both_q80_ms=t_both.q80, reps=t_both.reps,
             fwd_gbps=H.gbps(fwd_bytes, t_fwd.median), bwd_gbps=H.gbps(bwd_bytes, t_bwd.median),
             gbps=H.gbps(fwd_bytes + bwd_bytes, t_both.median),
+            copy_same_frac=H.gbps(fwd_bytes + bwd_bytes, t_both.median) / same_copy_gbps,
             peak_bytes=peak, host_us=host, rel_err=err, others_cpu=others, note="; ".join(note),
         )  # fmt: skip
         rows.append(row)
@@ -509,18 +512,18 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
 
 
 def print_table(rows, header_lines, H) -> None:
-    head = ["op", "shape", "impl", "fwd ms", "bwd ms", "both ms", "q20-q80", "GB/s", "%copy", "x eager", "host us", "peak MiB", "rel err", "note"]
+    head = ["op", "shape", "impl", "fwd ms", "bwd ms", "both ms", "q20-q80", "GB/s", "%copy", "%same", "x eager", "host us", "peak MiB", "rel err", "note"]
     body = []
     for r in rows:
         if r.get("both_ms") is None:
-            body.append([r["op"], r["shape"], r["impl"], *["-"] * 10, r.get("note", "")])
+            body.append([r["op"], r["shape"], r["impl"], *["-"] * 11, r.get("note", "")])
             continue
         peak = r.get("peak_bytes")
         body.append([
             r["op"], r["shape"], r["impl"],
             H.fmt(r["fwd_ms"], ".4g"), H.fmt(r["bwd_ms"], ".4g"), H.fmt(r["both_ms"], ".4g"),
             f"{H.fmt(r['both_q20_ms'], '.3g')}-{H.fmt(r['both_q80_ms'], '.3g')}",
-            H.fmt(r["gbps"], ".1f"), H.fmt(100 * r["copy_frac"], ".0f"),
+            H.fmt(r["gbps"], ".1f"), H.fmt(100 * r["copy_frac"], ".0f"), H.fmt(100 * r["copy_same_frac"], ".0f"),
             H.fmt(r.get("speedup_vs_eager"), ".2f"), H.fmt(r.get("host_us"), ".0f", "-"),
             H.fmt(None if peak is None else peak / 2**20, ".1f", "n/a"),
             H.fmt(r.get("rel_err"), ".1e"), r.get("note", ""),
@@ -528,7 +531,7 @@ def print_table(rows, header_lines, H) -> None:
     print()
     for line in header_lines:
         print(line)
-    print(H.format_table(body, head, right=set(range(3, 13))))
+    print(H.format_table(body, head, right=set(range(3, 14))))
 
 
 def target_lines(rows, device_type: str, H) -> list[str]:
@@ -650,7 +653,8 @@ def main(argv=None) -> int:
         f"timing: {timing}, median of {budget.min_reps}-{budget.max_reps} repetitions after warm-up, {flush}; "
         f"q20-q80 of fwd+bwd; peak: {peak}",
         f"copy bandwidth (dst.copy_(src), read+write): {copy_bw:.1f} GB/s; GB/s and %copy are for fwd+bwd "
-        f"(bytes model in bench/RESULTS.md); x eager = eager both_ms / both_ms; rel err vs float64 eager",
+        f"(bytes model in bench/RESULTS.md); %same: of a copy of the same bytes timed alike; x eager = eager both_ms / both_ms; "
+        "host us: fwd+bwd per call at a tiny shape, one thread; rel err vs float64 eager",
     ]
     others = run_meter.share()
     busy_rows = sum("busy:" in (r.get("note") or "") for r in all_rows)

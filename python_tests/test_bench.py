@@ -23,7 +23,7 @@ COLUMNS = [
     "date", "commit", "device", "torch", "op", "impl", "shape", "dtype",
     "fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms", "reps",
     "fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac",
-    "peak_bytes", "speedup_vs_eager", "host_us", "rel_err", "others_cpu", "note",
+    "copy_same_frac", "peak_bytes", "speedup_vs_eager", "host_us", "rel_err", "others_cpu", "note",
 ]  # fmt: skip
 SHAPE_RE = {
     "mixed_sum": r"B\d+xC\d+x\d+x\d+xK\d+",
@@ -58,7 +58,7 @@ def _check_row(r: dict) -> None:
         assert isinstance(r[c], float) and r[c] > 0 and math.isfinite(r[c]), (c, r[c])
     assert r["both_q20_ms"] <= r["both_ms"] <= r["both_q80_ms"]
     assert isinstance(r["reps"], int) and r["reps"] >= 3
-    for c in ("fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac", "speedup_vs_eager"):
+    for c in ("fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac", "copy_same_frac", "speedup_vs_eager"):
         assert r[c] > 0 and math.isfinite(r[c]), (c, r[c])
     assert r["copy_frac"] == pytest.approx(r["gbps"] / r["copy_gbps"])
     assert r["peak_bytes"] is None or (isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0)

@@ -282,3 +282,23 @@ def test_weight_ops_read_nothing_back(monkeypatch):
     # The clamped noise is finite even for an exponential draw of 0 (log 0 = -inf before).
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, generator=None: t.zero_())
     assert torch.isfinite(ops.gumbel_softmax(alpha, mask, hard=False)).all()
+
+
+def test_triton_backward_strides_over_tiles(monkeypatch):
+    """The Triton backward with more tiles than programs (each program accumulates over several
+    tiles and reduces once), as on a GPU; the interpreter normally takes one tile in all."""
+    from toponas_kernels import _lib
+    from toponas_kernels.ops import _common
+    from toponas_kernels.ops import mixed as M
+
+    if not (_lib.triton_available() and _common.INTERPRET):
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setattr(M, "block_size", lambda n, gpu_block: 16)
+    monkeypatch.setattr(M, "_MAX_BWD_PROGRAMS", 3)
+    ys = [torch.randn(203, dtype=torch.float64) for _ in range(9)]  # 13 tiles over 3 programs, 2 chunks
+    w = torch.randn(9, dtype=torch.float64)
+    g = torch.randn(203, dtype=torch.float64)
+    grads = M._mixed_sum_backward_triton(g, ys, w)
+    for k, y in enumerate(ys):
+        assert_close(grads[k], w[k] * g, what=f"grad_y[{k}]")
+    assert_close(grads[-1], torch.stack([(g * y).sum() for y in ys]), what="grad_w")

@@ -37,6 +37,9 @@ from ._common import (
 
 # How many candidate pointers one Triton launch takes; larger K runs in chunks of this size.
 _CHUNK = 8
+# Programs of the backward, each striding over tiles (several waves of SMs on an H100): the
+# per-candidate reductions happen once per program, not once per tile.
+_MAX_BWD_PROGRAMS = 1024
 
 # ============================================================================ Triton kernels
 if HAS_TRITON:
@@ -81,11 +84,12 @@ if HAS_TRITON:
             tl.store(acc_ptr + offs, acc, mask=m)
 
     @triton.jit
-    def _grad_one(g, w_ptr, k, y_ptr, gy_ptr, part_ptr, nprog, pid, offs, mask, ACC: tl.constexpr):
+    def _grad_one(g, w_ptr, k, y_ptr, gy_ptr, offs, mask, ACC: tl.constexpr):
+        # y is loaded before grad_y is stored, so the loads of all candidates can be in flight.
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_ptr + k).to(ACC)
         tl.store(gy_ptr + offs, (w * g).to(gy_ptr.dtype.element_ty), mask=mask)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(part_ptr + k * nprog + pid, tl.sum(g * y, axis=0))
+        return g * y
 
     @triton.jit
     def _mixed_sum_bwd_kernel(
@@ -93,27 +97,54 @@ if HAS_TRITON:
         y0, y1, y2, y3, y4, y5, y6, y7, gy0, gy1, gy2, gy3, gy4, gy5, gy6, gy7,
         NUM: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
     ):
-        # grad_out is read once per chunk; each program writes one partial <g, y_k> per k into
-        # part[k, pid], summed afterwards in a fixed order (deterministic, no atomics).
+        # A program strides over the tiles pid, pid + nprog, ...; grad_out is read once per tile
+        # and chunk. The products g * y_k are accumulated elementwise across its tiles and
+        # reduced once at the end: one partial <g, y_k> per k in part[k, pid], summed afterwards
+        # in a fixed order (deterministic, no atomics).
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
-        _grad_one(g, w_ptr, k0, y0, gy0, part_ptr, nprog, pid, offs, m, ACC)
+        d0 = tl.zeros([BLOCK], ACC)
+        d1 = tl.zeros([BLOCK], ACC)
+        d2 = tl.zeros([BLOCK], ACC)
+        d3 = tl.zeros([BLOCK], ACC)
+        d4 = tl.zeros([BLOCK], ACC)
+        d5 = tl.zeros([BLOCK], ACC)
+        d6 = tl.zeros([BLOCK], ACC)
+        d7 = tl.zeros([BLOCK], ACC)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+            d0 += _grad_one(g, w_ptr, k0, y0, gy0, offs, m, ACC)
+            if NUM > 1:
+                d1 += _grad_one(g, w_ptr, k0 + 1, y1, gy1, offs, m, ACC)
+            if NUM > 2:
+                d2 += _grad_one(g, w_ptr, k0 + 2, y2, gy2, offs, m, ACC)
+            if NUM > 3:
+                d3 += _grad_one(g, w_ptr, k0 + 3, y3, gy3, offs, m, ACC)
+            if NUM > 4:
+                d4 += _grad_one(g, w_ptr, k0 + 4, y4, gy4, offs, m, ACC)
+            if NUM > 5:
+                d5 += _grad_one(g, w_ptr, k0 + 5, y5, gy5, offs, m, ACC)
+            if NUM > 6:
+                d6 += _grad_one(g, w_ptr, k0 + 6, y6, gy6, offs, m, ACC)
+            if NUM > 7:
+                d7 += _grad_one(g, w_ptr, k0 + 7, y7, gy7, offs, m, ACC)
+        base = part_ptr + k0 * nprog + pid
+        tl.store(base, tl.sum(d0, axis=0))
         if NUM > 1:
-            _grad_one(g, w_ptr, k0 + 1, y1, gy1, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + nprog, tl.sum(d1, axis=0))
         if NUM > 2:
-            _grad_one(g, w_ptr, k0 + 2, y2, gy2, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 2 * nprog, tl.sum(d2, axis=0))
         if NUM > 3:
-            _grad_one(g, w_ptr, k0 + 3, y3, gy3, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 3 * nprog, tl.sum(d3, axis=0))
         if NUM > 4:
-            _grad_one(g, w_ptr, k0 + 4, y4, gy4, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 4 * nprog, tl.sum(d4, axis=0))
         if NUM > 5:
-            _grad_one(g, w_ptr, k0 + 5, y5, gy5, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 5 * nprog, tl.sum(d5, axis=0))
         if NUM > 6:
-            _grad_one(g, w_ptr, k0 + 6, y6, gy6, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 6 * nprog, tl.sum(d6, axis=0))
         if NUM > 7:
-            _grad_one(g, w_ptr, k0 + 7, y7, gy7, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 7 * nprog, tl.sum(d7, axis=0))
 
     @triton.jit
     def _masked_softmax_fwd_kernel(x_ptr, m_ptr, p_ptr, K, inv_tau, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
@@ -180,7 +211,7 @@ def _mixed_sum_backward_triton(grad: Tensor, outputs: list[Tensor], weights: Ten
     if n == 0:
         return gys + [torch.zeros_like(weights)]
     block = block_size(n, 1024)
-    nprog = triton.cdiv(n, block)
+    nprog = min(triton.cdiv(n, block), _MAX_BWD_PROGRAMS)
     parts = torch.empty(k_total, nprog, dtype=_ref.acc_dtype(g.dtype), device=g.device)
     for start in range(0, k_total, _CHUNK):
         chunk, num = _padded(ys, start)

@@ -22,7 +22,7 @@ weights. Merging is exact (a conv is linear in its kernel) when ``normalize=Fals
 normalization changes the function on purpose (paper Sec. 3.5). With one-hot weights every mode
 with ``normalize=False`` equals plain.
 
-Merging a depthwise+pointwise unit (DESIGN.md section 5): each unit is turned into its exact
+Merging a depthwise+pointwise unit (docs/DESIGN.md section 5): each unit is turned into its exact
 dense kernel ``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]) and the dense kernels are merged, giving
 one dense conv. Merging the depthwise and the pointwise kernels separately would keep the conv
 separable (fewer FLOPs) but is NOT equal to the weighted sum, since

@@ -1,4 +1,4 @@
-"""Family 2: fused kernel-normalize-and-merge (DESIGN.md sections 5, 6 and 9).
+"""Family 2: fused kernel-normalize-and-merge (docs/DESIGN.md sections 5, 6 and 9).
 
     merged = sum_i w_i * embed(K_hat_i)          K_hat_i = (K_i - mean) / (std + eps)
 

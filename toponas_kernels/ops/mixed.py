@@ -1,4 +1,4 @@
-"""Family 1: the fused masked mixed operation (DESIGN.md sections 1 and 9).
+"""Family 1: the fused masked mixed operation (docs/DESIGN.md sections 1 and 9).
 
     out = sum_k w_k * y_k                  one pass over the K candidate outputs
     grad_y_k = w_k * grad_out              grad_w_k = <grad_out, y_k>  (deterministic)

@@ -1,4 +1,4 @@
-"""Family 3: partial-channel shuffles (DESIGN.md sections 7 and 9, PC-DARTS).
+"""Family 3: partial-channel shuffles (docs/DESIGN.md sections 7 and 9, PC-DARTS).
 
     channel_shuffle(x, g)                 view channels as (g, C/g), swap, flatten
     partial_channel_shuffle(p, q, g)      channel_shuffle(cat([p, q], 1), g), without the cat

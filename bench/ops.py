@@ -372,6 +372,10 @@ def rel_err(x, ref) -> float:
     return num / den if den > 0 else num
 
 
+# (calls per round, rounds) of host_us; --quick takes fewer.
+HOST_REPS = [200, 7]
+
+
 def host_us(case: Case, impl: str, dtype, device, H) -> float | None:
     """Host time per call, in microseconds, of forward + backward of ``impl`` at the tiny
     version of ``case``, on one thread: the tensors are so small that the Python, dispatch and
@@ -393,7 +397,7 @@ def host_us(case: Case, impl: str, dtype, device, H) -> float | None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return H.host_time_us(step, device)
+        return H.host_time_us(step, device, *HOST_REPS)
     finally:
         torch.set_num_threads(threads)
 
@@ -602,6 +606,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         budget = H.QUICK_BUDGET
+        HOST_REPS[:] = [40, 3]
     else:
         budget = H.GPU_BUDGET if device.type == "cuda" else H.CPU_BUDGET
     budget = H.Budget(**{**budget.__dict__, "flush": not args.no_flush, "sync_each": args.sync_each})

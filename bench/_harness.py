@@ -185,14 +185,15 @@ _FLUSH: dict[str, torch.Tensor] = {}
 
 
 def flush_cache(device: torch.device) -> None:
-    """Write a buffer larger than the last-level cache (GPU: 256 MiB, as triton's do_bench; CPU:
-    twice the LLC, at least 64 MiB) so the next repetition starts cold."""
+    """Read a buffer larger than the last-level cache (GPU: 256 MiB; CPU: twice the LLC, at
+    least 64 MiB) so the next repetition starts cold. Reading, not writing: written lines stay
+    dirty in the cache and their write-back would land inside the timed op."""
     key = str(device)
     buf = _FLUSH.get(key)
     if buf is None:
         nbytes = 256 << 20 if device.type == "cuda" else max(64 << 20, 2 * _llc_bytes())
-        buf = _FLUSH[key] = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
-    buf.zero_()
+        buf = _FLUSH[key] = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
+    buf.sum()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -272,6 +273,23 @@ def _one(fn, setup, device: torch.device, budget: Budget) -> float:
     return (t1 - t0) * 1e3
 
 
+def host_time_us(fn, device: torch.device, calls: int = 200, rounds: int = 7) -> float:
+    """Wall time per call of ``fn`` in microseconds, without waiting for the device: the least
+    over ``rounds`` rounds of the mean over ``calls`` calls (the least is the round that other
+    processes disturbed least), after a warm-up. For tiny inputs this is the host cost."""
+    for _ in range(calls // 4):
+        fn()
+    best = math.inf
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    sync(device)
+    return best * 1e6
+
+
 def time_fn(fn, device: torch.device, budget: Budget, setup=None) -> Timing:
     """Time ``fn(setup())`` (``fn(None)`` without setup): see the module docstring."""
     est = _one(fn, setup, device, budget)  # first call: sizes the run, never counted
@@ -316,6 +334,15 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, budget: Budg
     t = time_fn(lambda _: dst.copy_(src), device, Budget(**{**budget.__dict__, "flush": False}))
     del src, dst
     return gbps(2 * nbytes, t.median)
+
+
+def copy_time(device: torch.device, nbytes: int, budget: Budget) -> float:
+    """Median ms of ``dst.copy_(src)`` moving ``nbytes`` in all (read + write), timed like the ops
+    (same budget and cache flush): the yardstick for shapes too small to reach the large-copy
+    bandwidth, where launch and cache effects dominate."""
+    src = torch.zeros(max(1, nbytes // 8), dtype=torch.int32, device=device)
+    dst = torch.empty_like(src)
+    return time_fn(lambda _: dst.copy_(src), device, budget).median
 
 
 def gbps(nbytes: float, ms: float) -> float:

@@ -11,10 +11,12 @@
 For every (op, shape, implementation): median time of the forward, the backward alone (the
 forward is re-run outside the timed region) and both; the 20th/80th percentiles of "both";
 achieved GB/s from the bytes model below and its fraction of the copy bandwidth measured in the
-same run; peak memory of forward + backward; the speedup of "both" over eager; and the relative
-error of the output and every gradient against a float64 eager run. Rows are appended to
-``bench/results.csv`` (keyed by device, commit, op, shape, dtype, impl) and a table is printed
-last. See bench/RESULTS.md for the columns, the bytes models and recorded results.
+same run; peak memory of forward + backward; the speedup of "both" over eager; the host time
+per call (``host_us``: forward + backward on a tiny version of the shape, one thread, so only
+the Python and dispatch side counts); and the relative error of the output and every gradient
+against a float64 eager run. A table is printed last; rows are written to a CSV only when asked
+(``--csv FILE``, or ``--record`` for the tracked ``bench/results.csv``, keyed by device, commit,
+op, shape, dtype, impl). See bench/RESULTS.md for the columns, the bytes models and results.
 
 Implementations ("impl"): ``eager`` (what a NAS codebase writes, differentiated by autograd),
 ``compile`` (``torch.compile`` of that eager code; ``--no-compile`` skips it), and the package's
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
+RESULTS_CSV = HERE / "results.csv"
 sys.path.insert(0, str(HERE))
 
 OPS = ("mixed_sum", "merge_kernels", "channel_shuffle", "partial_channel_shuffle")
@@ -48,7 +51,7 @@ COLUMNS = [
     "date", "commit", "device", "torch", "op", "impl", "shape", "dtype",
     "fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms", "reps",
     "fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac",
-    "peak_bytes", "speedup_vs_eager", "rel_err", "others_cpu", "note",
+    "copy_same_frac", "peak_bytes", "speedup_vs_eager", "host_us", "rel_err", "others_cpu", "note",
 ]  # fmt: skip
 
 
@@ -75,8 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="two tiny shapes per op, few reps (smoke test / CI)")
     size.add_argument("--full", action="store_true", help="the full shape grid (sized for a GPU)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager baseline")
-    p.add_argument("--csv", default=str(HERE / "results.csv"), help="CSV to append to (default bench/results.csv)")
-    p.add_argument("--no-csv", action="store_true", help="write no CSV")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", default=None, metavar="FILE", help="append the rows to this CSV (default: none)")
+    out.add_argument("--record", action="store_true", help=f"append the rows to the tracked {RESULTS_CSV.relative_to(HERE.parent)}")
+    out.add_argument("--no-csv", action="store_true", help="write no CSV (the default; kept for old scripts)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per row to stdout")
     p.add_argument("--no-flush", action="store_true", help="do not flush the cache between repetitions")
     p.add_argument(
@@ -136,6 +141,7 @@ class Case:
     bwd_elems: int  # elements read + written by the backward at the least
     numel: int  # elements of the largest single tensor (for the Triton-on-CPU size limit)
     notes: list = field(default_factory=list)
+    tiny: Callable | None = None  # () -> the same case at a tiny shape, for host_us
 
 
 def _randn(shape, dtype, device, gen):
@@ -173,6 +179,7 @@ def mixed_sum_case(b, c, h, k):
         eager=eager_mixed_sum, fused=lambda ys, w, backend: T.mixed_sum(ys, w, backend=backend),
         # fwd: read K*N, write N. bwd: read grad_out and the K outputs, write K grads.
         fwd_elems=(k + 1) * n, bwd_elems=(2 * k + 1) * n, numel=n,
+        tiny=lambda: mixed_sum_case(1, 2, 2, k),
     )
 
 
@@ -229,6 +236,7 @@ def merge_case(o, i, set_name):
         # fwd: read the K kernels, write the merged one. bwd: read grad_out and the kernels
         # (statistics), write the kernel grads.
         fwd_elems=s + out, bwd_elems=out + 2 * s, numel=max(s, out),
+        tiny=lambda: merge_case(2, 1, set_name),
     )
 
 
@@ -259,6 +267,7 @@ def shuffle_case(b, c, h, g):
         eager=lambda x: eager_channel_shuffle(x, g),
         fused=lambda x, backend: T.channel_shuffle(x, g, backend=backend),
         fwd_elems=2 * n, bwd_elems=2 * n, numel=n,  # a permutation: read N, write N
+        tiny=lambda: shuffle_case(1, 2 * g, 2, g),
     )
 
 
@@ -283,6 +292,7 @@ def partial_shuffle_case(b, c, h, g):
         eager=lambda p, q: eager_partial_channel_shuffle(p, q, g),
         fused=lambda p, q, backend: T.partial_channel_shuffle(p, q, g, backend=backend),
         fwd_elems=2 * n, bwd_elems=2 * n, numel=n,  # both inputs read once, output written once
+        tiny=lambda: partial_shuffle_case(1, 2 * g, 2, g),
     )
 
 
@@ -362,6 +372,36 @@ def rel_err(x, ref) -> float:
     return num / den if den > 0 else num
 
 
+# (calls per round, rounds) of host_us; --quick takes fewer.
+HOST_REPS = [200, 7]
+
+
+def host_us(case: Case, impl: str, dtype, device, H) -> float | None:
+    """Host time per call, in microseconds, of forward + backward of ``impl`` at the tiny
+    version of ``case``, on one thread: the tensors are so small that the Python, dispatch and
+    autograd work is what is timed (on a GPU the launches are queued, not waited for). None
+    for torch.compile and the Triton interpreter, where it means nothing."""
+    import torch
+
+    if case.tiny is None or impl == "compile" or (impl == "triton" and device.type == "cpu"):
+        return None
+    tiny = case.tiny()
+    leaves = tiny.make_leaves(dtype, device, torch.Generator(device=device).manual_seed(0))
+    args = tiny.call_args(leaves)
+    f = tiny.eager if impl == "eager" else (lambda *a: tiny.fused(*a, backend=impl))
+    grad_out = torch.ones_like(f(*args))
+
+    def step():
+        torch.autograd.grad(f(*args), leaves, grad_out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return H.host_time_us(step, device, *HOST_REPS)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retries=0) -> list[dict]:
     import torch
 
@@ -381,6 +421,8 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
 
     elem = torch.finfo(dtype).bits // 8
     fwd_bytes, bwd_bytes = case.fwd_elems * elem, case.bwd_elems * elem
+    # A copy of the same bytes, timed the same way: for small shapes the fair yardstick.
+    same_copy_gbps = H.gbps(fwd_bytes + bwd_bytes, H.copy_time(device, fwd_bytes + bwd_bytes, budget))
     rows = []
     for impl in impls:
         note = []
@@ -441,6 +483,7 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
             else:
                 _BUSY_STREAK[0] = 0
             peak = H.peak_memory(both, device)
+            host = host_us(case, impl, dtype, device, H)
         except Exception as exc:  # a backend or torch.compile that fails here: report, go on
             msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             print(f"  FAILED {case.op} {case.key} {impl}: {msg}", file=sys.stderr)
@@ -452,7 +495,8 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
             both_q20_ms=t_both.q20, both_q80_ms=t_both.q80, reps=t_both.reps,
             fwd_gbps=H.gbps(fwd_bytes, t_fwd.median), bwd_gbps=H.gbps(bwd_bytes, t_bwd.median),
             gbps=H.gbps(fwd_bytes + bwd_bytes, t_both.median),
-            peak_bytes=peak, rel_err=err, others_cpu=others, note="; ".join(note),
+            copy_same_frac=H.gbps(fwd_bytes + bwd_bytes, t_both.median) / same_copy_gbps,
+            peak_bytes=peak, host_us=host, rel_err=err, others_cpu=others, note="; ".join(note),
         )  # fmt: skip
         rows.append(row)
         print(
@@ -472,26 +516,26 @@ def bench_case(case: Case, impls, dtype_name, device, budget, H, gen_seed, retri
 
 
 def print_table(rows, header_lines, H) -> None:
-    head = ["op", "shape", "impl", "fwd ms", "bwd ms", "both ms", "q20-q80", "GB/s", "%copy", "x eager", "peak MiB", "rel err", "note"]
+    head = ["op", "shape", "impl", "fwd ms", "bwd ms", "both ms", "q20-q80", "GB/s", "%copy", "%same", "x eager", "host us", "peak MiB", "rel err", "note"]
     body = []
     for r in rows:
         if r.get("both_ms") is None:
-            body.append([r["op"], r["shape"], r["impl"], *["-"] * 9, r.get("note", "")])
+            body.append([r["op"], r["shape"], r["impl"], *["-"] * 11, r.get("note", "")])
             continue
         peak = r.get("peak_bytes")
         body.append([
             r["op"], r["shape"], r["impl"],
             H.fmt(r["fwd_ms"], ".4g"), H.fmt(r["bwd_ms"], ".4g"), H.fmt(r["both_ms"], ".4g"),
             f"{H.fmt(r['both_q20_ms'], '.3g')}-{H.fmt(r['both_q80_ms'], '.3g')}",
-            H.fmt(r["gbps"], ".1f"), H.fmt(100 * r["copy_frac"], ".0f"),
-            H.fmt(r.get("speedup_vs_eager"), ".2f"),
+            H.fmt(r["gbps"], ".1f"), H.fmt(100 * r["copy_frac"], ".0f"), H.fmt(100 * r["copy_same_frac"], ".0f"),
+            H.fmt(r.get("speedup_vs_eager"), ".2f"), H.fmt(r.get("host_us"), ".0f", "-"),
             H.fmt(None if peak is None else peak / 2**20, ".1f", "n/a"),
             H.fmt(r.get("rel_err"), ".1e"), r.get("note", ""),
         ])  # fmt: skip
     print()
     for line in header_lines:
         print(line)
-    print(H.format_table(body, head, right=set(range(3, 12))))
+    print(H.format_table(body, head, right=set(range(3, 14))))
 
 
 def target_lines(rows, device_type: str, H) -> list[str]:
@@ -514,6 +558,16 @@ def target_lines(rows, device_type: str, H) -> list[str]:
             ok = sp is not None and sp > 1.0
             out.append(f"  merge_kernels {r['shape']} {r['impl']}: {H.fmt(sp, '.2f')}x eager (> 1x): "
                        f"{'met' if ok else 'MISSED'}")  # fmt: skip
+    # Host time per call (any device): fused <= 0.4 x eager for mixed_sum and merge_kernels
+    # (eager launches many small ops), <= eager for the shuffles (eager is one copy there).
+    limits = {"mixed_sum": 0.4, "merge_kernels": 0.4, "channel_shuffle": 1.0, "partial_channel_shuffle": 1.0}
+    eager_host = {(r["op"], r["shape"]): r.get("host_us") for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        base = eager_host.get((r["op"], r["shape"]))
+        if r["impl"] in PACKAGE_BACKENDS and r.get("host_us") and base:
+            ratio, limit = r["host_us"] / base, limits[r["op"]]
+            out.append(f"  host {r['op']} {r['shape']} {r['impl']}: {r['host_us']:.0f} us per call = {ratio:.2f} x eager's "
+                       f"{base:.0f} us (<= {limit:g}): {'met' if ratio <= limit else 'MISSED'}")  # fmt: skip
     return ([f"Targets{where}:"] + out) if out else []
 
 
@@ -552,6 +606,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         budget = H.QUICK_BUDGET
+        HOST_REPS[:] = [40, 3]
     else:
         budget = H.GPU_BUDGET if device.type == "cuda" else H.CPU_BUDGET
     budget = H.Budget(**{**budget.__dict__, "flush": not args.no_flush, "sync_each": args.sync_each})
@@ -560,7 +615,7 @@ def main(argv=None) -> int:
 
     cases, shape_desc = shape_sets(device.type, args.quick, args.full)
 
-    csv_path = None if args.no_csv else Path(args.csv).resolve()
+    csv_path = RESULTS_CSV if args.record else (Path(args.csv).resolve() if args.csv else None)
     ignore = () if csv_path is None else (csv_path, Path(str(csv_path) + ".lock"))
     info = H.run_info(device, ignore)
     print(f"device {info['device']}, commit {info['commit']}, torch {info['torch']}, impls {impls}", file=sys.stderr)
@@ -603,7 +658,8 @@ def main(argv=None) -> int:
         f"timing: {timing}, median of {budget.min_reps}-{budget.max_reps} repetitions after warm-up, {flush}; "
         f"q20-q80 of fwd+bwd; peak: {peak}",
         f"copy bandwidth (dst.copy_(src), read+write): {copy_bw:.1f} GB/s; GB/s and %copy are for fwd+bwd "
-        f"(bytes model in bench/RESULTS.md); x eager = eager both_ms / both_ms; rel err vs float64 eager",
+        f"(bytes model in bench/RESULTS.md); %same: of a copy of the same bytes timed alike; x eager = eager both_ms / both_ms; "
+        "host us: fwd+bwd per call at a tiny shape, one thread; rel err vs float64 eager",
     ]
     others = run_meter.share()
     busy_rows = sum("busy:" in (r.get("note") or "") for r in all_rows)

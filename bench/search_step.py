@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -42,7 +43,10 @@ import _harness as H  # bench/ is sys.path[0] when this file runs as a script
 from toponas_kernels.nas.forms import MERGE_CHOICES
 
 HERE = Path(__file__).resolve().parent
-MODES = ("plain", "pms", "pms+fms", "topo")
+MODES = ("plain", "pms", "fms", "pms+fms", "topo")  # FusedMixedOp's modes
+# CPU step times taken while other processes used more than this share of the CPUs (beyond the
+# cores the measuring process leaves idle) are flagged: a busy machine makes them many times off.
+BUSY_SHARE = 0.10
 
 
 # ----------------------------------------------------------------------------- the child
@@ -164,6 +168,7 @@ def child(args) -> dict:
     saved, saved_params = count_saved_bytes(model, x, y)
     times = []
     step()  # warm-up
+    meter = H.CpuMeter() if device.type == "cpu" else None
     for _ in range(args.repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -172,6 +177,7 @@ def child(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    others = meter.share() if meter is not None else None
     return {
         "space": args.space,
         "mode": args.mode,
@@ -187,6 +193,8 @@ def child(args) -> dict:
         "saved_bytes": int(saved),
         "saved_param_bytes": int(saved_params),
         "step_seconds": statistics.median(times),
+        "others_cpu": others,
+        "busy_limit": BUSY_SHARE + max(0.0, 1.0 - torch.get_num_threads() / (os.cpu_count() or 1)),
         "device": H.device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -212,7 +220,14 @@ def measure(args, **override) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    rec = json.loads(result.stdout.strip().splitlines()[-1])
+    if rec.get("others_cpu") is not None and rec["others_cpu"] > rec["busy_limit"]:
+        print(
+            f"WARNING {opts['space']}/{opts['mode']}: other processes took {100 * rec['others_cpu']:.0f}% of the "
+            "CPUs while the steps were timed; step_seconds is unreliable (rerun on a quiet machine)",
+            file=sys.stderr,
+        )
+    return rec
 
 
 def _fmt_bytes(n: float) -> str:
@@ -320,7 +335,7 @@ def main(argv=None) -> int:
                    help="topo: form of the merged convs (auto: cheapest exact; separable: approximation)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 GPU / 3 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the measuring process (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
@@ -333,6 +348,8 @@ def main(argv=None) -> int:
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible here; use --device cpu")
     if args.quick:
         args.batch = args.batch or 2
         args.repeats = args.repeats or 1

@@ -1,4 +1,4 @@
-// Family 2 on the CPU: normalize K candidate conv kernels and merge them into one (DESIGN.md
+// Family 2 on the CPU: normalize K candidate conv kernels and merge them into one (docs/DESIGN.md
 // sections 5, 6 and 9), and the backward to every candidate and to the weights. The math and
 // the meaning of every statistic are in toponas_kernels/ops/merge.py.
 //

@@ -1,14 +1,18 @@
-"""Test setup. TRITON_INTERPRET must be set before toponas_kernels (and triton) are imported,
-so the Triton kernels run on this CPU machine; compile caches stay in one folder."""
+"""Test setup. Without a GPU the Triton kernels run in the CPU interpreter: TRITON_INTERPRET
+must then be set before toponas_kernels (and triton) are imported. With a GPU it is left alone,
+so the CUDA-marked "triton" cases run the compiled kernels at their GPU block sizes. Compile
+caches stay in one folder."""
 
 import os
 import tempfile
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "toponas_inductor"))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import toponas_kernels  # noqa: E402
 from toponas_kernels import _lib  # noqa: E402

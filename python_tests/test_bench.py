@@ -23,7 +23,7 @@ COLUMNS = [
     "date", "commit", "device", "torch", "op", "impl", "shape", "dtype",
     "fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms", "reps",
     "fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac",
-    "peak_bytes", "speedup_vs_eager", "rel_err", "others_cpu", "note",
+    "copy_same_frac", "peak_bytes", "speedup_vs_eager", "host_us", "rel_err", "others_cpu", "note",
 ]  # fmt: skip
 SHAPE_RE = {
     "mixed_sum": r"B\d+xC\d+x\d+x\d+xK\d+",
@@ -36,6 +36,8 @@ TIMES = ("fwd_ms", "bwd_ms", "both_ms", "both_q20_ms", "both_q80_ms")
 
 def _run(tmp_path, *extra, device="cpu", timeout=600):
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # ops.py interprets Triton only for CPU runs, itself
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout's package
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     cmd = [sys.executable, str(OPS_PY), "--quick", "--device", device, "--json", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -56,12 +58,16 @@ def _check_row(r: dict) -> None:
         assert isinstance(r[c], float) and r[c] > 0 and math.isfinite(r[c]), (c, r[c])
     assert r["both_q20_ms"] <= r["both_ms"] <= r["both_q80_ms"]
     assert isinstance(r["reps"], int) and r["reps"] >= 3
-    for c in ("fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac", "speedup_vs_eager"):
+    for c in ("fwd_gbps", "bwd_gbps", "gbps", "copy_gbps", "copy_frac", "copy_same_frac", "speedup_vs_eager"):
         assert r[c] > 0 and math.isfinite(r[c]), (c, r[c])
     assert r["copy_frac"] == pytest.approx(r["gbps"] / r["copy_gbps"])
     assert r["peak_bytes"] is None or (isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0)
     assert r["rel_err"] < 1e-4, r  # every impl matches the float64 eager run
     assert r["others_cpu"] is None or 0 <= r["others_cpu"] <= 1.5
+    if r["impl"] == "compile" or (r["impl"] == "triton" and "interpreter" in (r["note"] or "")):
+        assert r["host_us"] is None, r
+    else:  # host time per call of fwd + bwd at a tiny shape: tens of microseconds to a few ms
+        assert isinstance(r["host_us"], float) and 1 < r["host_us"] < 1e5, r
 
 
 def test_quick_run_json_csv_table(tmp_path):
@@ -94,6 +100,19 @@ def test_quick_run_json_csv_table(tmp_path):
     table_start = max(i for i, line in enumerate(tail) if line.startswith("op ") and "impl" in line)
     assert all(not line.startswith("{") for line in tail[table_start:])
     assert len(tail) - table_start - 2 == len(rows)
+
+
+def test_default_run_writes_no_csv(tmp_path):
+    tracked = ROOT / "bench" / "results.csv"
+    before = tracked.read_bytes() if tracked.exists() else None
+    proc, rows = _run(tmp_path, "--no-compile", "--ops", "channel_shuffle", "--backend", "eager")
+    assert rows and "rows appended" not in proc.stdout
+    assert (tracked.read_bytes() if tracked.exists() else None) == before
+    bad = subprocess.run(
+        [sys.executable, str(OPS_PY), "--quick", "--record", "--csv", str(tmp_path / "x.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "--record" in bad.stderr
 
 
 def test_csv_header_written_once(tmp_path):

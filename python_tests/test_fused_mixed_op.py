@@ -537,6 +537,28 @@ def test_bad_input_names_the_argument():
         op.load_plain_state(RefMixedOp(6, 1))
 
 
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(C=16, stride=3), "stride"),  # used to fail later, inside a kernel
+        (dict(C=16, stride=0), "stride"),
+        (dict(C=16, stride=True), "stride"),
+        (dict(C=True), "C"),
+        (dict(C=0), "C"),
+        (dict(C=16, partial_channels=2.0), "partial_channels"),
+        (dict(C=16, affine="yes"), "affine"),
+        (dict(C=16, eps=0.0), "eps"),
+        (dict(C=16, eps=float("nan")), "eps"),
+        (dict(C=16, backend="cuad"), "backend"),
+        (dict(C=16, recompute="no"), "recompute"),
+        (dict(C=16, space="nope"), "space|nope"),
+    ],
+)
+def test_constructor_checks_every_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FusedMixedOp(**kwargs)
+
+
 @pytest.mark.parametrize("mode", ["pms", "pms+fms", "topo"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_recompute_changes_nothing_but_memory(mode, stride):
@@ -657,3 +679,51 @@ def test_autocast_bf16(mode):
     for a, b, what in ((y16.float(), y32, "output"), (g16[0], g32[0], "grad x"), (g16[1], g32[1], "grad alpha")):
         rel = ((a.float() - b).norm() / b.norm()).item()
         assert rel < 3e-2, f"{mode} {what}: relative error {rel:.3g} vs fp32 (bf16 has 8 mantissa bits)"
+
+
+# ----------------------------------------------------------------------------- BN across modes
+def _bns(op):
+    return [m for m in op.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "load_plain_state"])
+def test_cross_mode_load_keeps_eval_outputs_sane(how):
+    """A plain state's BN statistics do not fit a topo edge (merged, normalized convs): the
+    load resets them with a warning, and recalibrate_bn makes eval match train-mode BN."""
+    from toponas_kernels.nas import recalibrate_bn
+
+    torch.manual_seed(3)
+    plain = FusedMixedOp(8, 1, mode="plain")
+    for bn in _bns(plain):  # statistics of small conv outputs, as after training in plain mode
+        bn.running_var.fill_(1e-12)
+    x, w = torch.randn(4, 8, 6, 6), torch.softmax(torch.randn(8), 0)
+    topo = FusedMixedOp(8, 1, mode="topo")
+    with pytest.warns(UserWarning, match="recalibrate_bn"):
+        if how == "load_state_dict":
+            topo.load_state_dict(plain.state_dict())
+        else:
+            topo.load_plain_state(plain)
+    assert all(torch.all(bn.running_var == 1) and torch.all(bn.running_mean == 0) for bn in _bns(topo))
+    with torch.no_grad():
+        train_out = topo.train()(x, w)
+        eval_out = topo.eval()(x, w)
+    assert torch.isfinite(eval_out).all()
+    assert eval_out.abs().max() < 100 * train_out.abs().max()  # was ~1e6 times off without the reset
+    assert recalibrate_bn(topo, [(x, w)]) == 1
+    assert not topo.training  # train/eval state put back
+    with torch.no_grad():
+        eval_out = topo(x, w)
+    # running var is unbiased (n/(n-1), n = 4*6*6): eval equals train-mode BN to ~1%.
+    torch.testing.assert_close(eval_out, train_out, atol=2e-2 * train_out.abs().max().item(), rtol=0)
+
+
+def test_same_mode_load_keeps_statistics_and_old_states_load():
+    a, b = FusedMixedOp(8, 1, mode="topo"), FusedMixedOp(8, 1, mode="topo")
+    a(torch.randn(2, 8, 5, 5), torch.softmax(torch.randn(8), 0))
+    state = a.state_dict()
+    assert state["_extra_state"].tolist() == [4, 1]  # (topo, channel): the mode is recorded
+    b.load_state_dict(state)
+    for x, y in zip(_bns(a), _bns(b)):
+        assert torch.equal(x.running_var, y.running_var)
+    del state["_extra_state"]  # a state saved before the mode was recorded still loads strictly
+    b.load_state_dict(state)

@@ -112,6 +112,15 @@ def test_merge_opcheck(backend, device):
             torch.ops.toponas.merge_kernels_backward.default,
             (g, [k.detach() for k in ks], w.detach(), [2, 1], normalize, 1e-5, backend),
         )
+    # channels_last kernels and gradient: the results are contiguous, as the fake promises.
+    cl = [k.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for k in ks]
+    gl = g.contiguous(memory_format=torch.channels_last)
+    for normalize in MODES:
+        torch.library.opcheck(torch.ops.toponas.merge_kernels.default, (cl, w, [2, 1], normalize, 1e-5, backend))
+        torch.library.opcheck(
+            torch.ops.toponas.merge_kernels_backward.default,
+            (gl, [k.detach() for k in cl], w.detach(), [2, 1], normalize, 1e-5, backend),
+        )
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -141,7 +150,7 @@ def test_cuda_kernels_registered():
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_merge_is_invariant_to_candidate_scale_and_shift(backend, device):
-    """Normalization removes each candidate's scale and shift (DESIGN.md section 6): the merged
+    """Normalization removes each candidate's scale and shift (docs/DESIGN.md section 6): the merged
     kernel is unchanged under K_i -> a_i K_i + b_i (a_i > 0), per output channel in "channel"
     mode; its gradient sums to 0 over each statistic's group and is orthogonal to K - mean up to
     eps."""
@@ -173,7 +182,7 @@ def test_merge_is_invariant_to_candidate_scale_and_shift(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_merged_conv_equals_sum_of_convs(backend, device):
-    """Reparameterization (DESIGN.md section 5): conv(x, merged) == sum_i w_i conv_{d_i}(x, K_hat_i)."""
+    """Reparameterization (docs/DESIGN.md section 5): conv(x, merged) == sum_i w_i conv_{d_i}(x, K_hat_i)."""
     O, I, sizes, dils = 4, 3, [1, 3, 5, 3], [1, 1, 1, 2]
     ks, w = _inputs(O, I, sizes, torch.float64, device)
     x = torch.randn(2, I, 11, 9, dtype=torch.float64, device=device)

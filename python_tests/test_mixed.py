@@ -14,9 +14,10 @@ KS = [1, 3, 8, 9, 17]  # 8 and 16 are chunk sizes of the Triton and CUDA launche
 
 def _inputs(k, shape, dtype, device, contiguous=True):
     ys = [torch.randn(shape, dtype=torch.float64, device=device).to(dtype) for _ in range(k)]
-    if not contiguous:
-        ys = [noncontiguous(y) for y in ys]
     w = torch.randn(k, dtype=torch.float64, device=device).to(dtype)
+    if not contiguous:  # every argument strided, the weights included
+        ys = [noncontiguous(y) for y in ys]
+        w = noncontiguous(w)
     return ys, w
 
 
@@ -83,6 +84,17 @@ def test_mixed_ops_opcheck(backend, device):
     torch.library.opcheck(torch.ops.toponas.masked_softmax.default, (logits, mask, 0.5, backend))
     p = ops.masked_softmax(logits.detach(), mask, tau=0.5)
     torch.library.opcheck(torch.ops.toponas.masked_softmax_backward.default, (torch.randn_like(p), p, 0.5, backend))
+    # channels_last in: every backend returns what the fake promises (contiguous).
+    cl = [torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
+    torch.library.opcheck(torch.ops.toponas.mixed_sum.default, (cl, w, backend))
+    g = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.toponas.mixed_sum_backward.default, (g, [y.detach() for y in cl], w.detach(), backend))
+    x = cl[0].detach().requires_grad_()
+    m4 = (torch.rand(2, 3, 4, 5, device=device) > 0.3).contiguous(memory_format=torch.channels_last)
+    m4[..., 0] = True
+    torch.library.opcheck(torch.ops.toponas.masked_softmax.default, (x, m4, 0.5, backend))
+    p4 = ops.masked_softmax(x.detach(), m4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.toponas.masked_softmax_backward.default, (g, p4, 0.5, backend))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -132,6 +144,29 @@ def test_masked_softmax_matches_reference(backend, device):
                 assert_close(p, p64, dtype, f"forward {tag}")
                 assert_close(grad, grad64, dtype, f"grad {tag}")
                 assert torch.all(p[~mask] == 0) and torch.all(grad[~mask] == 0), tag
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_masked_softmax_strided_inputs(backend, device):
+    """Logits and mask as transposed views (rows strided), the mask a different view than the
+    logits: the values must not depend on the layout."""
+    logits = torch.randn(9, 5, dtype=torch.float64, device=device).t().requires_grad_()
+    mask = torch.rand(9, 5, device=device) > 0.4
+    mask[2] = True
+    mask = mask.t()
+    assert not logits.is_contiguous() and not mask.is_contiguous()
+    p = ops.masked_softmax(logits, mask, tau=0.7, backend=backend)
+    g = torch.randn_like(p)
+    (grad,) = torch.autograd.grad(p, logits, g)
+    x64 = logits.detach().contiguous().requires_grad_()
+    p64 = R.masked_softmax_ref(x64, mask.contiguous(), 0.7)
+    (grad64,) = torch.autograd.grad(p64, x64, g)
+    assert_close(p, p64, what=f"forward {backend}")
+    assert_close(grad, grad64, what=f"grad {backend}")
+    # A column of a wider weight table as mixed_sum weights (the layout of issue 9).
+    table = torch.randn(4, 3, dtype=torch.float64, device=device)
+    ys = [torch.randn(6, dtype=torch.float64, device=device) for _ in range(4)]
+    assert_close(ops.mixed_sum(ys, table[:, 1], backend=backend), R.mixed_sum_ref(ys, table[:, 1].contiguous()), what="column weights")
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -192,8 +227,6 @@ def test_mixed_sum_bad_input():
 
 def test_masked_softmax_bad_input(monkeypatch):
     x = torch.randn(2, 4)
-    with pytest.raises(ValueError, match="no active candidate"):
-        ops.masked_softmax(x, torch.tensor([[True] * 4, [False] * 4]))
     with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
         ops.masked_softmax(x, torch.ones(2, 4))
     with pytest.raises(ValueError, match="not broadcastable"):
@@ -231,3 +264,41 @@ def test_torch_compile():
     assert_close(out, f(ys, w, logits, mask), what="compiled forward")
     out.sum().backward()
     assert logits.grad is not None and all(y.grad is not None for y in ys)
+
+
+def test_weight_ops_read_nothing_back(monkeypatch):
+    """masked_softmax and gumbel_softmax run in a search step: no per-call reads of the mask or
+    of the noise back to the host (each would be a device sync on a GPU)."""
+    calls = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name, **k: (calls.append(_n), _r(t, *a, **k))[1])
+    alpha = torch.randn(14, 8, requires_grad=True)
+    mask = torch.ones(14, 8, dtype=torch.bool)
+    ops.masked_softmax(alpha, mask).sum().backward()
+    ops.gumbel_softmax(alpha, mask, tau=0.5).sum().backward()
+    monkeypatch.undo()
+    assert calls == []
+    # The clamped noise is finite even for an exponential draw of 0 (log 0 = -inf before).
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, generator=None: t.zero_())
+    assert torch.isfinite(ops.gumbel_softmax(alpha, mask, hard=False)).all()
+
+
+def test_triton_backward_strides_over_tiles(monkeypatch):
+    """The Triton backward with more tiles than programs (each program accumulates over several
+    tiles and reduces once), as on a GPU; the interpreter normally takes one tile in all."""
+    from toponas_kernels import _lib
+    from toponas_kernels.ops import _common
+    from toponas_kernels.ops import mixed as M
+
+    if not (_lib.triton_available() and _common.INTERPRET):
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setattr(M, "block_size", lambda n, gpu_block: 16)
+    monkeypatch.setattr(M, "_MAX_BWD_PROGRAMS", 3)
+    ys = [torch.randn(203, dtype=torch.float64) for _ in range(9)]  # 13 tiles over 3 programs, 2 chunks
+    w = torch.randn(9, dtype=torch.float64)
+    g = torch.randn(203, dtype=torch.float64)
+    grads = M._mixed_sum_backward_triton(g, ys, w)
+    for k, y in enumerate(ys):
+        assert_close(grads[k], w[k] * g, what=f"grad_y[{k}]")
+    assert_close(grads[-1], torch.stack([(g * y).sum() for y in ys]), what="grad_w")

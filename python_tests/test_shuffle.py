@@ -150,6 +150,13 @@ def test_shuffle_ops_opcheck(backend, device):
     torch.library.opcheck(torch.ops.toponas.partial_channel_shuffle.default, (p, q, 4, backend))
     g = torch.randn(3, 8, 2, 5, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.toponas.partial_channel_unshuffle.default, (g, 2, 4, backend))
+    cl = torch.channels_last
+    torch.library.opcheck(torch.ops.toponas.channel_shuffle.default, (x.contiguous(memory_format=cl), 3, backend))
+    torch.library.opcheck(
+        torch.ops.toponas.partial_channel_shuffle.default,
+        (p.contiguous(memory_format=cl), q.contiguous(memory_format=cl), 4, backend),
+    )
+    torch.library.opcheck(torch.ops.toponas.partial_channel_unshuffle.default, (g.contiguous(memory_format=cl), 2, 4, backend))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from toponas_kernels import _lib
+from toponas_kernels.ops._common import INTERPRET
 
 # Per-dtype tolerances for kernel vs reference (both accumulate in float32/float64; half types
 # differ by the rounding of the output and of the reduction order).
@@ -24,7 +25,7 @@ def backend_cases():
     cases = []
     if _lib.HAS_CPP:
         cases.append(pytest.param("cpp", "cpu", id="cpp-cpu"))
-    if _lib.triton_available():
+    if _lib.triton_available() and INTERPRET:
         cases.append(pytest.param("triton", "cpu", id="triton-interp"))
     cases.append(pytest.param("reference", "cpu", id="reference-cpu"))
     cases.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))

@@ -18,8 +18,21 @@ BACKENDS = ("reference", "triton", "cpp", "cuda")
 ENV_VAR = "TOPONAS_BACKEND"
 
 
+# Resolved choices, by (backend argument, environment value, device): every op call resolves,
+# and the answer for one key cannot change within a process.
+_resolved: dict = {}
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend to run on ``device``: checked, so a kernel is never asked to do what it cannot."""
+    key = (backend, os.environ.get(ENV_VAR), device)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(backend, device)
+    return name
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     name = (name or "auto").strip().lower()
     if name == "auto":

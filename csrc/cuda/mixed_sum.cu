@@ -4,8 +4,11 @@
 // Forward reads each candidate once and writes the sum once (memory bound). Up to kChunk
 // candidate pointers travel in the kernel's parameter block; larger K runs in chunks with the
 // running sum kept in the accumulation dtype. Backward writes grad_y_k = w_k * g and one
-// partial <g, y_k> per (k, block) into a [K, blocks] buffer that is summed afterwards: a fixed
-// grid and a fixed reduction order make it deterministic (no atomics).
+// partial <g, y_k> per (k, block) into a [K, blocks] buffer; the last block to finish the final
+// launch sums that buffer in a fixed order and writes grad_w (no separate reduction launch; a
+// fixed grid and a fixed order make it deterministic: the one atomic only elects that block).
+// Each thread loads g and every y_j of an element before it stores any grad_y_j, so all the
+// loads are in flight together (a store first would have to be ordered before the next load).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,7 +30,7 @@ constexpr int kMaxBlocks = 2048;
 
 template <typename T>
 struct PtrPack {
-  T* p[kChunk];
+  T* __restrict__ p[kChunk];  // distinct tensors: never aliasing each other or the other arguments
 };
 
 int64_t blocks_for(int64_t n, int per_thread) {
@@ -73,8 +76,10 @@ __device__ acc_t block_sum(acc_t v, acc_t* shared) {
 template <typename scalar_t, typename acc_t>
 __global__ void mixed_sum_bwd_kernel(const scalar_t* __restrict__ g, PtrPack<const scalar_t> ys,
                                      PtrPack<scalar_t> gys, const scalar_t* __restrict__ w, int num,
-                                     int k0, acc_t* __restrict__ parts, int64_t n) {
+                                     int k0, acc_t* parts, int64_t n, int num_total,
+                                     unsigned int* __restrict__ done, scalar_t* __restrict__ grad_w) {
   __shared__ acc_t shared[32];
+  __shared__ bool last;
   acc_t wk[kChunk], dot[kChunk];
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
@@ -84,11 +89,14 @@ __global__ void mixed_sum_bwd_kernel(const scalar_t* __restrict__ g, PtrPack<con
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const acc_t gi = static_cast<acc_t>(g[i]);
+    acc_t yv[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) yv[j] = j < num ? static_cast<acc_t>(ys.p[j][i]) : acc_t(0);
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
       if (j < num) {
         gys.p[j][i] = static_cast<scalar_t>(wk[j] * gi);
-        dot[j] += gi * static_cast<acc_t>(ys.p[j][i]);
+        dot[j] += gi * yv[j];
       }
     }
   }
@@ -98,6 +106,20 @@ __global__ void mixed_sum_bwd_kernel(const scalar_t* __restrict__ g, PtrPack<con
       const acc_t total = block_sum(dot[j], shared);
       if (threadIdx.x == 0) parts[static_cast<int64_t>(k0 + j) * gridDim.x + blockIdx.x] = total;
     }
+  }
+  if (k0 + num != num_total) return;  // uniform: only the final chunk's launch reduces
+  __threadfence();                    // this block's partials are visible before it counts itself
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const volatile acc_t* vparts = parts;
+  for (int k = 0; k < num_total; ++k) {
+    acc_t v = acc_t(0);
+    for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += blockDim.x)
+      v += vparts[static_cast<int64_t>(k) * gridDim.x + b];  // fixed order per thread
+    v = block_sum(v, shared);                                 // fixed order across threads
+    if (threadIdx.x == 0) grad_w[k] = static_cast<scalar_t>(v);
   }
 }
 
@@ -181,7 +203,8 @@ std::vector<at::Tensor> mixed_sum_backward_cuda(const at::Tensor& grad, at::Tens
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>(blocks_for(n, 4), kMaxBlocks);
-  at::Tensor grad_w;
+  auto grad_w = at::empty({num_total}, w.options());
+  auto done = at::zeros({1}, g.options().dtype(at::kInt));  // blocks finished in the final launch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mixed_sum_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto parts = at::empty({num_total, blocks}, g.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -194,10 +217,10 @@ std::vector<at::Tensor> mixed_sum_backward_cuda(const at::Tensor& grad, at::Tens
         gp.p[j] = result[k0 + std::min(j, num - 1)].data_ptr<scalar_t>();
       }
       mixed_sum_bwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), yp, gp, w.data_ptr<scalar_t>(), num, k0, parts.data_ptr<acc_t>(), n);
+          g.data_ptr<scalar_t>(), yp, gp, w.data_ptr<scalar_t>(), num, k0, parts.data_ptr<acc_t>(), n,
+          num_total, reinterpret_cast<unsigned int*>(done.data_ptr<int>()), grad_w.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    grad_w = parts.sum(1).to(w.scalar_type());
   });
   result.push_back(grad_w);
   return result;

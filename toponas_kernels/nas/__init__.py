@@ -23,7 +23,7 @@ from .spaces import (
     nb201_space,
 )
 from .operations import OpChain, build_op, chosen_module
-from .mixed_op import FusedMixedOp
+from .mixed_op import FusedMixedOp, recalibrate_bn
 from .simplify import MODES, STAGES, Counts, Graph, count, format_graph, simplify_space, stages
 
 # The engine's ``simplify`` function is not re-exported here: it would shadow the ``simplify``
@@ -33,6 +33,6 @@ __all__ = [
     "Module", "ReLU", "BN", "Conv", "Pool", "Identity", "Zero", "FactorizedReduce",
     "OpDef", "SearchSpace", "DARTS_PRIMITIVES", "NB201_PRIMITIVES", "DARTS_SPACE", "NB201_SPACE",
     "darts_space", "nb201_space", "exaggerated_space", "get_space",
-    "OpChain", "build_op", "chosen_module", "FusedMixedOp",
+    "OpChain", "build_op", "chosen_module", "FusedMixedOp", "recalibrate_bn",
     "MODES", "STAGES", "Counts", "Graph", "count", "format_graph", "simplify_space", "stages",
 ]

@@ -22,7 +22,7 @@ weights. Merging is exact (a conv is linear in its kernel) when ``normalize=Fals
 normalization changes the function on purpose (paper Sec. 3.5). With one-hot weights every mode
 with ``normalize=False`` equals plain.
 
-Merging a depthwise+pointwise unit (DESIGN.md section 5): the unit's exact dense kernel is
+Merging a depthwise+pointwise unit (docs/DESIGN.md section 5): the unit's exact dense kernel is
 ``W[o, c] = P[o, c] * D[c]`` ([C, C, k, k]). How a merged group is evaluated is its *form*
 (``merge=``, ``forms.py``): ``dense`` merges the dense kernels into one dense conv (exact; cost
 grows with C^2 k^2); ``stacked`` runs each candidate's depthwise conv and ONE 1x1 conv over the
@@ -56,11 +56,15 @@ name DARTS uses), in the order of the primitives. The rewritten modes run the mo
 chains: a shared module runs as the instance of its lowest-index (unmasked) candidate, so only
 that BN's running statistics advance (and with ``affine=True`` only its affine parameters are
 used), and a merged conv reads the kernels of its candidates. So ``b.load_state_dict(a.state_dict())`` copies between
-modes, and ``load_plain_state`` copies from a DARTS-style MixedOp.
+modes, and ``load_plain_state`` copies from a DARTS-style MixedOp. The BN running statistics do
+not carry over between modes (a merged, normalized conv feeds its BN outputs of another scale):
+the state records its mode (``_extra_state``), a load across kernel normalizations (topo with
+normalization vs. any other mode) resets the statistics with a warning, and ``recalibrate_bn(model, batches)`` re-estimates them before evaluation.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -68,13 +72,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..backend import BACKENDS
 from ..backend import resolve as _resolve
 from . import forms as Fm
 from . import spaces as S
 from .operations import ConvUnit, OpChain, PoolBN, build_op, chosen_module
 from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
 
-__all__ = ["FusedMixedOp"]
+__all__ = ["FusedMixedOp", "recalibrate_bn"]
 
 _NORMALIZE = {True: "channel", False: "none", "channel": "channel", "tensor": "tensor", "none": "none"}
 
@@ -131,14 +136,22 @@ class FusedMixedOp(nn.Module):
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize: expected True, False, 'channel', 'tensor' or 'none', got {normalize!r}")
         k = 1 if partial_channels is None else partial_channels
-        if not isinstance(k, int) or k < 1:
+        if not _is_int(k) or k < 1:
             raise ValueError(f"partial_channels: expected a positive int, got {partial_channels!r}")
-        if not isinstance(C, int) or C < 1:
+        if not _is_int(C) or C < 1:
             raise ValueError(f"C: expected a positive int, got {C!r}")
         if C % k:
             raise ValueError(f"partial_channels: C = {C} is not divisible by partial_channels = {k}")
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride: expected a positive int, got {stride!r}")
+        if not _is_int(stride) or stride not in (1, 2):
+            raise ValueError(f"stride: expected 1 (normal edge) or 2 (reduction edge), got {stride!r}")
+        if not isinstance(affine, bool):
+            raise ValueError(f"affine: expected True or False, got {affine!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+            raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
+        if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in ("auto", *BACKENDS)):
+            raise ValueError(f"backend: expected None or one of {('auto', *BACKENDS)}, got {backend!r}")
+        if recompute is not None and not isinstance(recompute, bool):
+            raise ValueError(f"recompute: expected None, True or False, got {recompute!r}")
 
         if isinstance(primitives, (S.SearchSpace, str)):
             self.space = S.get_space(primitives)
@@ -153,6 +166,8 @@ class FusedMixedOp(nn.Module):
         self.mp = nn.MaxPool2d(2, 2) if k > 1 and stride > 1 else None
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._forms: dict[tuple[Merged, str], tuple[str, str]] = {}
+        self._loaded_from: tuple[str, str] | None = None
+        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def primitives(self) -> tuple[str, ...]:
@@ -209,9 +224,10 @@ class FusedMixedOp(nn.Module):
 
     def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:
         if self.mode == "plain":
-            idx = [i for i, a in enumerate(active) if a]
+            idx = tuple(i for i, a in enumerate(active) if a)
             outputs = [self._ops[i](x) for i in idx]
-            w = weights if len(idx) == len(active) else weights[idx]
+            # A cached index tensor: weights[list] would copy a new index to the device per call.
+            w = weights if len(idx) == len(active) else weights.index_select(0, self._plan(active).index(idx, weights.device))
             return ops.mixed_sum(*_promoted(outputs, w), backend=self.backend)
         plan = self._plan(active)
         root = plan.graph.root
@@ -469,6 +485,45 @@ class FusedMixedOp(nn.Module):
         best = max(candidates, key=lambda i: float(weights[i]))
         return chosen_module(self.primitives[best], self.C, self.stride, affine, self.space)
 
+    # ------------------------------------------------------------------ state across modes
+    def _stats_key(self) -> str:
+        """What sets the scale of the BN inputs besides the parameters: the kernel normalization
+        of merged convs (topo). Sharing and unnormalized merging keep the scale (PMS is exact;
+        FMS and merging change a BN's input only by weighting), so their statistics carry over."""
+        return _stats_key(self.mode, self.normalize)
+
+    def get_extra_state(self) -> Tensor:
+        # A small tensor, so every value of a state dict stays a tensor (clone, to(device), save).
+        return torch.tensor([_MODE_NAMES.index(self.mode), _NORM_NAMES.index(self.normalize)], dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        mode, norm = (int(v) for v in state.tolist())
+        self._loaded_from = _stats_key(_MODE_NAMES[mode], _NORM_NAMES[norm])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        had = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not had and key in missing_keys:  # a state saved before the mode was recorded: mode unknown
+            missing_keys.remove(key)
+
+    def _reset_bn_statistics(self, source: str) -> None:
+        """BN running statistics gathered in another mode do not fit this one (a merged,
+        normalized conv has outputs of another scale than the candidates' convs): reset them."""
+        reset = 0
+        for m in self._ops.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.reset_running_stats()
+                reset += 1
+        if reset:
+            warnings.warn(
+                f"FusedMixedOp: loaded a state saved with {source} into mode {self.mode!r} with "
+                f"kernel normalization {self._stats_key()!r}; its BN running "
+                "statistics do not fit this mode and were reset. Re-estimate them with "
+                "toponas_kernels.nas.recalibrate_bn(model, batches) before evaluating.",
+                stacklevel=3,
+            )
+
     def load_plain_state(self, other: nn.Module) -> None:
         """Copy parameters and buffers, in registration order, from a module holding the same
         candidates in the same order: a DARTS-style MixedOp (its ``_ops``), another
@@ -488,6 +543,67 @@ class FusedMixedOp(nn.Module):
             with torch.no_grad():
                 for d, s in zip(dst, src):
                     d.copy_(s)
+        source_key = other._stats_key() if isinstance(other, FusedMixedOp) else _stats_key("plain", "none")
+        if source_key != self._stats_key():
+            self._reset_bn_statistics(f"kernel normalization {source_key!r}")
+
+
+# The codes of the mode record in a state dict (append only: saved states keep their meaning).
+_MODE_NAMES = ("plain", "pms", "fms", "pms+fms", "topo")
+_NORM_NAMES = ("none", "channel", "tensor")
+
+
+def _stats_key(mode: str, normalize: str) -> str:
+    return normalize if mode == "topo" else "none"
+
+
+def _after_load(module: FusedMixedOp, incompatible_keys) -> None:
+    """After a load_state_dict (the candidates' buffers are loaded by now): a state saved in
+    another mode leaves BN statistics that do not fit; reset them."""
+    source, module._loaded_from = module._loaded_from, None
+    if source is not None and source != module._stats_key():
+        module._reset_bn_statistics(f"kernel normalization {source!r}")
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, *, forward=None) -> int:
+    """Re-estimate the running statistics of every BatchNorm in ``model`` from ``batches``, e.g.
+    after loading a state saved in another mode (see ``FusedMixedOp``). The statistics are reset
+    and become the plain average over the batches (momentum None while this runs); parameters
+    do not change and no gradient is taken. The model's train/eval state is put back.
+
+    Args:
+        model: any module.
+        batches: an iterable; each item is passed as ``model(item)``, or ``model(*item)`` for a
+            tuple or list (``FusedMixedOp`` takes ``(x, weights)``), unless ``forward`` is given.
+        forward: optional ``forward(model, item)`` that runs one batch (e.g. to drop labels).
+    Returns the number of batches run (a ValueError when there were none).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    count = 0
+    try:
+        for item in batches:
+            if forward is not None:
+                forward(model, item)
+            elif isinstance(item, (tuple, list)):
+                model(*item)
+            else:
+                model(item)
+            count += 1
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    if count == 0:
+        raise ValueError("batches: no batch to estimate the BN statistics from")
+    return count
 
 
 class _Plan:
@@ -654,6 +770,10 @@ def _absorbs(choice: Choice) -> bool:
         if not (items and isinstance(items[-1], Choice) and _absorbs(items[-1])):
             return False
     return True
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shape(mask) -> tuple:

@@ -61,12 +61,20 @@ class _ArchMixin:
         return ops.masked_softmax(alpha, mask)
 
     def _host_masks(self, weights: torch.Tensor, mask: torch.Tensor) -> list:
-        """Each edge's mask as host lists (one transfer, not one per edge). With GDAS sampling
-        only the sampled op of an edge runs: the hard one-hot row is the mask (its
-        straight-through gradient still reaches every alpha of the row)."""
+        """Each edge's mask as host lists. The search-space mask is read back once and kept
+        until the buffer changes (set_masks, load_state_dict or any in-place write bump its
+        version), so a step makes no device-to-host sync for it. With GDAS sampling only the
+        sampled op of an edge runs: the hard one-hot row is the mask (its straight-through
+        gradient still reaches every alpha of the row), read back each step (one sync, which
+        that sampler needs to know what to run)."""
         if self.sampler == "gumbel":
-            mask = weights.detach() != 0
-        return mask.tolist()
+            return (weights.detach() != 0).tolist()
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        key = (id(mask), mask._version, mask.data_ptr())
+        host = cache.get(id(mask))
+        if host is None or host[0] != key:
+            host = cache[id(mask)] = (key, mask.tolist())
+        return host[1]
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]

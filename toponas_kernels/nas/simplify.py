@@ -1,4 +1,4 @@
-"""The topological simplification engine (TopoNAS Sec. 3.2-3.4, DESIGN.md sections 2-5).
+"""The topological simplification engine (TopoNAS Sec. 3.2-3.4, docs/DESIGN.md sections 2-5).
 
 Input: the candidate operations of one edge as chains of basic modules (``spaces.py``).
 Output: a ``Graph``, a tree of weighted sums (``Choice``), chains (``Seq``), modules (``Leaf``)
@@ -48,7 +48,7 @@ Zero candidates (``Zero`` in the chain) add exactly 0 and are left out of the gr
 weight still counts in the top-level sum's weights, which are used as given). ``Identity``
 modules are dropped from chains (an empty chain is the identity).
 
-Counting (DESIGN.md section 4): a conv unit, FactorizedReduce or merged conv is one "conv";
+Counting (docs/DESIGN.md section 4): a conv unit, FactorizedReduce or merged conv is one "conv";
 ReLU, BN and (atomic) pools are "non_conv"; identity and zero are not counted.
 """
 
@@ -453,7 +453,7 @@ def _count(node: "Node") -> tuple[int, int]:
 
 
 def count(graph: Graph | Choice) -> Counts:
-    """Module counts of a graph (DESIGN.md section 4 convention)."""
+    """Module counts of a graph (docs/DESIGN.md section 4 convention)."""
     root = graph.root if isinstance(graph, Graph) else graph
     return Counts(*_count(root))
 

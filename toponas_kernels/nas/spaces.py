@@ -15,7 +15,7 @@ Stride. The chain of an operation at stride s > 1 (without a ``reduce`` chain) g
 to the *first* module that can take one (a conv, a pool, zero): a separable conv's stride is on
 its depthwise conv, and a double-stacked sep conv has it on its first depthwise only.
 
-Counting (DESIGN.md section 4, paper Table II). ``Conv`` (one *conv unit*: a depthwise+pointwise
+Counting (docs/DESIGN.md section 4, paper Table II). ``Conv`` (one *conv unit*: a depthwise+pointwise
 pair or one dense conv) and ``FactorizedReduce`` count as ``conv``; ``ReLU``, ``BN`` and ``Pool``
 count as ``non_conv``; ``Identity`` and ``Zero`` are not counted.
 

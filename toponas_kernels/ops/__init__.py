@@ -1,4 +1,4 @@
-"""The three kernel families (DESIGN.md section 9), each a ``torch.library`` custom op in the
+"""The three kernel families (docs/DESIGN.md section 9), each a ``torch.library`` custom op in the
 ``toponas`` namespace with reference, Triton, C++ (CPU) and CUDA backends.
 
 Every function takes ``backend=`` (``"auto"``/None, ``"reference"``, ``"triton"``, ``"cpp"``,

@@ -3,6 +3,7 @@ import, and launch sizes for the GPU and for the CPU interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -52,6 +53,25 @@ def check_like(name: str, t: Tensor, ref_name: str, ref: Tensor, *, shape: bool 
         )
 
 
+def check_same(name: str, tensors: list[Tensor], *, dim: int | None = None) -> Tensor:
+    """Every entry a tensor of a supported dtype, with the first one's dtype, device and shape
+    (and ``dim`` dims when given); returns the first. One cheap pass when all is well (this runs
+    on every call of an op); the detailed checks, naming the entry, only to report a failure."""
+    first = tensors[0]
+    if isinstance(first, Tensor) and first.dtype in SUPPORTED_DTYPES and (dim is None or first.dim() == dim):
+        dtype, device, shape = first.dtype, first.device, first.shape
+        for t in tensors:
+            if not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == shape and t.device == device):
+                break
+        else:
+            return first
+    check_tensor(f"{name}[0]", first, dim=dim)
+    for k, t in enumerate(tensors[1:], start=1):
+        check_tensor(f"{name}[{k}]", t, dim=dim)
+        check_like(f"{name}[{k}]", t, f"{name}[0]", first)
+    return first
+
+
 def as_tensor_list(name: str, tensors) -> list[Tensor]:
     """A sequence of tensors, or one stacked tensor split along dim 0 (views, no copy)."""
     if isinstance(tensors, Tensor):
@@ -84,3 +104,21 @@ def register_kernel_fake(name: str):
         return fn
 
     return wrap
+
+
+def device_guard(t: Tensor):
+    """Triton launches go to the current CUDA device: run them under the device of ``t``
+    (tensors on cuda:1 while cuda:0 is current). A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def fast_path() -> bool:
+    """Whether a public op may run as a thin ``torch.autograd.Function`` around its kernels.
+
+    The ``toponas::`` custom ops cost tens of microseconds of Python dispatch per call
+    (``custom_op`` + ``register_autograd``), more than a fused kernel takes on a GPU at NAS
+    shapes, and a search step makes hundreds of calls. In eager mode the public functions skip
+    that dispatch and call the same kernels through an autograd.Function; under
+    ``torch.compile``/export and functorch transforms they use the custom ops, which carry the
+    fake (meta) implementations those need."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())

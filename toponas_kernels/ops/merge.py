@@ -1,4 +1,4 @@
-"""Family 2: fused kernel-normalize-and-merge (DESIGN.md sections 5, 6 and 9).
+"""Family 2: fused kernel-normalize-and-merge (docs/DESIGN.md sections 5, 6 and 9).
 
     merged = sum_i w_i * embed(K_hat_i)          K_hat_i = (K_i - mean) / (std + eps)
 
@@ -63,6 +63,8 @@ from ._common import (
     block_size,
     check_like,
     check_tensor,
+    device_guard,
+    fast_path,
     register_kernel_fake,
     tl,
     triton,
@@ -448,7 +450,7 @@ def _merge_backward_ref(
         st = (kmax - span) // 2
         G = g[..., st : st + span : d, st : st + span : d]  # crop: the candidate's taps
         if normalize == "none":
-            dxs.append((w[i] * G).to(kernel.dtype))
+            dxs.append((w[i] * G).to(kernel.dtype).contiguous())
             gw.append((G * x).sum())
             continue
         dims = tuple(range(1, 4)) if normalize == "channel" else tuple(range(4))
@@ -460,26 +462,27 @@ def _merge_backward_ref(
         sg = G.sum(dim=dims, keepdim=True)
         sgx = (G * xc).sum(dim=dims, keepdim=True)
         c2 = torch.where(std > 0, sgx * inv * inv / (n * torch.where(std > 0, std, 1.0)), 0.0)
-        dxs.append((w[i] * ((G - sg / n) * inv - c2 * xc)).to(kernel.dtype))
+        dxs.append((w[i] * ((G - sg / n) * inv - c2 * xc)).to(kernel.dtype).contiguous())
         gw.append((sgx * inv).sum())
     return dxs + [torch.stack(gw).to(weights.dtype)]
 
 
 # ============================================================================ custom ops
-def _compiled_args(kernels: list[Tensor], weights: Tensor) -> tuple[list[Tensor], Tensor]:
-    return [k.contiguous() for k in kernels], weights.contiguous()
-
-
-@torch.library.custom_op("toponas::merge_kernels", mutates_args=())
-def _merge_kernels_op(
+# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
+# directly by the eager fast path (``_MergeKernels`` below).
+def _merge_kernels_impl(
     kernels: list[Tensor], weights: Tensor, dilations: list[int], normalize: str, eps: float, backend: str
 ) -> Tensor:
     if backend == "reference":
-        return _ref.merge_kernels_ref(kernels, weights, dilations, normalize, eps)
+        return _ref.merge_kernels_ref(kernels, weights, dilations, normalize, eps).contiguous()
     if backend == "triton":
-        return _merge_triton(kernels, weights, dilations, normalize, eps)
-    ks, w = _compiled_args(kernels, weights)
-    return torch.ops.toponas.merge_kernels_kernel(ks, w, dilations, MODE_CODES[normalize], eps)
+        with device_guard(kernels[0]):
+            return _merge_triton(kernels, weights, dilations, normalize, eps)
+    # the compiled kernels make their inputs contiguous themselves
+    return torch.ops.toponas.merge_kernels_kernel(kernels, weights, dilations, MODE_CODES[normalize], eps)
+
+
+_merge_kernels_op = torch.library.custom_op("toponas::merge_kernels", _merge_kernels_impl, mutates_args=())
 
 
 def _merged_empty(kernels, dilations):
@@ -492,17 +495,21 @@ def _(kernels, weights, dilations, normalize, eps, backend):
     return _merged_empty(kernels, dilations)
 
 
-@torch.library.custom_op("toponas::merge_kernels_backward", mutates_args=())
-def _merge_kernels_backward_op(
+def _merge_kernels_backward_impl(
     grad: Tensor, kernels: list[Tensor], weights: Tensor, dilations: list[int], normalize: str, eps: float, backend: str
 ) -> list[Tensor]:
     """Returns K kernel gradients followed by the weight gradient."""
     if backend == "reference":
         return _merge_backward_ref(grad, kernels, weights, dilations, normalize, eps)
     if backend == "triton":
-        return _merge_backward_triton(grad, kernels, weights, dilations, normalize, eps)
-    ks, w = _compiled_args(kernels, weights)
-    return torch.ops.toponas.merge_kernels_backward_kernel(grad.contiguous(), ks, w, dilations, MODE_CODES[normalize], eps)
+        with device_guard(grad):
+            return _merge_backward_triton(grad, kernels, weights, dilations, normalize, eps)
+    return torch.ops.toponas.merge_kernels_backward_kernel(grad, kernels, weights, dilations, MODE_CODES[normalize], eps)
+
+
+_merge_kernels_backward_op = torch.library.custom_op(
+    "toponas::merge_kernels_backward", _merge_kernels_backward_impl, mutates_args=()
+)
 
 
 def _grads_empty(kernels, weights):
@@ -528,6 +535,23 @@ def _merge_grad(ctx, grad):
 
 
 _merge_kernels_op.register_autograd(_merge_grad, setup_context=_merge_setup)
+
+
+class _MergeKernels(torch.autograd.Function):
+    """The eager fast path of merge_kernels (see ``_common.fast_path``): the same kernels and
+    backward as the custom op, without its dispatch; it too keeps only the inputs."""
+
+    @staticmethod
+    def forward(ctx, dilations, normalize, eps, backend, weights, *kernels):
+        ctx.save_for_backward(weights, *kernels)
+        ctx.args = (dilations, normalize, eps, backend)
+        return _merge_kernels_impl(list(kernels), weights, dilations, normalize, eps, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, *kernels = ctx.saved_tensors
+        grads = _merge_kernels_backward_impl(grad, kernels, weights, *ctx.args)
+        return (None, None, None, None, grads[-1], *grads[:-1])
 
 
 # Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
@@ -625,4 +649,7 @@ def merge_kernels(
         raise ValueError(f"eps must be a finite number, got {eps!r}")
     if mode != "none" and eps <= 0:
         raise ValueError(f"eps must be > 0 when normalizing (normalize={mode!r}), got {eps!r}")
-    return _merge_kernels_op(ks, weights, dils, mode, float(eps), _backend.resolve(backend, first.device))
+    resolved = _backend.resolve(backend, first.device)
+    if fast_path():
+        return _MergeKernels.apply(dils, mode, float(eps), resolved, weights, *ks)
+    return _merge_kernels_op(ks, weights, dils, mode, float(eps), resolved)

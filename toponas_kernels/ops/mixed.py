@@ -1,4 +1,4 @@
-"""Family 1: the fused masked mixed operation (DESIGN.md sections 1 and 9).
+"""Family 1: the fused masked mixed operation (docs/DESIGN.md sections 1 and 9).
 
     out = sum_k w_k * y_k                  one pass over the K candidate outputs
     grad_y_k = w_k * grad_out              grad_w_k = <grad_out, y_k>  (deterministic)
@@ -26,7 +26,10 @@ from ._common import (
     as_tensor_list,
     block_size,
     check_like,
+    check_same,
     check_tensor,
+    device_guard,
+    fast_path,
     register_kernel_fake,
     tl,
     triton,
@@ -34,6 +37,9 @@ from ._common import (
 
 # How many candidate pointers one Triton launch takes; larger K runs in chunks of this size.
 _CHUNK = 8
+# Programs of the backward, each striding over tiles (several waves of SMs on an H100): the
+# per-candidate reductions happen once per program, not once per tile.
+_MAX_BWD_PROGRAMS = 1024
 
 # ============================================================================ Triton kernels
 if HAS_TRITON:
@@ -78,11 +84,12 @@ if HAS_TRITON:
             tl.store(acc_ptr + offs, acc, mask=m)
 
     @triton.jit
-    def _grad_one(g, w_ptr, k, y_ptr, gy_ptr, part_ptr, nprog, pid, offs, mask, ACC: tl.constexpr):
+    def _grad_one(g, w_ptr, k, y_ptr, gy_ptr, offs, mask, ACC: tl.constexpr):
+        # y is loaded before grad_y is stored, so the loads of all candidates can be in flight.
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_ptr + k).to(ACC)
         tl.store(gy_ptr + offs, (w * g).to(gy_ptr.dtype.element_ty), mask=mask)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(part_ptr + k * nprog + pid, tl.sum(g * y, axis=0))
+        return g * y
 
     @triton.jit
     def _mixed_sum_bwd_kernel(
@@ -90,27 +97,54 @@ if HAS_TRITON:
         y0, y1, y2, y3, y4, y5, y6, y7, gy0, gy1, gy2, gy3, gy4, gy5, gy6, gy7,
         NUM: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
     ):
-        # grad_out is read once per chunk; each program writes one partial <g, y_k> per k into
-        # part[k, pid], summed afterwards in a fixed order (deterministic, no atomics).
+        # A program strides over the tiles pid, pid + nprog, ...; grad_out is read once per tile
+        # and chunk. The products g * y_k are accumulated elementwise across its tiles and
+        # reduced once at the end: one partial <g, y_k> per k in part[k, pid], summed afterwards
+        # in a fixed order (deterministic, no atomics).
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
-        _grad_one(g, w_ptr, k0, y0, gy0, part_ptr, nprog, pid, offs, m, ACC)
+        d0 = tl.zeros([BLOCK], ACC)
+        d1 = tl.zeros([BLOCK], ACC)
+        d2 = tl.zeros([BLOCK], ACC)
+        d3 = tl.zeros([BLOCK], ACC)
+        d4 = tl.zeros([BLOCK], ACC)
+        d5 = tl.zeros([BLOCK], ACC)
+        d6 = tl.zeros([BLOCK], ACC)
+        d7 = tl.zeros([BLOCK], ACC)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+            d0 += _grad_one(g, w_ptr, k0, y0, gy0, offs, m, ACC)
+            if NUM > 1:
+                d1 += _grad_one(g, w_ptr, k0 + 1, y1, gy1, offs, m, ACC)
+            if NUM > 2:
+                d2 += _grad_one(g, w_ptr, k0 + 2, y2, gy2, offs, m, ACC)
+            if NUM > 3:
+                d3 += _grad_one(g, w_ptr, k0 + 3, y3, gy3, offs, m, ACC)
+            if NUM > 4:
+                d4 += _grad_one(g, w_ptr, k0 + 4, y4, gy4, offs, m, ACC)
+            if NUM > 5:
+                d5 += _grad_one(g, w_ptr, k0 + 5, y5, gy5, offs, m, ACC)
+            if NUM > 6:
+                d6 += _grad_one(g, w_ptr, k0 + 6, y6, gy6, offs, m, ACC)
+            if NUM > 7:
+                d7 += _grad_one(g, w_ptr, k0 + 7, y7, gy7, offs, m, ACC)
+        base = part_ptr + k0 * nprog + pid
+        tl.store(base, tl.sum(d0, axis=0))
         if NUM > 1:
-            _grad_one(g, w_ptr, k0 + 1, y1, gy1, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + nprog, tl.sum(d1, axis=0))
         if NUM > 2:
-            _grad_one(g, w_ptr, k0 + 2, y2, gy2, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 2 * nprog, tl.sum(d2, axis=0))
         if NUM > 3:
-            _grad_one(g, w_ptr, k0 + 3, y3, gy3, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 3 * nprog, tl.sum(d3, axis=0))
         if NUM > 4:
-            _grad_one(g, w_ptr, k0 + 4, y4, gy4, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 4 * nprog, tl.sum(d4, axis=0))
         if NUM > 5:
-            _grad_one(g, w_ptr, k0 + 5, y5, gy5, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 5 * nprog, tl.sum(d5, axis=0))
         if NUM > 6:
-            _grad_one(g, w_ptr, k0 + 6, y6, gy6, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 6 * nprog, tl.sum(d6, axis=0))
         if NUM > 7:
-            _grad_one(g, w_ptr, k0 + 7, y7, gy7, part_ptr, nprog, pid, offs, m, ACC)
+            tl.store(base + 7 * nprog, tl.sum(d7, axis=0))
 
     @triton.jit
     def _masked_softmax_fwd_kernel(x_ptr, m_ptr, p_ptr, K, inv_tau, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
@@ -148,6 +182,7 @@ def _padded(tensors: list[Tensor], start: int) -> tuple[list[Tensor], int]:
 
 def _mixed_sum_triton(outputs: list[Tensor], weights: Tensor) -> Tensor:
     ys = [y.contiguous() for y in outputs]
+    weights = weights.contiguous()  # the kernels read weights[k] at w_ptr + k
     out = torch.empty_like(ys[0])
     n, k_total = out.numel(), len(ys)
     if n == 0:
@@ -170,12 +205,13 @@ def _mixed_sum_triton(outputs: list[Tensor], weights: Tensor) -> Tensor:
 def _mixed_sum_backward_triton(grad: Tensor, outputs: list[Tensor], weights: Tensor) -> list[Tensor]:
     g = grad.contiguous()
     ys = [y.contiguous() for y in outputs]
+    weights = weights.contiguous()
     gys = [torch.empty_like(y) for y in ys]
     n, k_total = g.numel(), len(ys)
     if n == 0:
         return gys + [torch.zeros_like(weights)]
     block = block_size(n, 1024)
-    nprog = triton.cdiv(n, block)
+    nprog = min(triton.cdiv(n, block), _MAX_BWD_PROGRAMS)
     parts = torch.empty(k_total, nprog, dtype=_ref.acc_dtype(g.dtype), device=g.device)
     for start in range(0, k_total, _CHUNK):
         chunk, num = _padded(ys, start)
@@ -219,7 +255,7 @@ def _mixed_sum_backward_ref(grad: Tensor, outputs: list[Tensor], weights: Tensor
     acc = _ref.acc_dtype(grad.dtype)
     g = grad.to(acc)
     w = weights.to(acc)
-    gys = [(w[k] * g).to(grad.dtype) for k in range(len(outputs))]
+    gys = [(w[k] * g).to(grad.dtype).contiguous() for k in range(len(outputs))]
     gw = torch.stack([(g * y.to(acc)).sum() for y in outputs]).to(weights.dtype)
     return gys + [gw]
 
@@ -227,17 +263,22 @@ def _mixed_sum_backward_ref(grad: Tensor, outputs: list[Tensor], weights: Tensor
 def _masked_softmax_backward_ref(grad: Tensor, probs: Tensor, tau: float) -> Tensor:
     acc = _ref.acc_dtype(probs.dtype)
     g, p = grad.to(acc), probs.to(acc)
-    return (p * (g - (g * p).sum(-1, keepdim=True)) / tau).to(probs.dtype)
+    return (p * (g - (g * p).sum(-1, keepdim=True)) / tau).to(probs.dtype).contiguous()
 
 
 # ============================================================================ custom ops
-@torch.library.custom_op("toponas::mixed_sum", mutates_args=())
-def _mixed_sum_op(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
-    if backend == "reference":
-        return _ref.mixed_sum_ref(outputs, weights)
+# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
+# directly by the eager fast path (``_MixedSum`` below).
+def _mixed_sum_impl(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
+    if backend == "reference":  # contiguous, as the fake promises (eager keeps channels_last)
+        return _ref.mixed_sum_ref(outputs, weights).contiguous()
     if backend == "triton":
-        return _mixed_sum_triton(outputs, weights)
-    return torch.ops.toponas.mixed_sum_kernel([y.contiguous() for y in outputs], weights.contiguous())
+        with device_guard(outputs[0]):
+            return _mixed_sum_triton(outputs, weights)
+    return torch.ops.toponas.mixed_sum_kernel(outputs, weights)  # the kernels make inputs contiguous
+
+
+_mixed_sum_op = torch.library.custom_op("toponas::mixed_sum", _mixed_sum_impl, mutates_args=())
 
 
 @_mixed_sum_op.register_fake
@@ -245,16 +286,17 @@ def _(outputs, weights, backend):
     return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("toponas::mixed_sum_backward", mutates_args=())
-def _mixed_sum_backward_op(grad: Tensor, outputs: list[Tensor], weights: Tensor, backend: str) -> list[Tensor]:
+def _mixed_sum_backward_impl(grad: Tensor, outputs: list[Tensor], weights: Tensor, backend: str) -> list[Tensor]:
     """Returns K output gradients followed by the weight gradient."""
     if backend == "reference":
         return _mixed_sum_backward_ref(grad, outputs, weights)
     if backend == "triton":
-        return _mixed_sum_backward_triton(grad, outputs, weights)
-    return torch.ops.toponas.mixed_sum_backward_kernel(
-        grad.contiguous(), [y.contiguous() for y in outputs], weights.contiguous()
-    )
+        with device_guard(grad):
+            return _mixed_sum_backward_triton(grad, outputs, weights)
+    return torch.ops.toponas.mixed_sum_backward_kernel(grad, outputs, weights)
+
+
+_mixed_sum_backward_op = torch.library.custom_op("toponas::mixed_sum_backward", _mixed_sum_backward_impl, mutates_args=())
 
 
 @_mixed_sum_backward_op.register_fake
@@ -279,12 +321,30 @@ def _mixed_sum_grad(ctx, grad):
 _mixed_sum_op.register_autograd(_mixed_sum_grad, setup_context=_mixed_sum_setup)
 
 
+class _MixedSum(torch.autograd.Function):
+    """The eager fast path of mixed_sum (see ``_common.fast_path``): the same kernels and
+    backward as the custom op, without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, backend, weights, *outputs):
+        ctx.save_for_backward(weights, *outputs)
+        ctx.backend = backend
+        return _mixed_sum_impl(list(outputs), weights, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, *outputs = ctx.saved_tensors
+        grads = _mixed_sum_backward_impl(grad, outputs, weights, ctx.backend)
+        return (None, grads[-1], *grads[:-1])
+
+
 @torch.library.custom_op("toponas::masked_softmax", mutates_args=())
 def _masked_softmax_op(logits: Tensor, mask: Tensor, tau: float, backend: str) -> Tensor:
     if backend == "reference":
-        return _ref.masked_softmax_ref(logits, mask, tau)
+        return _ref.masked_softmax_ref(logits, mask, tau).contiguous()
     if backend == "triton":
-        return _masked_softmax_triton(logits, mask, tau)
+        with device_guard(logits):
+            return _masked_softmax_triton(logits, mask, tau)
     return torch.ops.toponas.masked_softmax_kernel(logits.contiguous(), mask.contiguous(), tau)
 
 
@@ -298,7 +358,8 @@ def _masked_softmax_backward_op(grad: Tensor, probs: Tensor, tau: float, backend
     if backend == "reference":
         return _masked_softmax_backward_ref(grad, probs, tau)
     if backend == "triton":
-        return _masked_softmax_backward_triton(grad, probs, tau)
+        with device_guard(grad):
+            return _masked_softmax_backward_triton(grad, probs, tau)
     return torch.ops.toponas.masked_softmax_backward_kernel(grad.contiguous(), probs.contiguous(), tau)
 
 
@@ -355,15 +416,15 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
         backend: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` or None/``"auto"``.
     """
     ys = as_tensor_list("outputs", outputs)
-    first = check_tensor("outputs[0]", ys[0])
-    for k, y in enumerate(ys[1:], start=1):
-        check_tensor(f"outputs[{k}]", y)
-        check_like(f"outputs[{k}]", y, "outputs[0]", first)
+    first = check_same("outputs", ys)
     check_tensor("weights", weights, dim=1)
     if weights.shape[0] != len(ys):
         raise ValueError(f"weights has {weights.shape[0]} entries but there are {len(ys)} outputs; one weight per output")
     check_like("weights", weights, "outputs[0]", first, shape=False)
-    return _mixed_sum_op(ys, weights, _backend.resolve(backend, first.device))
+    resolved = _backend.resolve(backend, first.device)
+    if fast_path():
+        return _MixedSum.apply(resolved, weights, *ys)
+    return _mixed_sum_op(ys, weights, resolved)
 
 
 def _check_mask(mask, logits: Tensor) -> Tensor:
@@ -382,9 +443,9 @@ def _check_mask(mask, logits: Tensor) -> Tensor:
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}, not broadcastable to logits {tuple(logits.shape)}"
             ) from None
-    # A data-dependent check: eager calls only (under torch.compile it would break the graph).
-    if not torch.compiler.is_compiling() and not bool(mask.any(dim=-1).all()):
-        raise ValueError("mask leaves a row with no active candidate; keep at least one per row")
+    # Whether every row keeps a candidate is NOT checked here: that would read the mask back
+    # from the device on every call (a sync per search step). Masks are checked once where they
+    # are set (the supernets' set_masks, FusedMixedOp); a row with none active gives NaN.
     return mask
 
 
@@ -417,17 +478,14 @@ def gumbel_softmax(
     """GDAS weights: ``softmax((log_softmax(logits) + g) / tau)`` with g = -log(Exponential(1))
     noise, restricted to ``mask``; ``hard`` returns the one-hot of the argmax with the
     straight-through gradient ``one_hot - probs.detach() + probs``. (log_softmax only shifts a
-    row by a constant, so it is left out.) Noise that gives inf/NaN is drawn again."""
+    row by a constant, so it is left out.) The exponential draws are clamped to the finite
+    positive range of the dtype, so the noise is always finite (no check, no device sync)."""
     _check_logits(logits, tau)
     mask = _check_mask(mask, logits)
     resolved = _backend.resolve(backend, logits.device)
-    for _ in range(100):
-        noise = -torch.empty_like(logits).exponential_(generator=generator).log()
-        probs = _masked_softmax_op(logits + noise, mask, float(tau), resolved)
-        if bool(torch.isfinite(probs).all()):
-            break
-    else:  # pragma: no cover - needs non-finite logits
-        raise ValueError("gumbel_softmax gave non-finite weights 100 times: are the logits finite?")
+    info = torch.finfo(logits.dtype)
+    draws = torch.empty_like(logits).exponential_(generator=generator).clamp_(info.tiny, info.max)
+    probs = _masked_softmax_op(logits - draws.log(), mask, float(tau), resolved)
     if not hard:
         return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)

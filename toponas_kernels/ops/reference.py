@@ -33,7 +33,7 @@ def mixed_sum_ref(outputs: Sequence[Tensor], weights: Tensor) -> Tensor:
 
 def masked_softmax_ref(logits: Tensor, mask: Tensor, tau: float = 1.0) -> Tensor:
     """Softmax of ``logits / tau`` over the last dim, restricted to ``mask``: masked entries are
-    exactly 0 and take no part in the normalisation (DESIGN.md section 1)."""
+    exactly 0 and take no part in the normalisation (docs/DESIGN.md section 1)."""
     acc = acc_dtype(logits.dtype)
     z = (logits.to(acc) / tau).masked_fill(~mask, float("-inf"))
     return torch.softmax(z, dim=-1).masked_fill(~mask, 0.0).to(logits.dtype)
@@ -41,12 +41,12 @@ def masked_softmax_ref(logits: Tensor, mask: Tensor, tau: float = 1.0) -> Tensor
 
 # ----------------------------------------------------------------------------- family 2
 def merged_size(kernel_sizes: Sequence[int], dilations: Sequence[int]) -> int:
-    """The common kernel size: max_i (k_i - 1) d_i + 1 (DESIGN.md section 5)."""
+    """The common kernel size: max_i (k_i - 1) d_i + 1 (docs/DESIGN.md section 5)."""
     return max((k - 1) * d + 1 for k, d in zip(kernel_sizes, dilations))
 
 
 def standardize_ref(kernel: Tensor, normalize: str, eps: float) -> Tensor:
-    """Kernel normalization (DESIGN.md section 6): subtract the mean and divide by the population
+    """Kernel normalization (docs/DESIGN.md section 6): subtract the mean and divide by the population
     standard deviation plus eps, per output channel (``"channel"``), over the whole kernel
     (``"tensor"``), or not at all (``"none"``)."""
     if normalize == "none":

@@ -1,4 +1,4 @@
-"""Family 3: partial-channel shuffles (DESIGN.md sections 7 and 9, PC-DARTS).
+"""Family 3: partial-channel shuffles (docs/DESIGN.md sections 7 and 9, PC-DARTS).
 
     channel_shuffle(x, g)                 view channels as (g, C/g), swap, flatten
     partial_channel_shuffle(p, q, g)      channel_shuffle(cat([p, q], 1), g), without the cat
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from . import reference as _ref
-from ._common import HAS_TRITON, INTERPRET, check_like, check_tensor, register_kernel_fake, tl, triton
+from ._common import HAS_TRITON, INTERPRET, check_like, check_tensor, device_guard, fast_path, register_kernel_fake, tl, triton
 
 # The kernels move raw words of the element size: bf16 never meets (interpreter) arithmetic.
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -194,13 +194,18 @@ def _partial_channel_unshuffle_ref(grad: Tensor, processed_channels: int, groups
 
 
 # ============================================================================ custom ops
-@torch.library.custom_op("toponas::channel_shuffle", mutates_args=())
-def _channel_shuffle_op(x: Tensor, groups: int, backend: str) -> Tensor:
+# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
+# directly by the eager fast path (the autograd.Functions below).
+def _channel_shuffle_impl(x: Tensor, groups: int, backend: str) -> Tensor:
     if backend == "reference":
         return _owned(_ref.channel_shuffle_ref(x, groups), x)
     if backend == "triton":
-        return _channel_shuffle_triton(x, groups)
+        with device_guard(x):
+            return _channel_shuffle_triton(x, groups)
     return torch.ops.toponas.channel_shuffle_kernel(x, groups)
+
+
+_channel_shuffle_op = torch.library.custom_op("toponas::channel_shuffle", _channel_shuffle_impl, mutates_args=())
 
 
 @_channel_shuffle_op.register_fake
@@ -224,13 +229,18 @@ def _channel_shuffle_grad(ctx, grad):
 _channel_shuffle_op.register_autograd(_channel_shuffle_grad, setup_context=_channel_shuffle_setup)
 
 
-@torch.library.custom_op("toponas::partial_channel_shuffle", mutates_args=())
-def _partial_channel_shuffle_op(processed: Tensor, bypass: Tensor, groups: int, backend: str) -> Tensor:
+def _partial_channel_shuffle_impl(processed: Tensor, bypass: Tensor, groups: int, backend: str) -> Tensor:
     if backend == "reference":
         return _owned(_ref.partial_channel_shuffle_ref(processed, bypass, groups), processed, bypass)
     if backend == "triton":
-        return _partial_channel_shuffle_triton(processed, bypass, groups)
+        with device_guard(processed):
+            return _partial_channel_shuffle_triton(processed, bypass, groups)
     return torch.ops.toponas.partial_channel_shuffle_kernel(processed, bypass, groups)
+
+
+_partial_channel_shuffle_op = torch.library.custom_op(
+    "toponas::partial_channel_shuffle", _partial_channel_shuffle_impl, mutates_args=()
+)
 
 
 @_partial_channel_shuffle_op.register_fake
@@ -238,16 +248,19 @@ def _(processed, bypass, groups, backend):
     return processed.new_empty((processed.shape[0], processed.shape[1] + bypass.shape[1], *processed.shape[2:]))
 
 
-@torch.library.custom_op("toponas::partial_channel_unshuffle", mutates_args=())
-def _partial_channel_unshuffle_op(
-    grad: Tensor, processed_channels: int, groups: int, backend: str
-) -> list[Tensor]:
+def _partial_channel_unshuffle_impl(grad: Tensor, processed_channels: int, groups: int, backend: str) -> list[Tensor]:
     """The backward of partial_channel_shuffle: ``[grad_processed, grad_bypass]`` in one pass."""
     if backend == "reference":
         return _partial_channel_unshuffle_ref(grad, processed_channels, groups)
     if backend == "triton":
-        return _partial_channel_unshuffle_triton(grad, processed_channels, groups)
+        with device_guard(grad):
+            return _partial_channel_unshuffle_triton(grad, processed_channels, groups)
     return torch.ops.toponas.partial_channel_unshuffle_kernel(grad, processed_channels, groups)
+
+
+_partial_channel_unshuffle_op = torch.library.custom_op(
+    "toponas::partial_channel_unshuffle", _partial_channel_unshuffle_impl, mutates_args=()
+)
 
 
 @_partial_channel_unshuffle_op.register_fake
@@ -288,6 +301,45 @@ def _partial_unshuffle_grad(ctx, grads):
 
 
 _partial_channel_unshuffle_op.register_autograd(_partial_unshuffle_grad, setup_context=_partial_unshuffle_setup)
+
+
+# The eager fast path (see ``_common.fast_path``): the same kernels without the custom-op
+# dispatch. Each backward is again one of these Functions, so they differentiate any number
+# of times, like the custom ops.
+class _ChannelShuffle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, groups, backend):
+        c = x.shape[1]
+        ctx.inverse_groups, ctx.backend = (c // groups if c else 1), backend
+        return _channel_shuffle_impl(x, groups, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ChannelShuffle.apply(grad, ctx.inverse_groups, ctx.backend), None, None
+
+
+class _PartialShuffle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, processed, bypass, groups, backend):
+        ctx.processed_channels, ctx.groups, ctx.backend = processed.shape[1], groups, backend
+        return _partial_channel_shuffle_impl(processed, bypass, groups, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gp, gb = _PartialUnshuffle.apply(grad, ctx.processed_channels, ctx.groups, ctx.backend)
+        return gp, gb, None, None
+
+
+class _PartialUnshuffle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, processed_channels, groups, backend):
+        ctx.groups, ctx.backend = groups, backend
+        gp, gb = _partial_channel_unshuffle_impl(grad, processed_channels, groups, backend)
+        return gp, gb
+
+    @staticmethod
+    def backward(ctx, gp, gb):  # an absent gradient arrives as zeros (materialized)
+        return _PartialShuffle.apply(gp, gb, ctx.groups, ctx.backend), None, None, None
 
 
 # Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
@@ -344,7 +396,10 @@ def channel_shuffle(x: Tensor, groups: int, *, backend: str | None = None) -> Te
     groups = _check_count("groups", groups)
     if x.shape[1] % groups:
         raise ValueError(f"x: C={x.shape[1]} is not divisible by groups={groups}")
-    return _channel_shuffle_op(x, groups, _backend.resolve(backend, x.device))
+    resolved = _backend.resolve(backend, x.device)
+    if fast_path():
+        return _ChannelShuffle.apply(x, groups, resolved)
+    return _channel_shuffle_op(x, groups, resolved)
 
 
 def partial_channel_shuffle(
@@ -383,7 +438,10 @@ def partial_channel_shuffle(
             f"processed ({cp} channels) and bypass ({cb}) together: C={cp + cb} is not divisible "
             f"by groups={groups}"
         )
-    return _partial_channel_shuffle_op(processed, bypass, groups, _backend.resolve(backend, processed.device))
+    resolved = _backend.resolve(backend, processed.device)
+    if fast_path():
+        return _PartialShuffle.apply(processed, bypass, groups, resolved)
+    return _partial_channel_shuffle_op(processed, bypass, groups, resolved)
 
 
 def split_channels(x: Tensor, k: int) -> tuple[Tensor, Tensor]:

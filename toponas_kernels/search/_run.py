@@ -155,6 +155,15 @@ class StepClock:
         return out
 
 
+def bank_epoch_progress(run_state: dict, clock: "StepClock", sums: dict, t_epoch: float) -> float:
+    """Move an epoch's progress so far (step times, running sums, seconds) into ``run_state``
+    before a mid-epoch checkpoint; returns the new start of the epoch's clock."""
+    run_state["step_times"].extend(clock.collect())
+    run_state["sums"] = {k: v.detach().cpu() for k, v in sums.items()}
+    run_state["seconds"] += time.perf_counter() - t_epoch
+    return time.perf_counter()
+
+
 def rng_state() -> dict:
     import numpy as np
 

@@ -26,7 +26,7 @@ from .._io import atomic_torch_save, atomic_write_json
 from ..nas import spaces as S
 from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
 from . import masks as M
-from ._run import (PeakMemory, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
+from ._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
                    resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer, tqdm_class)
 from .config import RESUME_KEYS, ConfigError, SearchConfig
 from .methods import METHOD_CLASSES
@@ -282,10 +282,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
                 if step % 10 == 0:
                     bar.set_postfix_str(_postfix(sums))
             if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
-                run_state["step_times"].extend(clock.collect())
-                run_state["sums"] = {k: v.detach().cpu() for k, v in sums.items()}
-                run_state["seconds"] += time.perf_counter() - t_epoch
-                t_epoch = time.perf_counter()
+                t_epoch = bank_epoch_progress(run_state, clock, sums, t_epoch)
                 save()
             if _interrupt_after is not None and done_steps >= _interrupt_after:
                 raise Interrupted(f"interrupted after {done_steps} steps (test hook)")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import _version
 from .._io import atomic_torch_save, atomic_write_json
-from ..search._run import (PeakMemory, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
+from ..search._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
                            resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer,
                            tqdm_class)
 from ..search.config import ConfigError
@@ -311,10 +311,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
                     n = float(sums["count"])
                     bar.set_postfix_str(f"loss {float(sums['loss']) / n:.3f} acc {100 * float(sums['correct']) / n:.1f}%")
             if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
-                run_state["step_times"].extend(clock.collect())
-                run_state["sums"] = {k: v.detach().cpu() for k, v in sums.items()}
-                run_state["seconds"] += time.perf_counter() - t_epoch
-                t_epoch = time.perf_counter()
+                t_epoch = bank_epoch_progress(run_state, clock, sums, t_epoch)
                 save()
             if _interrupt_after is not None and done_steps >= _interrupt_after:
                 raise Interrupted(f"interrupted after {done_steps} steps (test hook)")

@@ -118,6 +118,7 @@ def test_documented_defaults():
     assert d == {
         "stride": 1, "primitives": None, "space": "darts", "mode": "topo", "normalize": True,
         "partial_channels": None, "affine": False, "eps": 1e-5, "backend": None, "recompute": None,
+        "merge": "auto",
     }  # fmt: skip
     op = FusedMixedOp(8)
     assert op.primitives == S.DARTS_PRIMITIVES and op.recompute and op.partial_channels == 1

@@ -54,13 +54,15 @@ def test_search_quality_quick(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(f.read_text()) for f in sorted((tmp_path / "w").glob("*/row.json"))]
-    assert len(rows) == 6  # darts plain / TopoNAS / TopoNAS without kernel normalization, 2 seeds
+    # darts plain / TopoNAS / TopoNAS without kernel normalization / TopoNAS separable merge, 2 seeds
+    assert len(rows) == 8
     for r in rows:
         assert 0 <= r["test_accuracy"] <= 100 and 0 <= r["collapse"] <= 1
         ops = [o.split("~")[0] for g in r["genotype"].split("+") for o in g.strip("|").split("|")]
         assert r["collapse"] == sum(op in ("skip_connect", "none", "avg_pool_3x3") for op in ops) / 6
     text = results.read_text()
     assert "NOT the papers' CIFAR protocol" in text and "| darts / TopoNAS / no kernel norm | 2 |" in text
+    assert "| darts / TopoNAS / merge separable | 2 |" in text
     stamp = {f: f.stat().st_mtime for f in (tmp_path / "w").glob("*/row.json")}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0

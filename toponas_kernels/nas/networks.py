@@ -306,6 +306,25 @@ class ResNetBasicBlock(nn.Module):
         return self.shortcut(x) + self.conv_b(self.conv_a(x))
 
 
+def build_nb201_skeleton(net: nn.Module, C: int, N: int, num_classes: int, in_channels: int, make_cell) -> None:
+    """NAS-Bench-201's macro skeleton on ``net``: ``stem`` Conv3x3(in, C)+BN; ``cells``: N cells
+    at C, a ResNet block to 2C, N cells, a ResNet block to 4C, N cells (``make_cell(channels)``
+    builds a cell); ``lastact`` BN+ReLU, ``global_pooling``, ``classifier`` Linear. Shared by the
+    search supernet and the retraining network."""
+    net.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+    net.cells = nn.ModuleList()
+    c = C
+    for stage in range(3):
+        if stage > 0:
+            net.cells.append(ResNetBasicBlock(c, 2 * c))
+            c *= 2
+        for _ in range(N):
+            net.cells.append(make_cell(c))
+    net.lastact = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+    net.global_pooling = nn.AdaptiveAvgPool2d(1)
+    net.classifier = nn.Linear(c, num_classes)
+
+
 class NB201SearchNetwork(nn.Module, _ArchMixin):
     """The NAS-Bench-201 supernet: stem Conv3x3(3, C)+BN; N cells at C, a ResNet block to 2C,
     N cells, a ResNet block to 4C, N cells; BN, ReLU, global average pool, Linear. A cell has 4
@@ -332,20 +351,10 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         self.space = get_space(space)
         self._set_sampling(sampler, exclude)
         op_kwargs = dict(mode=mode, normalize=normalize, partial_channels=partial_channels, merge=merge)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        self.cells = nn.ModuleList()
-        c = C
-        for stage in range(3):
-            if stage > 0:
-                self.cells.append(ResNetBasicBlock(c, 2 * c))
-                c *= 2
-            for _ in range(N):
-                self.cells.append(
-                    nn.ModuleList(FusedMixedOp(c, 1, primitives=self.space, **op_kwargs) for _ in self.EDGES)
-                )
-        self.lastact = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, num_classes)
+        build_nb201_skeleton(
+            self, C, N, num_classes, in_channels,
+            lambda c: nn.ModuleList(FusedMixedOp(c, 1, primitives=self.space, **op_kwargs) for _ in self.EDGES),
+        )
         self.alphas = nn.Parameter(1e-3 * torch.randn(len(self.EDGES), len(self.space)))
         self.register_buffer("mask", torch.ones(len(self.EDGES), len(self.space), dtype=torch.bool))
 

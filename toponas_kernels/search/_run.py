@@ -219,7 +219,6 @@ class Processes:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.group = None
 
     @property
     def main(self) -> bool:
@@ -235,7 +234,6 @@ class Processes:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.group = dist.group.WORLD
         return device
 
     def mean_grads(self, params) -> None:

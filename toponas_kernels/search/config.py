@@ -9,7 +9,7 @@ Every field left ``None`` takes the method's reference value for the space (``re
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..nas import spaces as S
 
@@ -113,7 +113,6 @@ class SearchConfig:
     progress: bool = True
     plots: bool = True  # arch_weights.png and cell.png at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
-    extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ checks
     def resolved(self) -> "SearchConfig":

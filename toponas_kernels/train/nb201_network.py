@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nas.networks import ResNetBasicBlock
+from ..nas.networks import build_nb201_skeleton
 from ..nas.operations import chosen_module
 from ..report import parse_nb201
 
@@ -35,18 +35,7 @@ class NB201EvalNetwork(nn.Module):
 
     def __init__(self, arch: str, C: int = 16, N: int = 5, num_classes: int = 10, *, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        self.cells = nn.ModuleList()
-        c = C
-        for stage in range(3):
-            if stage > 0:
-                self.cells.append(ResNetBasicBlock(c, 2 * c))
-                c *= 2
-            for _ in range(N):
-                self.cells.append(NB201Cell(arch, c))
-        self.lastact = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, num_classes)
+        build_nb201_skeleton(self, C, N, num_classes, in_channels, lambda c: NB201Cell(arch, c))
         self.drop_path_prob = 0.0  # NB201 trains without drop-path
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:

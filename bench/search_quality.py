@@ -1,7 +1,7 @@
 """Search quality at a scale a CPU can run: search on NAS-Bench-201 with Fashion-MNIST, retrain
 each derived cell briefly, and compare methods with and without TopoNAS over seeds.
 
-    python bench/search_quality.py [--seeds 0,1,2] [--search-epochs 10] [--train-epochs 10] [--quick]
+    python bench/search_quality.py [--seeds 0,1,2] [--search-epochs 5] [--train-epochs 3] [--quick]
 
 For darts, pc-darts, gdas and rome, each with ``--topo plain`` and ``--topo topo``, plus darts
 with TopoNAS without kernel normalization (the TopoNAS paper's Table V ablation) and, where the
@@ -20,6 +20,12 @@ data, run for each method::
                    --out runs/M --lookup NAS-Bench-201-v1_1-096897.pth          # gdas: --epochs 250
     toponas search --space darts --method M [--topo topo] --dataset cifar10 --data-dir DATA --epochs 50 \\
                    --out runs/M-darts --then-train --train-epochs 600
+
+The defaults are sized for about 90 minutes on one CPU core (30 runs of about 3 minutes): a
+small NB201 supernet (C 8, 1 cell per stage) searched for 5 epochs on 1,024 images, and the
+derived cell retrained at the same size for 3 epochs on 4,000 images. Larger settings
+(``--channels 16 --layers 5 --retrain-channels 16 --retrain-layers 5``, the NB201 sizes) cost
+about 10x per step on a CPU.
 
 Every finished run is kept in ``--work`` (default ``bench/quality_runs``, not tracked) and skipped
 when the script is started again, so a killed run continues where it stopped.
@@ -82,18 +88,17 @@ def run_one(c: dict, seed: int, args, work: Path) -> dict:
     common = ["--dataset", args.dataset, "--seed", str(seed), "--no-progress", "--no-plots", "--json",
               "--threads", str(args.threads), "--resume"]
     search = ["search", "--space", "nb201", "--method", c["method"], "--topo", c["topo"], "--epochs", str(args.search_epochs),
-              "--batch-size", str(args.batch), "--train-size", str(args.train_size), "--out", str(folder / "search"), *common]
+              "--batch-size", str(args.batch), "--train-size", str(args.train_size), "--out", str(folder / "search"),
+              "--init-channels", str(args.channels), "--layers", str(args.layers), *common]
     if c.get("kernel_norm") is False:
         search.append("--no-kernel-norm")
     if c.get("merge"):
         search += ["--merge", c["merge"]]
-    if args.quick:
-        search += ["--init-channels", "4", "--layers", "1"]
     s = _cli(search)
     train = ["train", "--genotype", str(folder / "search" / "result.json"), "--epochs", str(args.train_epochs),
-             "--train-size", str(args.retrain_size), "--test-size", str(args.test_size), "--out", str(folder / "train"), *common]
-    if args.quick:
-        train += ["--init-channels", "4", "--layers", "1"]
+             "--train-size", str(args.retrain_size), "--test-size", str(args.test_size), "--out", str(folder / "train"),
+             "--batch-size", str(args.retrain_batch), "--init-channels", str(args.retrain_channels),
+             "--layers", str(args.retrain_layers), *common]
     t = _cli(train)
     row = {**c, "label": label(c), "seed": seed, "genotype": s["genotype"], "collapse": collapse(s["genotype"]),
            "test_accuracy": t["test_accuracy"], "best_accuracy": t["best_accuracy"],
@@ -132,12 +137,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--search-epochs", type=int, default=10)
-    ap.add_argument("--train-epochs", type=int, default=10)
-    ap.add_argument("--train-size", type=int, default=4096, help="training images of the search (half each for weights and architecture)")
-    ap.add_argument("--retrain-size", type=int, default=10000, help="training images of the retraining")
+    ap.add_argument("--search-epochs", type=int, default=5)
+    ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--train-size", type=int, default=1024, help="training images of the search (half each for weights and architecture)")
+    ap.add_argument("--batch", type=int, default=32, help="search batch size")
+    ap.add_argument("--channels", type=int, default=8, help="search supernet channels C (NB201: 16)")
+    ap.add_argument("--layers", type=int, default=1, help="search supernet cells per stage (NB201: 5)")
+    ap.add_argument("--retrain-size", type=int, default=4000, help="training images of the retraining")
+    ap.add_argument("--retrain-batch", type=int, default=64)
+    ap.add_argument("--retrain-channels", type=int, default=8, help="retraining network channels (NB201: 16)")
+    ap.add_argument("--retrain-layers", type=int, default=1, help="retraining network cells per stage (NB201: 5)")
     ap.add_argument("--test-size", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(H.REPO / "bench" / "quality_runs"))
     ap.add_argument("--only", default=None, help="comma-separated methods")
@@ -148,6 +158,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.dataset, args.search_epochs, args.train_epochs = "synthetic", 1, 1
         args.train_size, args.retrain_size, args.test_size, args.batch = 32, 64, 32, 16
+        args.channels, args.layers, args.retrain_channels, args.retrain_layers = 4, 1, 4, 1
         args.only = args.only or "darts"
     configs = configurations("--merge" in searcher_flags())
     if args.only:
@@ -167,11 +178,14 @@ def main(argv=None) -> int:
     md = "\n".join([
         f"### Search quality, NAS-Bench-201 space on {args.dataset}: {rows[0]['device']}; commit {info['commit']}, {info['date'][:10]}",
         "",
-        f"NOT the papers' CIFAR protocol: {args.dataset} (32x32), search {args.search_epochs} epochs on {args.train_size} training "
-        f"images (half weights, half architecture), batch {args.batch}, each method's other settings as published; retraining "
-        f"{args.train_epochs} epochs of the NB201 network on {args.retrain_size} images, test accuracy on {args.test_size} test "
-        f"images; seeds {args.seeds}. `python bench/search_quality.py --seeds {args.seeds} --search-epochs {args.search_epochs} "
-        f"--train-epochs {args.train_epochs}{' --quick' if args.quick else ''}`.",
+        f"NOT the papers' CIFAR protocol: {args.dataset} (32x32), search {args.search_epochs} epochs of an NB201 supernet with "
+        f"C {args.channels} and {args.layers} cell(s) per stage on {args.train_size} training images (half weights, half "
+        f"architecture), batch {args.batch}, each method's other settings as published; retraining {args.train_epochs} epochs of "
+        f"the NB201 network (C {args.retrain_channels}, {args.retrain_layers} cell(s) per stage, batch {args.retrain_batch}) on "
+        f"{args.retrain_size} images, test accuracy on {args.test_size} test images; seeds {args.seeds}. "
+        f"`python bench/search_quality.py --seeds {args.seeds} --search-epochs {args.search_epochs} "
+        f"--train-epochs {args.train_epochs} --channels {args.channels} --layers {args.layers} --retrain-channels "
+        f"{args.retrain_channels} --retrain-layers {args.retrain_layers}{' --quick' if args.quick else ''}`.",
         "",
         table(summary),
     ])

@@ -16,6 +16,11 @@
 //   deterministic.
 //
 // Only the inputs are read: nothing from the forward is saved or needed in the backward.
+//
+// Accesses stay scalar (unlike mixed_sum and the shuffle): the tensors are small (at most
+// 64*64*81 elements, about 1 MB in fp32), so launches and block reductions cost more than
+// bandwidth; and a candidate's taps land in the merged kernel at dilated offsets (rows of k
+// taps, d apart), so there are few aligned 16-byte runs to move anyway.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -111,6 +111,35 @@ def test_compiled_kernels_opcheck(device):
     mask = torch.rand(4, 6, device=device) > 0.3
     mask[:, 2] = True
     torch.library.opcheck(torch.ops.toponas.masked_softmax_kernel.default, (logits, mask, 2.0))
+    ys = [y.requires_grad_() for y in ys]
+    torch.library.opcheck(torch.ops.toponas.mixed_sum_fused.default, (ys, w.requires_grad_()))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fast_path_autograd_in_cpp(device):
+    """In eager mode the compiled backends run mixed_sum with its autograd node in C++
+    (csrc/autograd.cpp): outputs and gradients equal the reference on strided inputs, the graph
+    node is the C++ one, float64 gradcheck passes, and without autograd (inference mode) the
+    op falls through to the kernel."""
+    from toponas_kernels import _lib
+
+    if not _lib.HAS_CPP:
+        pytest.skip("compiled extension not loaded")
+    backend = "cuda" if device == "cuda" else "cpp"
+    ys, w = _inputs(5, (3, 4, 7), torch.float64, device, contiguous=False)
+    ys = [y.requires_grad_() for y in ys]
+    w.requires_grad_()
+    out = ops.mixed_sum(ys, w, backend=backend)
+    assert "MixedSumFunction" in out.grad_fn.name()
+    g = torch.randn_like(out)
+    ref, ref_grads = _expected(ys, w, g)
+    assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out, ys + [w], g), ref_grads):
+        assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda *a: ops.mixed_sum(list(a[:-1]), a[-1], backend=backend), (*ys, w))
+    with torch.inference_mode():
+        plain = [y.detach().clone() for y in ys]
+        assert_close(ops.mixed_sum(plain, w.detach().clone(), backend=backend), ref)
 
 
 def test_cuda_kernels_registered():
@@ -124,6 +153,9 @@ def test_cuda_kernels_registered():
     for name in ("mixed_sum_kernel", "mixed_sum_backward_kernel", "masked_softmax_kernel", "masked_softmax_backward_kernel"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"toponas::{name}", "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"toponas::{name}", "CPU"), name
+    # The fast path's op: its autograd node in C++, below autograd the kernel op on any device.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("toponas::mixed_sum_fused", "AutogradCUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("toponas::mixed_sum_fused", "CUDA")
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import backend as _backend
 from . import reference as _ref
 from ._common import (
+    HAS_CPP,
     HAS_TRITON,
     as_tensor_list,
     block_size,
@@ -395,6 +396,16 @@ def _(grad, outputs, weights):
     ]
 
 
+@register_kernel_fake("mixed_sum_fused")
+def _(outputs, weights):
+    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+
+
+# The compiled kernels with their autograd registered in C++ (None with a build that predates it).
+_FUSED_BACKENDS = ("cpp", "cuda")
+_mixed_sum_fused = torch.ops.toponas.mixed_sum_fused.default if HAS_CPP and hasattr(torch.ops.toponas, "mixed_sum_fused") else None
+
+
 @register_kernel_fake("masked_softmax_kernel")
 def _(logits, mask, tau):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -423,6 +434,8 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
     check_like("weights", weights, "outputs[0]", first, shape=False)
     resolved = _backend.resolve(backend, first.device)
     if fast_path():
+        if resolved in _FUSED_BACKENDS and _mixed_sum_fused is not None:
+            return _mixed_sum_fused(ys, weights)  # autograd in C++ (csrc/autograd.cpp)
         return _MixedSum.apply(resolved, weights, *ys)
     return _mixed_sum_op(ys, weights, resolved)
 

@@ -108,8 +108,9 @@ class FusedMixedOp(nn.Module):
             weights). Groups of dense convs always run dense.
         recompute: in the rewritten modes, run the parameter-free ends of the weighted branches
             (pooling, BN without affine, identity) without keeping their activations, and
-            recompute them in backward from their input (kept anyway). Same values and
-            gradients; BN running statistics advance once. Default: on for ``"topo"``, off
+            recompute them in backward from their input (kept anyway), and so the 2x2 max pool
+            of a partial-channel bypass on a stride-2 edge. Same values and gradients; BN running
+            statistics advance once. Default: on for ``"topo"``, off
             otherwise; never used in ``"plain"``.
     """
 
@@ -215,10 +216,17 @@ class FusedMixedOp(nn.Module):
         c = self.C // self.partial_channels
         processed = self._edge(x[:, :c], weights, active)
         bypass = x[:, c:]
-        if self.mp is not None:
-            bypass = self.mp(bypass)
-        if edge_weight is not None:
-            bypass = bypass * edge_weight
+        if self.recompute and self.mp is not None:
+            # Pooled again in backward: keeps no indices and no pooled copy for the edge weight.
+            if edge_weight is None:
+                bypass = recompute(lambda b: _channels_last_on_cpu(self.mp, b), self.mp, bypass)
+            else:
+                bypass = recompute(lambda b, e: _channels_last_on_cpu(self.mp, b) * e, self.mp, bypass, edge_weight)
+        else:
+            if self.mp is not None:
+                bypass = self.mp(bypass)
+            if edge_weight is not None:
+                bypass = bypass * edge_weight
         return ops.partial_channel_shuffle(processed, bypass, self.partial_channels, backend=self.backend)
 
     def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:

@@ -109,10 +109,14 @@ class DartsCell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self.edges.append(FusedMixedOp(C, stride, primitives=space, **op_kwargs))
 
-    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None):
+    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None, recompute_preprocess=False):
         """``edges_on``: host list of bools, one per edge; an edge that is off does not run
-        (ROME's sampled topology)."""
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        (ROME's sampled topology). ``recompute_preprocess``: the preprocessing keeps only its
+        input (the cell input) and runs again in backward."""
+        if recompute_preprocess:
+            states = [recompute(p, p, s) for p, s in ((self.preprocess0, s0), (self.preprocess1, s1))]
+        else:
+            states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for i in range(self.steps):
             node = None
@@ -148,7 +152,8 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     shared with the neighbouring cells) and run again in backward, one at a time, with the BN
     running statistics put back so they advance once per step (``mixed_op.recompute``). Same
     values and gradients; what a cell's preprocessing, edges, bypass pools and concatenation
-    keep lives only while that cell's backward runs.
+    keep lives only while that cell's backward runs, and there the preprocessing (ReLU, 1x1
+    conv or FactorizedReduce, BN) keeps only the cell input, being recomputed once more.
     """
 
     def __init__(
@@ -269,9 +274,9 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
             if not self.recompute:
                 out = cell(s0, s1, w, m, e, on)
             elif e is None:
-                out = recompute(lambda a, b, w, cell=cell, m=m, on=on: cell(a, b, w, m, None, on), cell, s0, s1, w)
+                out = recompute(lambda a, b, w, cell=cell, m=m, on=on: cell(a, b, w, m, None, on, True), cell, s0, s1, w)
             else:
-                out = recompute(lambda a, b, w, e, cell=cell, m=m, on=on: cell(a, b, w, m, e, on), cell, s0, s1, w, e)
+                out = recompute(lambda a, b, w, e, cell=cell, m=m, on=on: cell(a, b, w, m, e, on, True), cell, s0, s1, w, e)
             s0, s1 = s1, out
         return self.classifier(self.global_pooling(s1).flatten(1))
 

@@ -19,6 +19,8 @@ Fields of the JSON line (one per measurement):
   full size (a view saves its whole storage alive; two views of one storage count once), and
   parameters and buffers are left out (they live anyway: reported as ``saved_param_bytes``).
   Every saved tensor stays referenced until backward, so no address is reused while counting.
+* ``saved_by_module`` (with ``--saved-by-module``): ``saved_bytes`` split by part of the
+  network and innermost module type (``saved_by_module()``), e.g. "normal preprocess1 / ReLU".
 * ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
 * ``merge``: the form of topo's merged convs (``--merge``); ``compile``, ``compile_seconds``:
   with ``--compile`` the step runs under ``torch.compile`` (``nas/compile.py``), compiled by one
@@ -120,6 +122,66 @@ def count_saved_bytes(model, x, y):
     return saved, params
 
 
+def saved_by_module(model, x, y) -> dict[str, int]:
+    """``count_saved_bytes`` split by where the forward was when a storage was first saved:
+    "<part> / <module type>", the part being the stem, the classifier, or a cell's kind (normal,
+    reduce) with its child (preprocess0/1, edge s1/s2, the edge's bypass pool, or the cell
+    itself: node sums, concatenation, a recomputed cell), the module type the innermost module
+    running (a forward pre-hook stack). Each storage is counted once, at its first saver."""
+    names = {m: n for n, m in model.named_modules()}
+    stack: list = []
+
+    def enter(module, inputs):
+        stack.append(module)
+
+    def leave(module, inputs, output):
+        stack.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    cells = getattr(model, "cells", [])
+
+    def label() -> str:
+        inner = stack[-1] if stack else None
+        path = names.get(inner, "").split(".") if inner is not None else [""]
+        if path[0] != "cells" or len(path) < 2:
+            return f"{path[0] or 'network'} / {type(inner).__name__}"
+        cell = cells[int(path[1])]
+        kind = "reduce" if getattr(cell, "reduction", False) else "normal"
+        if len(path) == 2:
+            part = "cell itself"
+        elif path[2] == "edges":
+            edge = cell.edges[int(path[3])]
+            part = f"edge s{edge.stride}" + (" bypass pool" if path[4:5] == ["mp"] else "")
+        else:
+            part = path[2]
+        return f"{kind} {part} / {type(inner).__name__}"
+
+    param_ptrs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    where: dict[int, tuple[str, int]] = {}
+    keep = []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if storage.nbytes() > 0 and t.device.type != "meta" and ptr not in param_ptrs and ptr not in where:
+            where[ptr] = (label(), storage.nbytes())
+        keep.append(t)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+    finally:
+        pre.remove()
+        post.remove()
+    out: dict[str, int] = {}
+    for key, n in where.values():
+        out[key] = out.get(key, 0) + n
+    del loss, keep
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +228,7 @@ def child(args) -> dict:
         step()
         peak = _status_bytes("VmHWM") - before
     saved, saved_params = count_saved_bytes(model, x, y)
+    by_module = saved_by_module(model, x, y) if args.saved_by_module else None
     times = []
     step()  # warm-up
     meter = H.CpuMeter() if device.type == "cpu" else None
@@ -192,6 +255,7 @@ def child(args) -> dict:
         "peak_bytes": int(peak),
         "saved_bytes": int(saved),
         "saved_param_bytes": int(saved_params),
+        "saved_by_module": by_module,
         "step_seconds": statistics.median(times),
         "others_cpu": others,
         "busy_limit": BUSY_SHARE + max(0.0, 1.0 - torch.get_num_threads() / (os.cpu_count() or 1)),
@@ -217,6 +281,8 @@ def measure(args, **override) -> dict:
         cmd.append("--no-normalize")
     if opts["compile"]:
         cmd.append("--compile")
+    if opts["saved_by_module"]:
+        cmd.append("--saved-by-module")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
@@ -335,6 +401,8 @@ def main(argv=None) -> int:
                    help="topo: form of the merged convs (auto: cheapest exact; separable: approximation)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
+    p.add_argument("--saved-by-module", action="store_true",
+                   help="also split saved_bytes by the module that saved each storage (saved_by_module)")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 GPU / 3 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the measuring process (default: torch's)")

@@ -561,20 +561,24 @@ def test_constructor_checks_every_argument(kwargs, name):
 
 @pytest.mark.parametrize("mode", ["pms", "pms+fms", "topo"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_recompute_changes_nothing_but_memory(mode, stride):
-    """Recomputing the parameter-free branches in backward gives the same outputs, gradients
-    (x, alpha, every parameter) and BN running statistics as keeping their activations."""
+@pytest.mark.parametrize("k,edge_weight", [(None, False), (3, False), (3, True)])
+def test_recompute_changes_nothing_but_memory(mode, stride, k, edge_weight):
+    """Recomputing the parameter-free branches (and a stride-2 partial-channel bypass pool) in
+    backward gives the same outputs, gradients (x, alpha, edge weight, every parameter) and BN
+    running statistics as keeping their activations."""
     torch.manual_seed(1)
-    keep = FusedMixedOp(6, stride, mode=mode, recompute=False).double()
-    redo = FusedMixedOp(6, stride, mode=mode, recompute=True).double()
+    keep = FusedMixedOp(6, stride, mode=mode, partial_channels=k, recompute=False).double()
+    redo = FusedMixedOp(6, stride, mode=mode, partial_channels=k, recompute=True).double()
     redo.load_state_dict(keep.state_dict())
     x = torch.randn(3, 6, 8, 8, dtype=torch.float64, requires_grad=True)
     alpha = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn((), dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([True, True, False, True, True, True, True, False])
     results = []
     for op in (keep, redo):
-        y = op(x, torch.softmax(alpha, 0), mask)
-        grads = torch.autograd.grad(y.sin().sum(), [x, alpha, *op.parameters()], allow_unused=True)
+        e = torch.sigmoid(beta) if edge_weight else None
+        y = op(x, torch.softmax(alpha, 0), mask, edge_weight=e)
+        grads = torch.autograd.grad(y.sin().sum(), [x, alpha, *op.parameters()] + ([beta] if edge_weight else []), allow_unused=True)
         results.append((y, grads, [b.clone() for b in op.buffers()]))
     (y0, g0, b0), (y1, g1, b1) = results
     torch.testing.assert_close(y1, y0, atol=1e-12, rtol=1e-12)
@@ -637,6 +641,9 @@ def test_memory_kept_for_backward_by_a_darts_edge():
     assert _saved_units(FusedMixedOp(16, 1, mode="plain"), x, w) == pytest.approx(30.0, abs=0.05)
     assert _saved_units(FusedMixedOp(16, 1, mode="topo"), x, w) == pytest.approx(5.0, abs=0.05)
     assert _saved_units(FusedMixedOp(16, 1, mode="topo", recompute=False), x, w) == pytest.approx(12.0, abs=0.05)
+    # PC 4 on a reduction edge: the bypass max pool is recomputed too and keeps no indices
+    # (they were 3/8 |x| of the 1.88 |x| this edge kept before).
+    assert _saved_units(FusedMixedOp(16, 2, mode="topo", partial_channels=4), x, w) == pytest.approx(1.5, abs=0.05)
 
 
 @pytest.mark.parametrize("mode", ["plain", "pms+fms", "topo"])

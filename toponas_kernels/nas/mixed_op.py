@@ -45,7 +45,7 @@ also through nested sums, so sums of merged convs are plain additions that save 
 the sums with other branches go through ``mixed_sum``, which saves its inputs for the weight
 gradient. With ``recompute`` (topo's default) the parameter-free ends of the weighted branches
 (pools with their BN, identity, a group's trailing BN) keep nothing either: they run again in
-backward from their input, which is kept anyway (``_RecomputedSum``). Kept for backward by the
+backward from their input, which is kept anyway (``_Recomputed``). Kept for backward by the
 DARTS edge at stride 1, in units of |x| (saved-tensor hooks;
 ``test_memory_kept_for_backward_by_a_darts_edge``): 30 in plain, 24 in pms, 25 in pms+fms (FMS
 without merging adds a sum per stage), 12 in topo without recompute and 5 with it, and no
@@ -73,7 +73,6 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backend import BACKENDS
-from ..backend import resolve as _resolve
 from . import forms as Fm
 from . import spaces as S
 from .operations import ConvUnit, OpChain, PoolBN, build_op, chosen_module
@@ -109,8 +108,9 @@ class FusedMixedOp(nn.Module):
             weights). Groups of dense convs always run dense.
         recompute: in the rewritten modes, run the parameter-free ends of the weighted branches
             (pooling, BN without affine, identity) without keeping their activations, and
-            recompute them in backward from their input (kept anyway). Same values and
-            gradients; BN running statistics advance once. Default: on for ``"topo"``, off
+            recompute them in backward from their input (kept anyway), and so the 2x2 max pool
+            of a partial-channel bypass on a stride-2 edge. Same values and gradients; BN running
+            statistics advance once. Default: on for ``"topo"``, off
             otherwise; never used in ``"plain"``.
     """
 
@@ -216,10 +216,17 @@ class FusedMixedOp(nn.Module):
         c = self.C // self.partial_channels
         processed = self._edge(x[:, :c], weights, active)
         bypass = x[:, c:]
-        if self.mp is not None:
-            bypass = self.mp(bypass)
-        if edge_weight is not None:
-            bypass = bypass * edge_weight
+        if self.recompute and self.mp is not None:
+            # Pooled again in backward: keeps no indices and no pooled copy for the edge weight.
+            if edge_weight is None:
+                bypass = recompute(lambda b: _channels_last_on_cpu(self.mp, b), self.mp, bypass)
+            else:
+                bypass = recompute(lambda b, e: _channels_last_on_cpu(self.mp, b) * e, self.mp, bypass, edge_weight)
+        else:
+            if self.mp is not None:
+                bypass = self.mp(bypass)
+            if edge_weight is not None:
+                bypass = bypass * edge_weight
         return ops.partial_channel_shuffle(processed, bypass, self.partial_channels, backend=self.backend)
 
     def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:
@@ -318,11 +325,14 @@ class FusedMixedOp(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
 
-        def run(*inputs: Tensor) -> list[Tensor]:
-            return [self._run_items(items, h, None) for (items, _), h in zip(tails, inputs)]
+        def run(w: Tensor, *inputs: Tensor) -> Tensor:
+            ys, w = _promoted([self._run_items(items, h, None) for (items, _), h in zip(tails, inputs)], w)
+            return ops.mixed_sum(ys, w, backend=self.backend)
 
         inputs = [h for _, h in tails]
-        return _RecomputedSum.apply(run, bns, _resolve(self.backend, w.device), w, *inputs)
+        if not torch.is_grad_enabled():
+            return run(w, *inputs)
+        return _Recomputed.apply(run, bns, 1 + len(inputs), w, *inputs)
 
     def _modules_of(self, node):
         if isinstance(node, Seq):
@@ -710,34 +720,53 @@ class _MergedConv(torch.autograd.Function):
         return (None, None, None, gx.to(x.dtype) if gx is not None else None, *grads)
 
 
-class _RecomputedSum(torch.autograd.Function):
-    """``sum_k w_k f_k(x_k)`` for parameter-free f_k that saves only the x_k and w: forward runs
-    the f_k without autograd; backward runs them again (BN running statistics put back
-    afterwards, so they advance once per step) and takes their vector-Jacobian product."""
+class _Recomputed(torch.autograd.Function):
+    """``run(*inputs)`` (one tensor out) keeping only the inputs for backward: forward runs
+    ``run`` without autograd; backward runs it again with autograd, under the forward's autocast
+    state, and takes its vector-Jacobian product for the inputs and ``params`` (the parameters
+    ``run`` reads). The running statistics of ``bns`` are put back after that, so they advance
+    once per step. ``run`` must give the same values again: no dropout, no sampling inside."""
 
     @staticmethod
-    def forward(ctx, run, bns, backend, w, *inputs):
-        ys, w = _promoted(run(*inputs), w)  # autograd is off inside Function.forward: nothing is kept
-        ctx.run, ctx.bns, ctx.backend = run, bns, backend
-        ctx.save_for_backward(w, *inputs)
-        return ops.mixed_sum(ys, w, backend=backend)
+    def forward(ctx, run, bns, n_inputs, *tensors):
+        dev = tensors[0].device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        ctx.run, ctx.bns, ctx.n_inputs = run, bns, n_inputs
+        ctx.save_for_backward(*tensors)  # the inputs, and the parameters (kept anyway)
+        return run(*tensors[:n_inputs])  # autograd is off inside Function.forward: nothing is kept
 
     @staticmethod
     def backward(ctx, grad):
-        w, *inputs = ctx.saved_tensors
+        tensors, n = ctx.saved_tensors, ctx.n_inputs
+        need = ctx.needs_input_grad[3:]
         stats = [(m, [b.clone() for b in m.buffers()]) for m in ctx.bns]
-        with torch.enable_grad():
-            detached = [h.detach().requires_grad_() for h in inputs]
-            ys, _ = _promoted(ctx.run(*detached), w)
-        grads = torch.ops.toponas.mixed_sum_backward(grad.contiguous(), [y.detach() for y in ys], w, ctx.backend)
-        live = [(y, g) for y, g in zip(ys, grads[:-1]) if y.requires_grad]
-        gin = torch.autograd.grad([y for y, _ in live], detached, [g for _, g in live], allow_unused=True) if live else [None] * len(detached)
+        dev, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            inputs = [t.detach().requires_grad_(nd) for t, nd in zip(tensors[:n], need)]
+            out = ctx.run(*inputs)
+        wrt = [t for t, nd in zip(inputs + list(tensors[n:]), need) if nd]
+        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True) if wrt and out.requires_grad else [None] * len(wrt))
         # After the vector-Jacobian product: BN's backward checks the versions of these buffers.
         with torch.no_grad():
             for m, saved in stats:
                 for b, old in zip(m.buffers(), saved):
                     b.copy_(old)
-        return (None, None, None, grads[-1], *gin)
+        return (None, None, None, *(next(grads) if nd else None for nd in need))
+
+
+def recompute(run, module: nn.Module, *inputs: Tensor) -> Tensor:
+    """``run(*inputs)``, where ``run`` uses the parameters and BNs of ``module``, keeping only
+    ``inputs`` for backward and running it again there (``_Recomputed``); without autograd just
+    ``run(*inputs)``."""
+    if not torch.is_grad_enabled():
+        return run(*inputs)
+    bns = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            raise ValueError(f"recompute: {type(m).__name__} in {type(module).__name__} would draw other values in backward")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bns.append(m)
+    return _Recomputed.apply(run, bns, len(inputs), *inputs, *module.parameters())
 
 
 def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .mixed_op import FusedMixedOp
+from .mixed_op import FusedMixedOp, recompute
 from .operations import FactorizedReduce, ReLUConvBN
 from .spaces import SearchSpace, get_space
 
@@ -109,10 +109,14 @@ class DartsCell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self.edges.append(FusedMixedOp(C, stride, primitives=space, **op_kwargs))
 
-    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None):
+    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None, recompute_preprocess=False):
         """``edges_on``: host list of bools, one per edge; an edge that is off does not run
-        (ROME's sampled topology)."""
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        (ROME's sampled topology). ``recompute_preprocess``: the preprocessing keeps only its
+        input (the cell input) and runs again in backward."""
+        if recompute_preprocess:
+            states = [recompute(p, p, s) for p, s in ((self.preprocess0, s0), (self.preprocess1, s1))]
+        else:
+            states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for i in range(self.steps):
             node = None
@@ -142,6 +146,14 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     ``edge_normalization`` adds PC-DARTS' per-edge betas; ``masks`` (bool [14, K] for normal and
     reduce cells) switch candidates off for good (Zero-One-Shot). ``topology`` adds ROME's
     per-edge topology betas instead (two sampled incoming edges per node; see ``sample_topology``).
+
+    ``recompute`` (default: on in ``"topo"``, off otherwise, so plain stays the DARTS reference):
+    the stem and every cell keep only their inputs for backward (the image; the two cell inputs,
+    shared with the neighbouring cells) and run again in backward, one at a time, with the BN
+    running statistics put back so they advance once per step (``mixed_op.recompute``). Same
+    values and gradients; what a cell's preprocessing, edges, bypass pools and concatenation
+    keep lives only while that cell's backward runs, and there the preprocessing (ReLU, 1x1
+    conv or FactorizedReduce, BN) keeps only the cell input, being recomputed once more.
     """
 
     def __init__(
@@ -163,8 +175,12 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         exclude: tuple[str, ...] = (),
         topology: bool = False,
         in_channels: int = 3,
+        recompute: bool | None = None,
     ):
         super().__init__()
+        if recompute is not None and not isinstance(recompute, bool):
+            raise ValueError(f"recompute: expected None, True or False, got {recompute!r}")
+        self.recompute = (mode == "topo") if recompute is None else recompute
         self.space = get_space(space)
         self.steps, self.multiplier = steps, multiplier
         self._set_sampling(sampler, exclude)
@@ -248,13 +264,20 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
             e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
             on_normal = on_reduce = None
         m_normal, m_reduce = self._host_masks(w_normal, self.mask_normal), self._host_masks(w_reduce, self.mask_reduce)
-        s0 = s1 = self.stem(x)
+        s0 = s1 = recompute(self.stem, self.stem, x) if self.recompute else self.stem(x)
         for cell in self.cells:
             if cell.reduction:
                 w, m, e, on = w_reduce, m_reduce, e_reduce, on_reduce
             else:
                 w, m, e, on = w_normal, m_normal, e_normal, on_normal
-            s0, s1 = s1, cell(s0, s1, w.to(s1.dtype), m, e, on)
+            w = w.to(s1.dtype)
+            if not self.recompute:
+                out = cell(s0, s1, w, m, e, on)
+            elif e is None:
+                out = recompute(lambda a, b, w, cell=cell, m=m, on=on: cell(a, b, w, m, None, on, True), cell, s0, s1, w)
+            else:
+                out = recompute(lambda a, b, w, e, cell=cell, m=m, on=on: cell(a, b, w, m, e, on, True), cell, s0, s1, w, e)
+            s0, s1 = s1, out
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     @torch.no_grad()

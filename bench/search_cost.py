@@ -14,8 +14,9 @@ cost per method, with and without TopoNAS, next to it.
 
 Configurations: darts, darts2, pc-darts, beta-darts, gdas, rome, each ``--topo plain`` and
 ``--topo topo``; darts and pc-darts with a random and a zero-shot mask at level 0.5 (plain and
-TopoNAS); darts + TopoNAS + PC 4 + zero-shot half mask; ``--merge`` variants where the searcher
-has them. ``--quick``: a tiny supernet and 2 steps, for the tests.
+TopoNAS); darts + TopoNAS + PC 4 + zero-shot half mask, and on the DARTS-network spaces the same
+with its cells recomputed in backward (``--recompute-cells``); ``--merge`` variants where the
+searcher has them. ``--quick``: a tiny supernet and 2 steps, for the tests.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def configurations(space: str, merges: list[str]) -> list[dict]:
             for topo in ("plain", "topo"):
                 out.append({"method": method, "topo": topo, "mask": mask})
     out.append({"method": "darts", "topo": "topo", "mask": "zero-shot", "partial_channels": 4})
+    if space != "nb201":  # the DARTS network can also rerun its cells in backward (opt-in)
+        out.append({"method": "darts", "topo": "topo", "mask": "zero-shot", "partial_channels": 4, "recompute": True})
     for merge in merges:
         out.append({"method": "darts", "topo": "topo", "merge": merge})
     return out
@@ -59,6 +62,8 @@ def label(c: dict) -> str:
         parts.append(f"{c['mask']} mask")
     if c.get("merge"):
         parts.append(f"merge {c['merge']}")
+    if c.get("recompute"):
+        parts.append("recomputed cells")
     return " + ".join(parts)
 
 
@@ -84,6 +89,8 @@ def run_one(c: dict, args, workdir: str) -> dict:
         cmd += ["--partial-channels", str(c["partial_channels"])]
     if c.get("merge"):
         cmd += ["--merge", c["merge"]]
+    if c.get("recompute"):
+        cmd.append("--recompute-cells")
     if args.quick:
         cmd += ["--init-channels", "4", "--layers", "1" if args.space == "nb201" else "3"]
     meter = H.CpuMeter()

@@ -22,7 +22,8 @@ Fields of the JSON line (one per measurement):
 * ``saved_by_module`` (with ``--saved-by-module``): ``saved_bytes`` split by part of the
   network and innermost module type (``saved_by_module()``), e.g. "normal preprocess1 / ReLU".
 * ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
-* ``merge``: the form of topo's merged convs (``--merge``); ``compile``, ``compile_seconds``:
+* ``merge``: the form of topo's merged convs (``--merge``); ``recompute``: the DARTS network
+  reruns its cells in backward (``--recompute``); ``compile``, ``compile_seconds``:
   with ``--compile`` the step runs under ``torch.compile`` (``nas/compile.py``), compiled by one
   untimed step (its wall time) before memory and time are measured.
 """
@@ -71,12 +72,14 @@ def build_model(args):
 
     common = dict(mode=args.mode, normalize=not args.no_normalize, partial_channels=args.partial_channels, merge=args.merge)
     if args.space == "nb201":
+        if args.recompute:
+            raise SystemExit("search_step: --recompute is for the DARTS network (darts, exaggerated), not nb201")
         model = NB201SearchNetwork(C=args.C or 16, N=args.cells or 5, **common)
     else:
         space = "darts"
         if args.space == "exaggerated":
             space = exaggerated_space(args.num_sep_dil, args.num_double_sep)
-        model = DartsSearchNetwork(C=args.C or 16, layers=args.cells or 8, space=space, **common)
+        model = DartsSearchNetwork(C=args.C or 16, layers=args.cells or 8, space=space, recompute=args.recompute, **common)
     if args.mask_fraction > 0:
         _apply_random_masks(model, args.mask_fraction)
     return model
@@ -249,6 +252,7 @@ def child(args) -> dict:
         "mask_fraction": args.mask_fraction,
         "normalize": not args.no_normalize,
         "merge": args.merge,
+        "recompute": args.recompute,
         "compile": args.compile,
         "compile_seconds": compile_seconds,
         "num_ops": len(model.space),
@@ -281,6 +285,8 @@ def measure(args, **override) -> dict:
         cmd.append("--no-normalize")
     if opts["compile"]:
         cmd.append("--compile")
+    if opts["recompute"]:
+        cmd.append("--recompute")
     if opts["saved_by_module"]:
         cmd.append("--saved-by-module")
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -399,6 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-normalize", action="store_true", help="topo without kernel normalization")
     p.add_argument("--merge", choices=MERGE_CHOICES, default="auto",
                    help="topo: form of the merged convs (auto: cheapest exact; separable: approximation)")
+    p.add_argument("--recompute", action="store_true",
+                   help="DARTS network: keep only the cell inputs, run the cells again in backward (recompute=True)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
     p.add_argument("--saved-by-module", action="store_true",

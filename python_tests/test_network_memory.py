@@ -1,6 +1,6 @@
 """What the TopoNAS DARTS search network keeps for backward: recomputing the stem and the cells
-in backward (``DartsSearchNetwork(recompute=...)``, on by default in topo) changes the memory and
-nothing else."""
+in backward (``DartsSearchNetwork(recompute=True)``, opt-in) changes the memory and nothing
+else."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ def _pair(**kw):
     """The same float64 topo network twice: keeping its activations, and recomputing."""
     torch.manual_seed(0)
     keep = DartsSearchNetwork(C=4, layers=3, mode="topo", recompute=False, **kw).double()
-    redo = DartsSearchNetwork(C=4, layers=3, mode="topo", **kw).double()
+    redo = DartsSearchNetwork(C=4, layers=3, mode="topo", recompute=True, **kw).double()
     redo.load_state_dict(keep.state_dict())
     assert redo.recompute and not keep.recompute
     return keep, redo
@@ -73,17 +73,17 @@ def test_recomputing_network_equals_keeping_one(kw, masked):
 
 
 def test_recompute_default_and_plain_reference():
-    """On by default in topo only: plain (and the other rewrites) stay the DARTS reference."""
-    assert DartsSearchNetwork(C=4, layers=3, mode="topo").recompute
-    for mode in ("plain", "pms", "pms+fms"):
+    """Off by default in every mode (the faster step; plain stays the DARTS reference)."""
+    for mode in ("plain", "pms", "pms+fms", "topo"):
         assert not DartsSearchNetwork(C=4, layers=3, mode=mode).recompute
+    assert DartsSearchNetwork(C=4, layers=3, mode="topo", recompute=True).recompute
     with pytest.raises(ValueError, match="recompute"):
         DartsSearchNetwork(C=4, layers=3, recompute="yes")
 
 
 def test_recompute_refuses_dropout():
     """A rerun in backward must draw the same values: dropout inside a recomputed cell is refused."""
-    net = DartsSearchNetwork(C=4, layers=3, mode="topo")
+    net = DartsSearchNetwork(C=4, layers=3, mode="topo", recompute=True)
     net.cells[0].preprocess1.append(torch.nn.Dropout(0.1))
     with pytest.raises(ValueError, match="Dropout"):
         net(torch.randn(2, 3, 8, 8))

@@ -500,6 +500,7 @@ def test_cli_search_prints_the_genotype_and_writes_the_result(tmp_path):
         (["--space", "nb201", "--method", "darts", "--mask", "random", "--mask-level", "1.5"], "--mask-level"),
         (["--space", "nb201", "--method", "darts", "--mask", "random", "--mask-level", "0"], "--mask-level"),
         (["--space", "nb201", "--method", "darts", "--mask", "/nonexistent/mask.json"], "--mask"),
+        (["--space", "nb201", "--method", "darts", "--recompute-cells"], "--recompute-cells"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, needle):
@@ -564,3 +565,18 @@ def test_merge_forms_and_compile_reach_the_supernet(tmp_path):
     for name in eager["alphas"]:
         torch.testing.assert_close(torch.tensor(compiled["alphas"][name]), torch.tensor(eager["alphas"][name]),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_cells_reaches_the_network_and_changes_nothing_else(tmp_path):
+    """--recompute-cells (opt-in) builds the DARTS network that reruns its cells in backward;
+    the search it runs gives the architecture weights of the same search without it."""
+    from toponas_kernels.search.runner import build_supernet
+
+    cfg = tiny("darts", "pc-darts", tmp_path / "r", topo="topo", recompute_cells=True)
+    assert build_supernet(cfg.resolved(), 10, 3).recompute
+    assert not build_supernet(tiny("darts", "pc-darts", tmp_path / "k", topo="topo").resolved(), 10, 3).recompute
+    redo = run(cfg, log=quiet)
+    keep = run(tiny("darts", "pc-darts", tmp_path / "k", topo="topo"), log=quiet)
+    for name in keep["alphas"]:
+        torch.testing.assert_close(torch.tensor(redo["alphas"][name]), torch.tensor(keep["alphas"][name]),
+                                   rtol=1e-5, atol=1e-7)

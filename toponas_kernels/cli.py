@@ -133,6 +133,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--merge", default="auto", choices=("auto", "dense", "stacked", "separable"),
                    help="form of merged conv groups in --topo topo: auto (default: the cheaper exact form), dense, "
                         "stacked (exact), separable (faster approximation, exact for one-hot weights)")
+    g.add_argument("--recompute-cells", action="store_true",
+                   help="DARTS-space network: keep only each cell's inputs for backward and run the cells again "
+                        "there (about half the peak memory of --topo topo again, steps 1.2-1.4x longer)")
     g.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
                    help="torch.compile each step's forward and loss (default backend inductor; recompilation capped "
                         "for sampled sub-networks); see README on when it helps")

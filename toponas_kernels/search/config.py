@@ -65,6 +65,7 @@ class SearchConfig:
     topo: str = "plain"
     kernel_norm: bool = True
     merge: str = "auto"  # how merged conv groups run: auto, dense, stacked (exact), separable (approximation)
+    recompute_cells: bool = False  # DARTS network: keep only each cell's inputs, rerun cells in backward
     compile: bool | str = False  # torch.compile the loss of a step (True: inductor; or a backend name)
     mask: str | None = None  # "random", "zero-shot", a mask file, or None
     mask_level: float = 0.5
@@ -157,6 +158,9 @@ class SearchConfig:
             raise ConfigError(f"--fit-by: expected batch, pc or mask, got {self.fit_by!r}")
         if self.merge not in MERGES:
             raise ConfigError(f"--merge: expected one of {', '.join(MERGES)}, got {self.merge!r}")
+        if self.recompute_cells and self.macro() != "darts":
+            raise ConfigError("--recompute-cells: only the DARTS-space network recomputes its cells; the NB201 "
+                              "network does not (leave the flag out, or search the darts/exaggerated space)")
         if self.mask_rule not in MASK_RULES:
             raise ConfigError(f"--mask-rule: expected one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}")
         if not (isinstance(self.mask_level, (int, float)) and 0.0 < self.mask_level < 1.0):
@@ -212,7 +216,7 @@ class SearchConfig:
 
 # What must agree between a checkpoint and the configuration resuming it.
 RESUME_KEYS = (
-    "space", "method", "dataset", "network", "topo", "kernel_norm", "merge", "mask", "mask_level", "mask_rule", "seed",
+    "space", "method", "dataset", "network", "topo", "kernel_norm", "merge", "recompute_cells", "mask", "mask_level", "mask_rule", "seed",
     "epochs", "batch_size", "lr", "lr_min", "momentum", "nesterov", "weight_decay", "grad_clip", "arch_lr",
     "arch_weight_decay", "warmup_epochs", "partial_channels", "beta_lambda", "tau_max", "tau_min", "rome_samples",
     "init_channels", "layers", "train_portion", "train_size", "steps_per_epoch", "channels",

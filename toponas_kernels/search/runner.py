@@ -62,7 +62,8 @@ def build_supernet(config: SearchConfig, num_classes: int, in_channels: int, *, 
         C, N = (3, 1) if proxy else (config.init_channels, config.layers)
         return NB201SearchNetwork(C, N, **common)
     C, layers = (1, 8) if proxy else (config.init_channels, config.layers)
-    return DartsSearchNetwork(C, layers=layers, topology=(method == "rome" and not proxy), **common)
+    return DartsSearchNetwork(C, layers=layers, topology=(method == "rome" and not proxy),
+                              recompute=config.recompute_cells and not proxy, **common)
 
 
 def build_method(config: SearchConfig, model: torch.nn.Module):

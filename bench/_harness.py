@@ -273,7 +273,7 @@ def _one(fn, setup, device: torch.device, budget: Budget) -> float:
     return (t1 - t0) * 1e3
 
 
-def host_time_us(fn, device: torch.device, calls: int = 200, rounds: int = 7) -> float:
+def host_time_us(fn, device: torch.device, calls: int = 20, rounds: int = 100) -> float:
     """Host time per call of ``fn`` in microseconds, without waiting for the device: the calling
     thread's CPU time (``time.thread_time``, so the time this thread spent waiting for a core on a
     busy machine is not counted), the least over ``rounds`` rounds of the mean over ``calls``

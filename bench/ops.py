@@ -373,7 +373,7 @@ def rel_err(x, ref) -> float:
 
 
 # (calls per round, rounds) of host_us; --quick takes fewer.
-HOST_REPS = [200, 7]
+HOST_REPS = [20, 100]  # many short rounds: the least of them is one no other process disturbed
 
 
 def host_us(case: Case, impl: str, dtype, device, H) -> float | None:
@@ -606,7 +606,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         budget = H.QUICK_BUDGET
-        HOST_REPS[:] = [40, 3]
+        HOST_REPS[:] = [20, 40]
     else:
         budget = H.GPU_BUDGET if device.type == "cuda" else H.CPU_BUDGET
     budget = H.Budget(**{**budget.__dict__, "flush": not args.no_flush, "sync_each": args.sync_each})

@@ -177,6 +177,38 @@ def test_compiled_kernels_opcheck(device):
         torch.ops.toponas.partial_channel_unshuffle_kernel(x, 7, 3)
     with pytest.raises(RuntimeError, match="must agree in every dim but the channels"):
         torch.ops.toponas.partial_channel_shuffle_kernel(p, q[:, :, :1], 3)
+    # The eager fast path's ops (autograd in C++, csrc/autograd.cpp).
+    x, g = x.requires_grad_(), torch.randn(3, 8, 2, 5, device=device, requires_grad=True)
+    p = torch.randn(3, 2, 2, 5, device=device, requires_grad=True)
+    q = torch.randn(3, 6, 2, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.toponas.channel_shuffle_fused.default, (x, 3))
+    torch.library.opcheck(torch.ops.toponas.partial_channel_shuffle_fused.default, (p, q, 4))
+    torch.library.opcheck(torch.ops.toponas.partial_channel_unshuffle_fused.default, (g, 2, 4))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fast_path_autograd_in_cpp(device):
+    """In eager mode the compiled backends run the shuffles with their autograd nodes in C++:
+    the graph nodes are the C++ ones, values and gradients (twice differentiable) match the
+    reference on strided inputs, and inference mode falls through to the kernels."""
+    if not _lib.HAS_CPP:
+        pytest.skip("compiled extension not loaded")
+    backend = "cuda" if device == "cuda" else "cpp"
+    x = torch.randn(2, 5, 12, 3, dtype=torch.float64, device=device).transpose(1, 2).requires_grad_()
+    y = ops.channel_shuffle(x, 4, backend=backend)
+    assert "ChannelShuffleFunction" in y.grad_fn.name()
+    assert torch.equal(y, ops.channel_shuffle(x, 4, backend="reference"))
+    assert torch.autograd.gradgradcheck(lambda t: ops.channel_shuffle(t, 4, backend=backend), (x,))
+    p = torch.randn(2, 5, 2, 3, dtype=torch.float64, device=device)[..., :2].requires_grad_()
+    q = torch.randn(2, 7, 2, 2, dtype=torch.float64, device=device).transpose(2, 3).requires_grad_()
+    z = ops.partial_channel_shuffle(p, q, 4, backend=backend)
+    assert "PartialShuffleFunction" in z.grad_fn.name()
+    assert torch.equal(z, ops.partial_channel_shuffle(p, q, 4, backend="reference"))
+    fn = lambda a, c: ops.partial_channel_shuffle(a, c, 4, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (p, q)) and torch.autograd.gradgradcheck(fn, (p, q))
+    with torch.inference_mode():
+        assert torch.equal(ops.channel_shuffle(x.detach(), 4, backend=backend), y.detach())
+        assert torch.equal(ops.partial_channel_shuffle(p.detach(), q.detach(), 4, backend=backend), z.detach())
 
 
 def test_cuda_kernels_registered():
@@ -186,6 +218,9 @@ def test_cuda_kernels_registered():
     for name in ("channel_shuffle_kernel", "partial_channel_shuffle_kernel", "partial_channel_unshuffle_kernel"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"toponas::{name}", "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"toponas::{name}", "CPU"), name
+    for name in ("channel_shuffle_fused", "partial_channel_shuffle_fused", "partial_channel_unshuffle_fused"):
+        for key in ("AutogradCUDA", "CUDA"):  # through the Autograd / CompositeExplicitAutograd aliases
+            assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"toponas::{name}", key), (name, key)
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())

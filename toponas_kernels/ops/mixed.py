@@ -456,6 +456,14 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
         weights: ``[K]`` tensor of the same dtype and device.
         backend: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` or None/``"auto"``.
     """
+    if _mixed_sum_fused is not None and type(outputs) is list and outputs and isinstance(outputs[0], Tensor):
+        # The hot path (a search step calls this once per edge): the C++ op checks its
+        # arguments itself, so the Python checks below run only to name what is wrong.
+        if _backend.resolve(backend, outputs[0].device) in _FUSED_BACKENDS and fast_path():
+            try:
+                return _mixed_sum_fused(outputs, weights)
+            except (RuntimeError, TypeError):
+                pass
     ys = as_tensor_list("outputs", outputs)
     first = check_same("outputs", ys)
     check_tensor("weights", weights, dim=1)

@@ -73,7 +73,12 @@ def searcher_flags() -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", p.stdout))
 
 
-def run_one(c: dict, args, workdir: str) -> dict:
+def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
+    """One configuration in a fresh process. ``masks``: zero-shot masks already computed in this
+    run, {"zero-shot": (mask.json, seconds)}: Algorithm 1 runs on the plain proxy supernet of
+    the space with the run's seed and images, whatever the method, TopoNAS mode or partial
+    channels, so every zero-shot configuration gets the same mask and the first one's file is
+    reused (its time reported on each)."""
     out = os.path.join(workdir, re.sub(r"[^a-z0-9]+", "-", label(c).lower() + "-" + c["topo"]))
     cmd = [sys.executable, "-m", "toponas_kernels.cli", "search", "--space", args.space, "--method", c["method"],
            "--topo", c["topo"], "--dataset", "synthetic", "--epochs", "1", "--steps-per-epoch", str(args.steps),
@@ -81,7 +86,10 @@ def run_one(c: dict, args, workdir: str) -> dict:
            "--out", out, "--no-progress", "--no-plots", "--json", "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if c.get("mask"):
+    reused = masks.get(c.get("mask"))
+    if reused:
+        cmd += ["--mask", reused[0]]
+    elif c.get("mask"):
         cmd += ["--mask", c["mask"], "--mask-level", "0.5"]
         if args.quick:
             cmd += ["--mask-batches", "1", "--mask-batch-size", "8", "--mask-inits", "1"]
@@ -100,12 +108,17 @@ def run_one(c: dict, args, workdir: str) -> dict:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1]
         return {**c, "label": label(c), "error": last}
     r = json.loads(p.stdout.strip().splitlines()[-1])
+    seconds = reused[1] if reused else (r.get("mask") or {}).get("seconds")
+    if c.get("mask") == "zero-shot" and not reused:
+        masks["zero-shot"] = (os.path.join(out, "mask.json"), seconds)
     return {
         **c,
         "label": label(c),
         "peak_bytes": r["peak_memory_bytes"],
         "step_seconds": r["step_seconds"],
-        "mask_seconds": (r.get("mask") or {}).get("seconds"),
+        "mask_seconds": seconds,
+        "mask_reused": bool(reused),
+        "mask_file": os.path.join(out, "mask.json") if c.get("mask") else None,
         "device": r["device"],
         "others_cpu": busy,
     }
@@ -137,7 +150,7 @@ def table(rows: list[dict]) -> str:
         busy = " (busy)" if (r.get("others_cpu") or 0) > 0.15 else ""
         lines.append(
             f"| {r['label']} | {'yes' if r['topo'] == 'topo' else 'no'} | {H.fmt(r['peak_bytes'] / 2**20, '.0f')} MiB"
-            f" | {H.fmt(r['step_seconds'], '.3f')}{busy} | {H.fmt(r.get('mask_seconds'), '.1f')}"
+            f" | {H.fmt(r['step_seconds'], '.3f')}{busy} | {H.fmt(r.get('mask_seconds'), '.1f')}{' (reused)' if r.get('mask_reused') else ''}"
             f" | {H.fmt(r.get('memory_vs_darts'), '.3f')} | {H.fmt(r.get('time_vs_darts'), '.3f')}"
             f" | {H.fmt(r.get('normalized_cost'), '.2f')} |"
         )
@@ -193,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-record", dest="record", action="store_false", help="do not write bench/RESULTS.md")
     ap.add_argument("--results", default=str(H.REPO / "bench" / "RESULTS.md"), help="the markdown file to record into")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (default all)")
+    ap.add_argument("--rows", default=None, metavar="FILE",
+                    help="JSON lines of measured rows: each row is appended as it is measured, and rows already in "
+                         "the file are reused, so a killed run started again with the same FILE continues")
     ap.add_argument("--no-masks", dest="masks", action="store_false",
                     help="leave out the masked configurations (the zero-shot mask takes minutes on the DARTS space)")
     args = ap.parse_args(argv)
@@ -212,11 +228,29 @@ def main(argv=None) -> int:
         configs = [c for c in configs if c["method"] in keep]
     if not args.masks:
         configs = [c for c in configs if not c.get("mask")]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="search_cost_") as work:
+    rows, done = [], {}
+    if args.rows and os.path.exists(args.rows):
+        for line in open(args.rows):
+            if line.strip():
+                r = json.loads(line)
+                if "error" not in r:
+                    done[(r["label"], r["topo"])] = r
+    masks = {}
+    for r in done.values():  # a zero-shot mask measured before the restart is reused too
+        if r.get("mask") == "zero-shot" and not r.get("mask_reused") and r.get("mask_file") and os.path.exists(r["mask_file"]):
+            masks["zero-shot"] = (r["mask_file"], r["mask_seconds"])
+    with tempfile.TemporaryDirectory(prefix="search_cost_") as tmp:
+        work = args.rows + ".d" if args.rows else tmp  # kept with --rows: reused masks live there
+        os.makedirs(work, exist_ok=True)
         for i, c in enumerate(configs, 1):
-            print(f"[{i}/{len(configs)}] {label(c)} topo={c['topo']}", file=sys.stderr, flush=True)
-            r = run_one(c, args, work)
+            r = done.get((label(c), c["topo"]))
+            print(f"[{i}/{len(configs)}] {label(c)} topo={c['topo']}{' (measured before)' if r else ''}",
+                  file=sys.stderr, flush=True)
+            if r is None:
+                r = run_one(c, args, work, masks)
+                if args.rows:
+                    with open(args.rows, "a") as f:
+                        f.write(json.dumps(r) + "\n")
             rows.append(r)
             if args.json:
                 print(H.json_line(r), flush=True)

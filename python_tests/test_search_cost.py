@@ -31,6 +31,12 @@ def test_search_cost_quick(tmp_path):
     for r in rows:
         assert r["peak_bytes"] >= 0 and r["step_seconds"] > 0
     assert all(r["mask_seconds"] > 0 for r in rows if "zero-shot" in r["label"])
+    # Algorithm 1 ran once: the later zero-shot configurations reuse the first one's mask file
+    zero = [r for r in rows if "zero-shot" in r["label"]]
+    assert [r["mask_reused"] for r in zero] == [False, True, True]
+    assert len({r["mask_seconds"] for r in zero}) == 1
+    first = json.load(open(zero[0]["mask_file"]))["masks"]
+    assert all(json.load(open(r["mask_file"]))["masks"] == first for r in zero[1:])
     text = results.read_text()
     assert "kept text" in text and "<!-- search_cost nb201 cpu -->" in text and "normalized cost" in text
     lines = [line for line in text.splitlines() if line.startswith("| darts")]
@@ -67,3 +73,21 @@ def test_search_quality_quick(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0
     assert {f: f.stat().st_mtime for f in (tmp_path / "w").glob("*/row.json")} == stamp
+
+
+def test_search_cost_rows_resume(tmp_path):
+    """--rows FILE: rows are appended as they are measured and reused by a second start, which
+    runs only what is missing."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    rows_file = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(BENCH), "--quick", "--only", "gdas", "--json", "--rows", str(rows_file), "--no-record"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["label"], r["topo"]) for r in first] == [("gdas", "plain"), ("gdas", "topo")]
+    rows_file.write_text(json.dumps(first[0]) + "\n")  # as if killed after the first row
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "(measured before)" in p.stderr and p.stderr.count("(measured before)") == 1
+    again = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert again[0] == first[0] and [(r["label"], r["topo"]) for r in again] == [("gdas", "plain"), ("gdas", "topo")]

@@ -57,8 +57,11 @@ def compile_step(
 
     compiled = torch.compile(forward_loss, **compile_kwargs)
     name = _limit_name()
+    supernets = [m for m in model.modules() if hasattr(m, "prepare_host")]
 
     def step(x: Tensor, y: Tensor) -> Tensor:
+        for net in supernets:  # eagerly: masks' host copies, edge plans (nothing traced)
+            net.prepare_host(x.device.type)
         with torch._dynamo.config.patch(**{name: max_graphs}):
             return compiled(x, y)
 

@@ -55,6 +55,9 @@ def compile_step(
     def forward_loss(x: Tensor, y: Tensor) -> Tensor:
         return loss_fn(model(x), y)
 
+    # Dynamo keeps graphs and counts recompiles per code object: a copy of the code makes them
+    # this step function's own (another compile_step in the process does not use up its cap).
+    forward_loss.__code__ = forward_loss.__code__.replace()
     compiled = torch.compile(forward_loss, **compile_kwargs)
     name = _limit_name()
     supernets = [m for m in model.modules() if hasattr(m, "prepare_host")]

@@ -61,24 +61,25 @@ class _ArchMixin:
             return ops.gumbel_softmax(alpha, self._selectable_mask(mask), tau=self.tau, hard=True)
         return ops.masked_softmax(alpha, mask)
 
-    def _host_masks(self, weights: torch.Tensor, name: str):
-        """Each edge's mask as host rows. The search-space mask buffer ``name`` is read back
-        once and kept until the buffer changes (set_masks, load_state_dict or any in-place write
-        bump its version), so a step makes no device-to-host sync for it. With GDAS sampling
-        only the sampled op of an edge runs: the hard one-hot row is the mask (its
-        straight-through gradient still reaches every alpha of the row), read back each step
-        (one sync, which that sampler needs to know what to run; under ``torch.compile`` a graph
-        break, and a graph per sampled sub-network up to the cap of ``nas.compile``).
-
-        Under ``torch.compile`` the buffer's host copy is taken as it is, without looking at the
-        buffer (which dynamo could only read with a graph break): ``compile_step`` brings it up to
-        date (``prepare_host``) before every step, and dynamo guards on its values, so a new mask
-        means a new graph."""
+    def _host_masks(self, weights: list[torch.Tensor], names: list[str]) -> list:
+        """Each edge's mask as host rows, for each mask buffer of ``names`` (with the weights
+        drawn for it). A search-space mask is read back once and kept until the buffer changes
+        (set_masks, load_state_dict or any in-place write bump its version), so a step makes no
+        device-to-host sync for it. With GDAS sampling only the sampled op of an edge runs: the
+        hard one-hot rows are the masks (their straight-through gradient still reaches every
+        alpha of a row), read back each step in one sync, which that sampler needs to know what
+        to run (under ``torch.compile``: one graph break, and the rest of the forward compiled
+        per sampled sub-network up to the cap of ``nas.compile``)."""
         if self.sampler == "gumbel":
-            return (weights.detach() != 0).tolist()
-        return self._mask_rows(name)
+            return torch.stack([w.detach() for w in weights]).ne(0).tolist()
+        return [self._mask_rows(name) for name in names]
 
     def _mask_rows(self, name: str) -> tuple[tuple[bool, ...], ...]:
+        """The host copy of mask buffer ``name``, refreshed when the buffer changed. Under
+        ``torch.compile`` it is taken as it is, without looking at the buffer (which dynamo
+        could only read with a graph break): ``compile_step`` brings it up to date
+        (``prepare_host``) before every step, and dynamo guards on its values, so a new mask
+        means a new graph."""
         cache = self._mask_cache
         if torch.compiler.is_compiling() and name in cache:
             return cache[name][1]
@@ -299,7 +300,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         else:
             e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
             on_normal = on_reduce = None
-        m_normal, m_reduce = self._host_masks(w_normal, "mask_normal"), self._host_masks(w_reduce, "mask_reduce")
+        m_normal, m_reduce = self._host_masks([w_normal, w_reduce], ["mask_normal", "mask_reduce"])
         s0 = s1 = recompute(self.stem, self.stem, x) if self.recompute else self.stem(x)
         for cell in self.cells:
             if cell.reduction:
@@ -439,7 +440,7 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
 
     def forward(self, x):
         weights = self.arch_weights()
-        masks = self._host_masks(weights, "mask")
+        (masks,) = self._host_masks([weights], ["mask"])
         x = self.stem(x)
         for cell in self.cells:
             x = self._cell(cell, x, weights.to(x.dtype), masks) if isinstance(cell, nn.ModuleList) else cell(x)

@@ -95,8 +95,9 @@ class _ArchMixin:
         masks' host copies, and every edge's simplified graph and merge forms for its mask
         (for GDAS, for each operation the edge can sample), so that a compiled forward only
         looks them up and never traces the simplifier."""
-        for name in self.masks():
-            self._mask_rows(name)
+        state = (device_type, *(self._mask_rows(name) for name in self.masks()))
+        if state == self.__dict__.get("_prepared"):
+            return
         for edge, row in self._edges_and_masks():
             if self.sampler == "gumbel":
                 selectable = [a and n not in self.exclude for a, n in zip(row, self.space.names)]
@@ -105,6 +106,7 @@ class _ArchMixin:
                 rows = [row]
             for r in rows:
                 edge.merge_forms(r, device_type)
+        self._prepared = state
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]

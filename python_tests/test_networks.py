@@ -292,4 +292,4 @@ def test_search_step_makes_no_host_sync(make, monkeypatch):
     # A new mask is picked up (the cached host copy follows the buffer).
     if isinstance(model, DartsSearchNetwork):
         model.mask_normal[:, 5] = False
-        assert model._host_masks(None, model.mask_normal)[0][5] is False
+        assert model._host_masks([None], ["mask_normal"])[0][0][5] is False

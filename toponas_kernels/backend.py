@@ -25,6 +25,8 @@ _resolved: dict = {}
 
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend to run on ``device``: checked, so a kernel is never asked to do what it cannot."""
+    if torch.compiler.is_compiling():  # traced: a memo missed here would make the graph recompile
+        return _resolve(backend, device)
     key = (backend, os.environ.get(ENV_VAR), device)
     name = _resolved.get(key)
     if name is None:

@@ -6,16 +6,29 @@ backward), with recompilation bounded.
     loss = step(x, y)                                # compiled forward + loss
     loss.backward()                                  # runs the compiled backward graph
 
+How the supernet captures. Under compilation the TopoNAS edges run their differentiable forward
+as it stands: a merged conv is ``ops.merge_kernels`` (a ``torch.library`` custom op with a fake
+and an autograd formula) then ``F.conv2d``, and the parameter-free tails and recomputed cells
+just run, so AOTAutograd's partitioner decides what backward keeps (eagerly the same code goes
+through ``mixed_op._MergedConv`` / ``_Recomputed``, whose Python backward dynamo cannot trace).
+The host-side decisions (each edge's simplified graph for its mask, the merge forms, the masks'
+host copies) are made eagerly before every step by ``prepare_host`` on every supernet in
+``model``; the traced forward only reads them as Python values, which dynamo guards on. A
+softmax sampler with fixed masks (DARTS, PC-DARTS, beta-DARTS) is thus one graph, forward and
+backward, without graph breaks.
+
 What changes the graph. A supernet's graph depends on which candidates run: the masks
 (Zero-One-Shot, PC + mask) and, with a single-path sampler (``sampler="gumbel"``: GDAS; ROME),
-the sub-network sampled at every step. Each distinct one is a distinct graph; with 14 edges and
-8 candidates there are far too many to compile them all, and compiling a new one takes seconds
-to minutes where an eager step takes a fraction of a second. So ``compile_step`` caps the number
-of graphs per step function at ``max_graphs`` (dynamo's recompile limit, for this function
-only): the first ``max_graphs`` sub-networks are compiled and every later new one runs eagerly,
-never recompiled. Softmax samplers with fixed masks (DARTS, PC-DARTS) have one graph.
+the sub-network sampled at every step. A new mask is a new graph. A sampled sub-network is
+known only once the sample is read back, a graph break: a GDAS step makes up to 4 graphs for
+its first sub-network (the sampling, the read, which dynamo splits in pieces, and the rest of
+the step in one graph) and one more per new sub-network. With 14 edges and 8 candidates there
+are far too many to compile them all, and compiling one takes seconds to minutes where an eager
+step takes a fraction of a second. So ``compile_step`` caps the number of graphs per compiled
+function at ``max_graphs`` (dynamo's recompile limit, while this step runs): the first
+``max_graphs`` sub-networks are compiled and every later new one runs eagerly (with eager's
+recomputing edges), never recompiled.
 
-Fixed masks (``set_masks``) are read when the graph is traced: set them before the first step.
 Shapes are static (``dynamic=False``): a new batch size is a new graph (it counts toward the cap).
 """
 
@@ -55,10 +68,16 @@ def compile_step(
     def forward_loss(x: Tensor, y: Tensor) -> Tensor:
         return loss_fn(model(x), y)
 
+    # Dynamo keeps graphs and counts recompiles per code object: a copy of the code makes them
+    # this step function's own (another compile_step in the process does not use up its cap).
+    forward_loss.__code__ = forward_loss.__code__.replace()
     compiled = torch.compile(forward_loss, **compile_kwargs)
     name = _limit_name()
+    supernets = [m for m in model.modules() if hasattr(m, "prepare_host")]
 
     def step(x: Tensor, y: Tensor) -> Tensor:
+        for net in supernets:  # eagerly: masks' host copies, edge plans (nothing traced)
+            net.prepare_host(x.device.type)
         with torch._dynamo.config.patch(**{name: max_graphs}):
             return compiled(x, y)
 

@@ -330,9 +330,7 @@ class FusedMixedOp(nn.Module):
             return ops.mixed_sum(ys, w, backend=self.backend)
 
         inputs = [h for _, h in tails]
-        if not torch.is_grad_enabled():
-            return run(w, *inputs)
-        return _Recomputed.apply(run, bns, 1 + len(inputs), w, *inputs)
+        return _recomputed(run, bns, 1 + len(inputs), w, *inputs)
 
     def _modules_of(self, node):
         if isinstance(node, Seq):
@@ -370,7 +368,7 @@ class FusedMixedOp(nn.Module):
             def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
                 return build(node, h, c, ts, normalize, eps)
 
-            return _MergedConv.apply(prepare, 1, 1, x, coefs, *tensors)
+            return _merged_conv(prepare, 1, 1, x, coefs, *tensors)
         dilations = [p.module.dilation for p in node.parts]
         sizes = [len(unit.kernel_tensors()) for unit in units]
 
@@ -384,7 +382,7 @@ class FusedMixedOp(nn.Module):
         def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
             return h, make_kernel(c, *ts)
 
-        return _MergedConv.apply(prepare, node.stride, node.groups, x, coefs, *tensors)
+        return _merged_conv(prepare, node.stride, node.groups, x, coefs, *tensors)
 
     def form_of(self, node: Merged, device_type: str = "cpu") -> tuple[str, str]:
         """The form a merged group runs in on ``device_type``, and why (cached)."""
@@ -624,6 +622,8 @@ class _Plan:
         self._index: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def index(self, members: tuple[int, ...], device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():  # a constant of the graph; a cache would be guarded on
+            return torch.tensor(members, dtype=torch.long, device=device)
         key = (members, device)
         idx = self._index.get(key)
         if idx is None:
@@ -683,15 +683,21 @@ class _MergedConv(torch.autograd.Function):
     k x k kernels or n x |x| depthwise outputs per merged conv for the whole step."""
 
     @staticmethod
-    def forward(ctx, prepare, stride, groups, x, coefs, *tensors):
-        # Under autocast the conv runs in the autocast dtype, like F.conv2d would; kernels are
-        # merged in the parameters' dtype and cast, and backward repeats the same casts.
+    def run(prepare, stride, groups, x, coefs, *tensors) -> tuple[Tensor, torch.dtype, int]:
+        """The conv, its dtype and padding. Under autocast the conv runs in the autocast dtype,
+        like F.conv2d would; kernels are merged in the parameters' dtype and cast."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
-            z, kernel = prepare(x.to(dtype), coefs, *tensors)  # autograd is off here: nothing is kept
-            y = F.conv2d(z, kernel.to(dtype), None, stride, kernel.shape[-1] // 2, 1, groups)
-        ctx.prepare, ctx.conv, ctx.dtype = prepare, (stride, kernel.shape[-1] // 2, groups), dtype
+            z, kernel = prepare(x.to(dtype), coefs, *tensors)
+            padding = kernel.shape[-1] // 2
+            return F.conv2d(z, kernel.to(dtype), None, stride, padding, 1, groups), dtype, padding
+
+    @staticmethod
+    def forward(ctx, prepare, stride, groups, x, coefs, *tensors):
+        # Autograd is off here: nothing is kept but what is saved; backward repeats the casts.
+        y, dtype, padding = _MergedConv.run(prepare, stride, groups, x, coefs, *tensors)
+        ctx.prepare, ctx.conv, ctx.dtype = prepare, (stride, padding, groups), dtype
         ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
         return y
 
@@ -754,10 +760,29 @@ class _Recomputed(torch.autograd.Function):
         return (None, None, None, *(next(grads) if nd else None for nd in need))
 
 
+def _merged_conv(prepare, stride, groups, x, coefs, *tensors) -> Tensor:
+    """A merged conv: eagerly ``_MergedConv``; under ``torch.compile`` the same computation
+    differentiated as it stands (the merged kernel through ``ops.merge_kernels``' autograd
+    formula, no Python backward for dynamo to stop at), what backward keeps or recomputes left
+    to AOTAutograd's partitioner."""
+    if torch.compiler.is_compiling():
+        return _MergedConv.run(prepare, stride, groups, x, coefs, *tensors)[0]
+    return _MergedConv.apply(prepare, stride, groups, x, coefs, *tensors)
+
+
+def _recomputed(run, bns, n_inputs: int, *tensors: Tensor) -> Tensor:
+    """``run(*tensors[:n_inputs])``, recomputed in backward (``_Recomputed``) when autograd
+    records it eagerly; without autograd, and under ``torch.compile`` (where the partitioner
+    decides what to keep), just run."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return run(*tensors[:n_inputs])
+    return _Recomputed.apply(run, bns, n_inputs, *tensors)
+
+
 def recompute(run, module: nn.Module, *inputs: Tensor) -> Tensor:
     """``run(*inputs)``, where ``run`` uses the parameters and BNs of ``module``, keeping only
-    ``inputs`` for backward and running it again there (``_Recomputed``); without autograd just
-    ``run(*inputs)``."""
+    ``inputs`` for backward and running it again there (``_Recomputed``); without autograd, or
+    under ``torch.compile``, just ``run(*inputs)``."""
     if not torch.is_grad_enabled():
         return run(*inputs)
     bns = []
@@ -766,7 +791,7 @@ def recompute(run, module: nn.Module, *inputs: Tensor) -> Tensor:
             raise ValueError(f"recompute: {type(m).__name__} in {type(module).__name__} would draw other values in backward")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             bns.append(m)
-    return _Recomputed.apply(run, bns, len(inputs), *inputs, *module.parameters())
+    return _recomputed(run, bns, len(inputs), *inputs, *module.parameters())
 
 
 def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -45,6 +45,7 @@ class _ArchMixin:
             raise ValueError("exclude: leaves no operation to choose from")
         keep = torch.tensor([n not in self.exclude for n in self.space.names])
         self.register_buffer("_selectable", keep, persistent=False)
+        self._mask_cache: dict[str, tuple] = {}  # buffer name -> (its state, host rows)
 
     def _selectable_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """``mask`` less the excluded operations; an edge left with nothing raises."""
@@ -60,21 +61,52 @@ class _ArchMixin:
             return ops.gumbel_softmax(alpha, self._selectable_mask(mask), tau=self.tau, hard=True)
         return ops.masked_softmax(alpha, mask)
 
-    def _host_masks(self, weights: torch.Tensor, mask: torch.Tensor) -> list:
-        """Each edge's mask as host lists. The search-space mask is read back once and kept
-        until the buffer changes (set_masks, load_state_dict or any in-place write bump its
-        version), so a step makes no device-to-host sync for it. With GDAS sampling only the
-        sampled op of an edge runs: the hard one-hot row is the mask (its straight-through
-        gradient still reaches every alpha of the row), read back each step (one sync, which
-        that sampler needs to know what to run)."""
+    def _host_masks(self, weights: list[torch.Tensor], names: list[str]) -> list:
+        """Each edge's mask as host rows, for each mask buffer of ``names`` (with the weights
+        drawn for it). A search-space mask is read back once and kept until the buffer changes
+        (set_masks, load_state_dict or any in-place write bump its version), so a step makes no
+        device-to-host sync for it. With GDAS sampling only the sampled op of an edge runs: the
+        hard one-hot rows are the masks (their straight-through gradient still reaches every
+        alpha of a row), read back each step in one sync, which that sampler needs to know what
+        to run (under ``torch.compile``: one graph break, and the rest of the forward compiled
+        per sampled sub-network up to the cap of ``nas.compile``)."""
         if self.sampler == "gumbel":
-            return (weights.detach() != 0).tolist()
-        cache = self.__dict__.setdefault("_mask_cache", {})
+            return torch.stack([w.detach() for w in weights]).ne(0).tolist()
+        return [self._mask_rows(name) for name in names]
+
+    def _mask_rows(self, name: str) -> tuple[tuple[bool, ...], ...]:
+        """The host copy of mask buffer ``name``, refreshed when the buffer changed. Under
+        ``torch.compile`` it is taken as it is, without looking at the buffer (which dynamo
+        could only read with a graph break): ``compile_step`` brings it up to date
+        (``prepare_host``) before every step, and dynamo guards on its values, so a new mask
+        means a new graph."""
+        cache = self._mask_cache
+        if torch.compiler.is_compiling() and name in cache:
+            return cache[name][1]
+        mask = getattr(self, name)
         key = (id(mask), mask._version, mask.data_ptr())
-        host = cache.get(id(mask))
+        host = cache.get(name)
         if host is None or host[0] != key:
-            host = cache[id(mask)] = (key, mask.tolist())
+            host = cache[name] = (key, tuple(tuple(row) for row in mask.tolist()))
         return host[1]
+
+    def prepare_host(self, device_type: str) -> None:
+        """Bring the host-side state a forward reads up to date, outside ``torch.compile``: the
+        masks' host copies, and every edge's simplified graph and merge forms for its mask
+        (for GDAS, for each operation the edge can sample), so that a compiled forward only
+        looks them up and never traces the simplifier."""
+        state = (device_type, *(self._mask_rows(name) for name in self.masks()))
+        if state == self.__dict__.get("_prepared"):
+            return
+        for edge, row in self._edges_and_masks():
+            if self.sampler == "gumbel":
+                selectable = [a and n not in self.exclude for a, n in zip(row, self.space.names)]
+                rows = [tuple(i == k for i in range(len(row))) for k, on in enumerate(selectable) if on]
+            else:
+                rows = [row]
+            for r in rows:
+                edge.merge_forms(r, device_type)
+        self._prepared = state
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.startswith(("alphas", "betas"))]
@@ -229,6 +261,11 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         self.mask_normal.copy_(normal)
         self.mask_reduce.copy_(reduce)
 
+    def _edges_and_masks(self):
+        for cell in self.cells:
+            rows = self._mask_rows("mask_reduce" if cell.reduction else "mask_normal")
+            yield from zip(cell.edges, rows)
+
     def _node_slices(self) -> list[slice]:
         """Each node's incoming edges as a slice of the edge index."""
         out, start = [], 0
@@ -265,7 +302,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         else:
             e_normal, e_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
             on_normal = on_reduce = None
-        m_normal, m_reduce = self._host_masks(w_normal, self.mask_normal), self._host_masks(w_reduce, self.mask_reduce)
+        m_normal, m_reduce = self._host_masks([w_normal, w_reduce], ["mask_normal", "mask_reduce"])
         s0 = s1 = recompute(self.stem, self.stem, x) if self.recompute else self.stem(x)
         for cell in self.cells:
             if cell.reduction:
@@ -386,6 +423,12 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
     def arch_weights(self):
         return self._arch_rows(self.alphas, self.mask)
 
+    def _edges_and_masks(self):
+        rows = self._mask_rows("mask")
+        for cell in self.cells:
+            if isinstance(cell, nn.ModuleList):
+                yield from zip(cell, rows)
+
     def _cell(self, edges, x, weights, masks):
         nodes = [x]
         for i in range(1, 4):
@@ -399,7 +442,7 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
 
     def forward(self, x):
         weights = self.arch_weights()
-        masks = self._host_masks(weights, self.mask)
+        (masks,) = self._host_masks([weights], ["mask"])
         x = self.stem(x)
         for cell in self.cells:
             x = self._cell(cell, x, weights.to(x.dtype), masks) if isinstance(cell, nn.ModuleList) else cell(x)

@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
     channels, so every zero-shot configuration gets the same mask and the first one's file is
     reused (its time reported on each)."""
     out = os.path.join(workdir, re.sub(r"[^a-z0-9]+", "-", label(c).lower() + "-" + c["topo"]))
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted attempt left (its row was never recorded)
     cmd = [sys.executable, "-m", "toponas_kernels.cli", "search", "--space", args.space, "--method", c["method"],
            "--topo", c["topo"], "--dataset", "synthetic", "--epochs", "1", "--steps-per-epoch", str(args.steps),
            "--batch-size", str(args.batch), "--train-size", str(2 * args.steps * args.batch), "--seed", "0",

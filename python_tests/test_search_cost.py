@@ -18,7 +18,9 @@ def test_search_cost_quick(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\nkept text\n")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
-    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "darts", "--json", "--results", str(results)],
+    # --rows keeps the run's folders (and so the mask files) for the checks below
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "darts", "--json", "--results", str(results),
+                        "--rows", str(tmp_path / "rows.jsonl")],
                        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]

@@ -179,15 +179,16 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     reduce cells) switch candidates off for good (Zero-One-Shot). ``topology`` adds ROME's
     per-edge topology betas instead (two sampled incoming edges per node; see ``sample_topology``).
 
-    ``recompute`` (default off; any mode): the stem and every cell keep only their inputs for backward (the image; the two cell inputs,
-    shared with the neighbouring cells) and run again in backward, one at a time, with the BN
+    ``recompute`` (default off; any mode): the stem and every cell keep only their inputs for
+    backward (the image; the two cell inputs, shared with the neighbouring cells) and run again
+    in backward, one at a time, with the BN
     running statistics put back so they advance once per step (``mixed_op.recompute``). Same
     values and gradients; what a cell's preprocessing, edges, bypass pools and concatenation
     keep lives only while that cell's backward runs, and there the preprocessing (ReLU, 1x1
     conv or FactorizedReduce, BN) keeps only the cell input, being recomputed once more. It is a
-    trade: in topo it cuts the step's peak to about half again (0.16 of plain DARTS instead of
-    0.29; with PC 4 and half the candidates masked 0.097 instead of 0.16) for a step 1.2-1.4x
-    longer (every cell runs twice), so it is opt-in: TopoNAS's default is the faster step.
+    trade: in topo it cuts the step's peak to about half again (0.15 of plain DARTS instead of
+    0.28 on a CPU; with PC 4 and half the candidates masked 0.08 instead of 0.14) for a step
+    1.2-1.4x longer (every cell runs twice), so it is opt-in: TopoNAS's default is the faster step.
     """
 
     def __init__(

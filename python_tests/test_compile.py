@@ -13,6 +13,7 @@ from torch._dynamo.backends.registry import lookup_backend
 
 from toponas_kernels.nas.compile import compile_step
 from toponas_kernels.nas.networks import DartsSearchNetwork
+from utils import half_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,16 +34,8 @@ def _net(masked=False, seed=1, **kw):
     torch.manual_seed(0)
     net = DartsSearchNetwork(C=4, layers=2, mode="topo", **kw).to(DT)
     if masked:
-        _half_masks(net, seed)
+        half_masks(net, seed)
     return net
-
-
-def _half_masks(net, seed):
-    gen = torch.Generator().manual_seed(seed)
-    masks = [torch.rand(net.mask_normal.shape, generator=gen) < 0.5 for _ in range(2)]
-    for m in masks:
-        m[:, 4] = True  # every edge keeps a candidate (sep_conv_3x3)
-    net.set_masks(*masks)
 
 
 class _Counting:
@@ -107,7 +100,7 @@ def test_a_new_mask_is_a_new_graph():
     x, y = _data()
     step(x, y)
     for m in (net, ref):
-        _half_masks(m, seed=2)
+        half_masks(m, seed=2)
     torch.testing.assert_close(step(x, y), F.cross_entropy(ref(x), y), **TIGHT)
     assert backend.graphs == 2
 

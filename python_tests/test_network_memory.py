@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from toponas_kernels.nas.networks import DartsSearchNetwork
+from utils import half_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,14 +19,6 @@ def _pair(**kw):
     redo.load_state_dict(keep.state_dict())
     assert redo.recompute and not keep.recompute
     return keep, redo
-
-
-def _half_masks(net, seed):
-    gen = torch.Generator().manual_seed(seed)
-    masks = [torch.rand(net.mask_normal.shape, generator=gen) < 0.5 for _ in range(2)]
-    for m in masks:
-        m[:, 4] = True  # every edge keeps a candidate (sep_conv_3x3)
-    net.set_masks(*masks)
 
 
 @pytest.mark.parametrize(
@@ -45,8 +38,8 @@ def test_recomputing_network_equals_keeping_one(kw, masked):
     statistics advance once per step, not once more in backward)."""
     keep, redo = _pair(**kw)
     if masked:
-        _half_masks(keep, 1)
-        _half_masks(redo, 1)
+        half_masks(keep, 1)
+        half_masks(redo, 1)
     before = [b.clone() for b in keep.buffers()]
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     for step in range(2):
@@ -116,7 +109,7 @@ def test_topo_network_keeps_only_the_cell_inputs(pc):
     what those inputs cost, with 8 kB of room; the code before recomputation exceeds it."""
     torch.manual_seed(0)
     net = DartsSearchNetwork(C=8, layers=5, mode="topo", partial_channels=pc)
-    _half_masks(net, 2)
+    half_masks(net, 2)
     x = torch.randn(2, 3, 16, 16)
     acts = [x.nelement(), net.stem[0].out_channels * 16 * 16 * 2]
     hw = 16 * 16

@@ -66,3 +66,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"{what}: {int(bad.sum())} of {a.numel()} elements out of tolerance {tol}; worst at "
             f"{idx}: got {a[idx].item():.8g}, expected {e[idx].item():.8g}"
         )
+
+
+def half_masks(net, seed):
+    """Random masks keeping about half the candidates of a DARTS search network, every edge
+    keeping at least sep_conv_3x3, set on ``net``."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(net.mask_normal.shape, generator=gen) < 0.5 for _ in range(2)]
+    for m in masks:
+        m[:, 4] = True
+    net.set_masks(*masks)

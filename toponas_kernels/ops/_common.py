@@ -106,6 +106,16 @@ def register_kernel_fake(name: str):
     return wrap
 
 
+# Backends whose public ops have their autograd registered in C++ (csrc/autograd.cpp).
+FUSED_BACKENDS = ("cpp", "cuda")
+
+
+def fused_op(name: str):
+    """``torch.ops.toponas.<name>.default`` (a ``*_fused`` op of csrc/autograd.cpp), or None when
+    the extension is missing or predates it."""
+    return getattr(torch.ops.toponas, name).default if HAS_CPP and hasattr(torch.ops.toponas, name) else None
+
+
 def device_guard(t: Tensor):
     """Triton launches go to the current CUDA device: run them under the device of ``t``
     (tensors on cuda:1 while cuda:0 is current). A no-op for CPU tensors."""

@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import backend as _backend
 from . import reference as _ref
 from ._common import (
-    HAS_CPP,
+    FUSED_BACKENDS,
     HAS_TRITON,
     as_tensor_list,
     block_size,
@@ -31,6 +31,7 @@ from ._common import (
     check_tensor,
     device_guard,
     fast_path,
+    fused_op,
     register_kernel_fake,
     tl,
     triton,
@@ -415,6 +416,7 @@ def _masked_softmax_call(logits: Tensor, mask: Tensor, tau: float, backend: str)
 
 # Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
 @register_kernel_fake("mixed_sum_kernel")
+@register_kernel_fake("mixed_sum_fused")
 def _(outputs, weights):
     return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
 
@@ -426,14 +428,7 @@ def _(grad, outputs, weights):
     ]
 
 
-@register_kernel_fake("mixed_sum_fused")
-def _(outputs, weights):
-    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
-
-
-# The compiled kernels with their autograd registered in C++ (None with a build that predates it).
-_FUSED_BACKENDS = ("cpp", "cuda")
-_mixed_sum_fused = torch.ops.toponas.mixed_sum_fused.default if HAS_CPP and hasattr(torch.ops.toponas, "mixed_sum_fused") else None
+_mixed_sum_fused = fused_op("mixed_sum_fused")
 
 
 @register_kernel_fake("masked_softmax_kernel")
@@ -459,7 +454,7 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
     if _mixed_sum_fused is not None and type(outputs) is list and outputs and isinstance(outputs[0], Tensor):
         # The hot path (a search step calls this once per edge): the C++ op checks its
         # arguments itself, so the Python checks below run only to name what is wrong.
-        if _backend.resolve(backend, outputs[0].device) in _FUSED_BACKENDS and fast_path():
+        if _backend.resolve(backend, outputs[0].device) in FUSED_BACKENDS and fast_path():
             try:
                 return _mixed_sum_fused(outputs, weights)
             except (RuntimeError, TypeError):
@@ -472,7 +467,7 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
     check_like("weights", weights, "outputs[0]", first, shape=False)
     resolved = _backend.resolve(backend, first.device)
     if fast_path():
-        if resolved in _FUSED_BACKENDS and _mixed_sum_fused is not None:
+        if resolved in FUSED_BACKENDS and _mixed_sum_fused is not None:
             return _mixed_sum_fused(ys, weights)  # autograd in C++ (csrc/autograd.cpp)
         return _MixedSum.apply(resolved, weights, *ys)
     return _mixed_sum_op(ys, weights, resolved)

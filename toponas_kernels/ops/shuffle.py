@@ -34,7 +34,19 @@ from torch import Tensor
 
 from .. import backend as _backend
 from . import reference as _ref
-from ._common import HAS_CPP, HAS_TRITON, INTERPRET, check_like, check_tensor, device_guard, fast_path, register_kernel_fake, tl, triton
+from ._common import (
+    FUSED_BACKENDS,
+    HAS_TRITON,
+    INTERPRET,
+    check_like,
+    check_tensor,
+    device_guard,
+    fast_path,
+    fused_op,
+    register_kernel_fake,
+    tl,
+    triton,
+)
 
 # The kernels move raw words of the element size: bf16 never meets (interpreter) arithmetic.
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -344,47 +356,26 @@ class _PartialUnshuffle(torch.autograd.Function):
 
 # Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
 @register_kernel_fake("channel_shuffle_kernel")
-def _(x, groups):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@register_kernel_fake("partial_channel_shuffle_kernel")
-def _(processed, bypass, groups):
-    return processed.new_empty((processed.shape[0], processed.shape[1] + bypass.shape[1], *processed.shape[2:]))
-
-
-@register_kernel_fake("partial_channel_unshuffle_kernel")
-def _(grad, processed_channels, groups):
-    c = grad.shape[1]
-    return [_empty_rows(grad, processed_channels), _empty_rows(grad, c - processed_channels)]
-
-
 @register_kernel_fake("channel_shuffle_fused")
 def _(x, groups):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@register_kernel_fake("partial_channel_shuffle_kernel")
 @register_kernel_fake("partial_channel_shuffle_fused")
 def _(processed, bypass, groups):
     return processed.new_empty((processed.shape[0], processed.shape[1] + bypass.shape[1], *processed.shape[2:]))
 
 
+@register_kernel_fake("partial_channel_unshuffle_kernel")
 @register_kernel_fake("partial_channel_unshuffle_fused")
 def _(grad, processed_channels, groups):
     c = grad.shape[1]
     return [_empty_rows(grad, processed_channels), _empty_rows(grad, c - processed_channels)]
 
 
-# The compiled kernels with their autograd registered in C++ (None with a build that predates it).
-_FUSED_BACKENDS = ("cpp", "cuda")
-
-
-def _fused(name: str):
-    return getattr(torch.ops.toponas, name).default if HAS_CPP and hasattr(torch.ops.toponas, name) else None
-
-
-_channel_shuffle_fused = _fused("channel_shuffle_fused")
-_partial_channel_shuffle_fused = _fused("partial_channel_shuffle_fused")
+_channel_shuffle_fused = fused_op("channel_shuffle_fused")
+_partial_channel_shuffle_fused = fused_op("partial_channel_shuffle_fused")
 
 
 # ============================================================================ public functions
@@ -426,7 +417,7 @@ def channel_shuffle(x: Tensor, groups: int, *, backend: str | None = None) -> Te
         raise ValueError(f"x: C={x.shape[1]} is not divisible by groups={groups}")
     resolved = _backend.resolve(backend, x.device)
     if fast_path():
-        if resolved in _FUSED_BACKENDS and _channel_shuffle_fused is not None:
+        if resolved in FUSED_BACKENDS and _channel_shuffle_fused is not None:
             return _channel_shuffle_fused(x, groups)  # autograd in C++ (csrc/autograd.cpp)
         return _ChannelShuffle.apply(x, groups, resolved)
     return _channel_shuffle_op(x, groups, resolved)
@@ -470,7 +461,7 @@ def partial_channel_shuffle(
         )
     resolved = _backend.resolve(backend, processed.device)
     if fast_path():
-        if resolved in _FUSED_BACKENDS and _partial_channel_shuffle_fused is not None:
+        if resolved in FUSED_BACKENDS and _partial_channel_shuffle_fused is not None:
             return _partial_channel_shuffle_fused(processed, bypass, groups)  # autograd in C++
         return _PartialShuffle.apply(processed, bypass, groups, resolved)
     return _partial_channel_shuffle_op(processed, bypass, groups, resolved)

@@ -10,6 +10,7 @@ import toponas_kernels
 from toponas_kernels import FusedMixedOp, ops
 from toponas_kernels.nas import spaces as S
 from toponas_kernels.nas.operations import OpChain
+from utils import saved_bytes
 
 DT = torch.float64
 TIGHT = dict(atol=1e-10, rtol=1e-10)
@@ -614,19 +615,7 @@ def _with_weight(op, param, value, x, alpha):
 
 def _saved_units(op, x, w):
     """Bytes kept for backward by one edge, in units of |x|, each storage once, parameters apart."""
-    params = {p.untyped_storage().data_ptr() for p in op.parameters()}
-    seen, keep = {}, []
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.nbytes() and s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-            keep.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op(x, w)
-    return sum(seen.values()) / (x.numel() * x.element_size())
+    return saved_bytes(lambda: op(x, w), op.parameters()) / (x.numel() * x.element_size())
 
 
 def test_memory_kept_for_backward_by_a_darts_edge():

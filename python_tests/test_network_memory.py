@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from toponas_kernels.nas.networks import DartsSearchNetwork
-from utils import half_masks
+from utils import half_masks, saved_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,19 +85,7 @@ def test_recompute_refuses_dropout():
 def _saved_bytes(net, x):
     """Bytes saved for backward by one forward, each storage once, parameters and buffers apart
     (as bench/search_step.py's count_saved_bytes)."""
-    own = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    seen, keep = {}, []
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.nbytes() and s.data_ptr() not in own:
-            seen[s.data_ptr()] = s.nbytes()
-            keep.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x).sum()
-    return sum(seen.values())
+    return saved_bytes(lambda: net(x).sum(), [*net.parameters(), *net.buffers()])
 
 
 @pytest.mark.parametrize("pc", [None, 4])

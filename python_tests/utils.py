@@ -76,3 +76,22 @@ def half_masks(net, seed):
     for m in masks:
         m[:, 4] = True
     net.set_masks(*masks)
+
+
+def saved_bytes(run, exclude) -> int:
+    """Bytes autograd saves for backward while ``run()`` executes, each storage once, the
+    storages of the tensors in ``exclude`` (parameters, buffers) apart. Every saved tensor stays
+    referenced until the end, so no address is reused while counting."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    seen, keep = {}, []
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.nbytes() and s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+            keep.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())

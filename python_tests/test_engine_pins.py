@@ -124,3 +124,25 @@ def test_documented_defaults():
     assert op.primitives == S.DARTS_PRIMITIVES and op.recompute and op.partial_channels == 1
     assert not FusedMixedOp(8, mode="pms").recompute
     assert not any(m.affine for m in op.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_merged_kernels_live_on_the_dilated_lattice():
+    """A group of dilated convs stores its merged kernel at the gcd of the dilations: DARTS'
+    dil convs (d2, spans 5 and 9) as 5 x 5 at d2, the sep convs (d1) as 5 x 5; d2 + d4 + a 1x1
+    (whose centre tap is on any lattice) at d2; d2 + d3 at d1. The conv run is the same
+    (exactness: test_reparameterization_is_exact_without_normalization)."""
+    from utils import dilations_space
+
+    def groups(space):
+        return list(_merged_nodes(simplify_space(space, mode="topo").root))
+
+    darts = sorted((m.size, m.dilation, m.lattice, m.lattice_dilations()) for m in groups(S.DARTS_SPACE))
+    assert darts == [(5, 1, 5, [1, 1]), (5, 1, 5, [1, 1]), (9, 2, 5, [1, 1])]
+    [node] = groups(dilations_space())
+    assert (node.size, node.dilation, node.lattice, node.lattice_dilations()) == (9, 2, 5, [1, 2, 1, 1])
+    unit = lambda k, d: (S.ReLU(), S.Conv(k, dilation=d, separable=True), S.BN())  # noqa: E731
+    coprime = S.SearchSpace("coprime", [S.OpDef("a", unit(3, 2)), S.OpDef("b", unit(3, 3))])
+    [node] = groups(coprime)
+    assert (node.size, node.dilation, node.lattice, node.lattice_dilations()) == (7, 1, 7, [2, 3])
+    text = simplify_space(S.DARTS_SPACE, mode="topo").format()
+    assert "merged conv5x5 d2 = " in text and "merged conv5x5 = " in text

@@ -10,6 +10,7 @@ from toponas_kernels import FusedMixedOp
 from toponas_kernels.nas import forms as Fm
 from toponas_kernels.nas import spaces as S
 from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
+from utils import dilations_space
 
 DT = torch.float64
 TIGHT = dict(atol=1e-10, rtol=1e-9)
@@ -48,13 +49,15 @@ def _close(a, b, **tol):
         torch.testing.assert_close(u, v, **(tol or TIGHT))
 
 
-@pytest.mark.parametrize("space", ["darts", "exaggerated"])
+@pytest.mark.parametrize("space", ["darts", "exaggerated", "dilations"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("normalize", ["channel", "tensor", "none"])
 def test_stacked_equals_dense(space, stride, normalize):
     """Values and gradients (input, weights, every kernel) of the stacked form equal the dense
-    merge's, kernel normalization included (its shift is the box-sum channel), train-mode BN."""
-    primitives = S.exaggerated_space(2, 3) if space == "exaggerated" else None
+    merge's, kernel normalization included (its shift is the box-sum channel), train-mode BN.
+    The stacked form runs each candidate at its own dilation, the dense one on the group's
+    dilated lattice, so this also checks the lattice."""
+    primitives = {"exaggerated": S.exaggerated_space(2, 3), "dilations": dilations_space()}.get(space)
     ops = _ops(["dense", "stacked"], stride=stride, primitives=primitives, normalize=normalize)
     assert {f for _, f, _ in ops["stacked"].merge_forms()} == {"stacked"}
     x = _x(6, 7, stride)

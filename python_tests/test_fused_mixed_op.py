@@ -10,7 +10,7 @@ import toponas_kernels
 from toponas_kernels import FusedMixedOp, ops
 from toponas_kernels.nas import spaces as S
 from toponas_kernels.nas.operations import OpChain
-from utils import saved_bytes
+from utils import dilations_space, saved_bytes
 
 DT = torch.float64
 TIGHT = dict(atol=1e-10, rtol=1e-10)
@@ -245,11 +245,14 @@ def test_exact_darts_pms_with_eval_bn(stride):
     _close(_run(op, x, alpha), _run(plain, x, alpha))
 
 
-@pytest.mark.parametrize("space", ["darts", "nb201", "exaggerated", "triples"])
+@pytest.mark.parametrize("space", ["darts", "nb201", "exaggerated", "triples", "dilations"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_reparameterization_is_exact_without_normalization(space, stride):
-    """topo(normalize=False) computes the pms+fms graph exactly (train-mode BN)."""
-    if space == "exaggerated":
+    """topo(normalize=False) computes the pms+fms graph exactly (train-mode BN); "dilations"
+    merges on a dilated lattice."""
+    if space == "dilations":
+        space = dilations_space()
+    elif space == "exaggerated":
         space = S.exaggerated_space(2, 3)
     elif space == "triples":  # nested FMS: the coefficient goes two sums deep into merged convs
         unit = lambda k: (S.ReLU(), S.Conv(k, separable=True), S.BN())  # noqa: E731

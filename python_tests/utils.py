@@ -95,3 +95,16 @@ def saved_bytes(run, exclude) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return sum(seen.values())
+
+
+def dilations_space():
+    """A user space whose separable convs merge on a dilated lattice: dilations 2, 4 and 2 (gcd
+    2) plus a 1x1 unit (its one tap is on every lattice), and a skip."""
+    from toponas_kernels.nas import spaces as S
+
+    unit = lambda k, d: (S.ReLU(), S.Conv(k, dilation=d, separable=True), S.BN())  # noqa: E731
+    return S.SearchSpace(
+        "dilations",
+        [S.OpDef(f"k{k}d{d}", unit(k, d)) for k, d in ((3, 2), (3, 4), (5, 2), (1, 1))]
+        + [S.OpDef("skip", [S.Identity()], [S.Zero(2)])],
+    )

@@ -41,7 +41,7 @@ def _forms(space: S.SearchSpace, args) -> list[dict]:
     out = []
     for node, form, why in op.merge_forms(device_type=args.device):
         names = ", ".join(space.names[p.owners[0][0]] for p in node.parts)
-        group = f"conv{node.size}x{node.size}" + (f" s{node.stride}" if node.stride != 1 else "") + f" {{{names}}}"
+        group = simp.merged_shape(node) + (f" s{node.stride}" if node.stride != 1 else "") + f" {{{names}}}"
         out.append({"group": group, "form": form, "why": why})
     return out
 

@@ -85,7 +85,7 @@ def form_costs(node: Merged, C_in: int, C_out: int, device_type: str = "cpu", no
     beta = BYTE_WEIGHT.get(device_type, BYTE_WEIGHT["cuda"])
     s2 = node.stride**2  # input pixels per output pixel
     n = len(node.parts)
-    K = node.size
+    K = node.lattice  # taps per side of the merged kernel (stored on its dilated lattice)
     out = {}
 
     def cost(form, macs, elements):
@@ -198,7 +198,7 @@ def separable_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: 
     c = coefs.to(Ps[0].dtype)
     total = c.sum()
     q = c / torch.where(total == 0, torch.ones_like(total), total)
-    dil = [p.module.dilation for p in node.parts]
+    dil = node.lattice_dilations()
     x = _depthwise_layout(x)
     if normalize != "none":
         # Each candidate's depthwise kernel enters the merged one at unit RMS, its scale moving
@@ -208,7 +208,7 @@ def separable_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: 
         Ds = [Di / r for Di, r in zip(Ds, rms)]
         Ps = [(a * r)[:, None, None, None] * P for P, (a, _), r in zip(Ps, ab, rms)]
     D = ops.merge_kernels(Ds, q.to(Ds[0].dtype), dil, "none")
-    z = F.conv2d(x, D.to(x.dtype), None, node.stride, node.size // 2, 1, x.shape[1])
+    z = F.conv2d(x, D.to(x.dtype), None, node.stride, node.size // 2, node.dilation, x.shape[1])
     pw = sum(ci * _pointwise(P) for ci, P in zip(c, Ps))
     if normalize == "none":
         return z, pw[:, :, None, None]

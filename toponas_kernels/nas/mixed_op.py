@@ -368,8 +368,8 @@ class FusedMixedOp(nn.Module):
             def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
                 return build(node, h, c, ts, normalize, eps)
 
-            return _merged_conv(prepare, 1, 1, x, coefs, *tensors)
-        dilations = [p.module.dilation for p in node.parts]
+            return _merged_conv(prepare, (1, 1, 1), x, coefs, *tensors)
+        dilations = node.lattice_dilations()
         sizes = [len(unit.kernel_tensors()) for unit in units]
 
         def make_kernel(c: Tensor, *tensors: Tensor) -> Tensor:
@@ -382,7 +382,7 @@ class FusedMixedOp(nn.Module):
         def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
             return h, make_kernel(c, *ts)
 
-        return _merged_conv(prepare, node.stride, node.groups, x, coefs, *tensors)
+        return _merged_conv(prepare, (node.stride, node.dilation, node.groups), x, coefs, *tensors)
 
     def form_of(self, node: Merged, device_type: str = "cpu") -> tuple[str, str]:
         """The form a merged group runs in on ``device_type``, and why (cached)."""
@@ -675,7 +675,9 @@ class _Masses:
 
 
 class _MergedConv(torch.autograd.Function):
-    """``conv2d(z, kernel)`` ('same' padding) with ``z, kernel = prepare(x, coefs, *tensors)``,
+    """``conv2d(z, kernel)`` ('same' padding) with ``z, kernel = prepare(x, coefs, *tensors)`` and
+    ``conv = (stride, dilation, groups)`` (a merged kernel is stored on its group's lattice,
+    ``Merged.dilation``),
     keeping only x, the coefficients and the candidates' parameters for backward. Dense form:
     z is x and kernel the merged kernel; stacked and separable forms: z the depthwise outputs
     and kernel the 1x1 conv over them (``forms.py``). Backward runs ``prepare`` again, which
@@ -683,29 +685,30 @@ class _MergedConv(torch.autograd.Function):
     k x k kernels or n x |x| depthwise outputs per merged conv for the whole step."""
 
     @staticmethod
-    def run(prepare, stride, groups, x, coefs, *tensors) -> tuple[Tensor, torch.dtype, int]:
+    def run(prepare, conv, x, coefs, *tensors) -> tuple[Tensor, torch.dtype, int]:
         """The conv, its dtype and padding. Under autocast the conv runs in the autocast dtype,
         like F.conv2d would; kernels are merged in the parameters' dtype and cast."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
             z, kernel = prepare(x.to(dtype), coefs, *tensors)
-            padding = kernel.shape[-1] // 2
-            return F.conv2d(z, kernel.to(dtype), None, stride, padding, 1, groups), dtype, padding
+            stride, dilation, groups = conv
+            padding = dilation * (kernel.shape[-1] // 2)
+            return F.conv2d(z, kernel.to(dtype), None, stride, padding, dilation, groups), dtype, padding
 
     @staticmethod
-    def forward(ctx, prepare, stride, groups, x, coefs, *tensors):
+    def forward(ctx, prepare, conv, x, coefs, *tensors):
         # Autograd is off here: nothing is kept but what is saved; backward repeats the casts.
-        y, dtype, padding = _MergedConv.run(prepare, stride, groups, x, coefs, *tensors)
-        ctx.prepare, ctx.conv, ctx.dtype = prepare, (stride, padding, groups), dtype
+        y, dtype, padding = _MergedConv.run(prepare, conv, x, coefs, *tensors)
+        ctx.prepare, ctx.conv, ctx.padding, ctx.dtype = prepare, conv, padding, dtype
         ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, *sources = ctx.saved_tensors
-        stride, padding, groups = ctx.conv
-        need_x = ctx.needs_input_grad[3]
+        stride, dilation, groups = ctx.conv
+        need_x = ctx.needs_input_grad[2]
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             xg = x.detach().requires_grad_(need_x)
             sources = [t.detach().requires_grad_() for t in sources]
@@ -713,7 +716,7 @@ class _MergedConv(torch.autograd.Function):
             kernel = kernel.to(ctx.dtype)
         need_z = z.requires_grad
         gz, gk, _ = torch.ops.aten.convolution_backward(
-            grad.to(ctx.dtype), z.detach(), kernel.detach(), None, [stride] * 2, [padding] * 2, [1, 1],
+            grad.to(ctx.dtype), z.detach(), kernel.detach(), None, [stride] * 2, [ctx.padding] * 2, [dilation] * 2,
             False, [0, 0], groups, [need_z, True, False],
         )
         outs, gouts = [kernel], [gk]
@@ -723,7 +726,7 @@ class _MergedConv(torch.autograd.Function):
         inputs = ([xg] if need_x else []) + sources
         grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True))
         gx = grads.pop(0) if need_x else None
-        return (None, None, None, gx.to(x.dtype) if gx is not None else None, *grads)
+        return (None, None, gx.to(x.dtype) if gx is not None else None, *grads)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -760,14 +763,14 @@ class _Recomputed(torch.autograd.Function):
         return (None, None, None, *(next(grads) if nd else None for nd in need))
 
 
-def _merged_conv(prepare, stride, groups, x, coefs, *tensors) -> Tensor:
+def _merged_conv(prepare, conv, x, coefs, *tensors) -> Tensor:
     """A merged conv: eagerly ``_MergedConv``; under ``torch.compile`` the same computation
     differentiated as it stands (the merged kernel through ``ops.merge_kernels``' autograd
     formula, no Python backward for dynamo to stop at), what backward keeps or recomputes left
     to AOTAutograd's partitioner."""
     if torch.compiler.is_compiling():
-        return _MergedConv.run(prepare, stride, groups, x, coefs, *tensors)[0]
-    return _MergedConv.apply(prepare, stride, groups, x, coefs, *tensors)
+        return _MergedConv.run(prepare, conv, x, coefs, *tensors)[0]
+    return _MergedConv.apply(prepare, conv, x, coefs, *tensors)
 
 
 def _recomputed(run, bns, n_inputs: int, *tensors: Tensor) -> Tensor:

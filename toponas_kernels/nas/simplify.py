@@ -54,6 +54,8 @@ ReLU, BN and (atomic) pools are "non_conv"; identity and zero are not counted.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
@@ -141,7 +143,26 @@ class Merged:
 
     @property
     def size(self) -> int:
+        """The merged kernel's span (the receptive field of the largest part)."""
         return max(p.module.span for p in self.parts)
+
+    @property
+    def dilation(self) -> int:
+        """The dilation the merged conv runs at: the greatest common divisor of the parts'
+        dilations (1 x 1 parts, the centre tap at any dilation, do not count). Every part's taps
+        lie on that lattice, so the merged kernel is stored at ``lattice`` x ``lattice`` and run
+        dilated, which is the same conv as the zero-filled ``size`` x ``size`` one: DARTS' two
+        dilated convs merge into a 5 x 5 kernel at dilation 2 (25 taps) instead of 9 x 9 (81)."""
+        return math.gcd(*(p.module.dilation for p in self.parts if p.module.kernel > 1)) or 1
+
+    @property
+    def lattice(self) -> int:
+        """Side of the stored merged kernel: ``(size - 1) / dilation + 1``."""
+        return (self.size - 1) // self.dilation + 1
+
+    def lattice_dilations(self) -> list[int]:
+        """Each part's dilation on the merged kernel's lattice (``merge_kernels``' argument)."""
+        return [p.module.dilation // self.dilation if p.module.kernel > 1 else 1 for p in self.parts]
 
 
 Node = Union[Leaf, Seq, Choice, Merged]
@@ -475,7 +496,13 @@ def _merged_text(node: Merged, names: Sequence[str], coef: str) -> str:
     kind = "merged" if len(node.parts) > 1 else "folded"
     stride = f" s{node.stride}" if node.stride != 1 else ""
     groups = f" g{node.groups}" if node.groups != 1 else ""
-    return f"{kind} conv{node.size}x{node.size}{stride}{groups} = conv(x, {parts})"
+    return f"{kind} {merged_shape(node)}{stride}{groups} = conv(x, {parts})"
+
+
+def merged_shape(node: Merged) -> str:
+    """``conv9x9`` for a merged kernel, ``conv5x5 d2`` for one stored on a dilated lattice."""
+    k = node.lattice
+    return f"conv{k}x{k}" + (f" d{node.dilation}" if node.dilation != 1 else "")
 
 
 def _format_seq(items: Sequence["Node"], names, indent: int, lines: list[str], head: str) -> None:

@@ -6,7 +6,8 @@ b_i = -mean / (std + eps); a = 1, b = 0 without normalization). For depthwise+po
 ``W_i[o, c] = P_i[o, c] D_i[c]``. Three ways to evaluate it:
 
 * ``dense`` (exact): one dense conv with the merged kernel ``sum_i c_i embed(Wn_i)``
-  (``ops.merge_kernels``). Cost grows with C_out * C_in * k^2 per pixel: cheapest for small C and
+  (``ops.merge_kernels``), stored on the group's dilated lattice (``Merged.dilation``: k^2 taps
+  with k = ``Merged.lattice``). Cost grows with C_out * C_in * k^2 per pixel: cheapest for small C and
   for groups of dense convs (NAS-Bench-201, where it is the only form).
 * ``stacked`` (exact, separable units only): each candidate's depthwise conv, then ONE 1x1 conv
   over the stacked depthwise outputs whose weights carry the coefficients and the normalization
@@ -17,7 +18,7 @@ b_i = -mean / (std + eps); a = 1, b = 0 without normalization). For depthwise+po
   ``mean = P @ sum(D) / (C k^2)`` and ``E[W^2] = P^2 @ sum(D^2) / (C k^2)``. Cost per pixel
   ``C sum_i k_i^2 + C_out (n C + n)``.
 * ``separable`` (an approximation, opt-in): the depthwise kernels merged into one depthwise conv
-  (``sum_i q_i embed(D_i / r_i)``, q = c / sum(c), r_i the RMS of D_i when normalizing, else 1)
+  (``sum_i q_i embed(D_i / r_i)`` on the lattice, q = c / sum(c), r_i the RMS of D_i when normalizing, else 1)
   and the pointwise ones into one 1x1 conv (``sum_i c_i a_i r_i P_i``), plus the same exact
   shift channels; so each candidate still enters through its standardized ``P_i D_i`` only. Its cost does not grow with the
   number of candidates. It equals the weighted sum for one-hot coefficients (as FMS does), not

@@ -258,10 +258,25 @@ class FusedMixedOp(nn.Module):
         raise TypeError(f"unexpected node {node!r}")
 
     def _run_items(self, items, x: Tensor, masses: "_Masses | None") -> Tensor:
-        """The nodes ``items`` applied in order."""
+        """The nodes ``items`` applied in order. A ReLU right after a BN (the sep-conv chain's
+        middle) runs in place on the BN's output: BN's backward needs its input, not its output,
+        so the pair makes one activation-sized tensor instead of two (one pass and one buffer
+        fewer; the values and gradients are those of the two modules)."""
+        after_bn = False
         for item in items:
-            x = self._run(item, x, masses)
+            if after_bn and self._is(item, nn.ReLU):
+                x = torch.relu_(x)
+            else:
+                x = self._run(item, x, masses)
+            after_bn = self._is(item, nn.modules.batchnorm._BatchNorm)
         return x
+
+    def _is(self, node, kind) -> bool:
+        """``node`` is a leaf running a module of type ``kind``."""
+        if not isinstance(node, Leaf):
+            return False
+        cand, pos = node.owners[0]
+        return isinstance(self._ops[cand][pos], kind)
 
     def _choice(self, choice: Choice, x: Tensor, masses: "_Masses", scale: Tensor | None = None) -> Tensor:
         """A weighted sum (times ``scale``, when given). Branches whose coefficient went into a

@@ -428,6 +428,12 @@ def print_table(args, rows) -> None:
             f"  {r['step_seconds'] / base['step_seconds']:10.3f}"
         )
     for r in rows:
+        if r.get("paired"):
+            q = r["paired"]
+            print(f"{r['mode']} against plain in one process, {q['rounds']} alternating rounds: time ratio "
+                  f"{q['ratio_median']:.3f} (range {q['ratio_min']:.3f}-{q['ratio_max']:.3f}; steps "
+                  f"{q['step_seconds']:.3f} s and {q['baseline_seconds']:.3f} s)")
+    for r in rows:
         if r.get("profile"):
             print_profile(r)
     return rows
@@ -450,14 +456,16 @@ def sweep(args) -> list[dict]:
         sep_dil = round(convs * 5 / 12)
         rec = measure(args, space="exaggerated", mode=mode, num_sep_dil=sep_dil, num_double_sep=convs - sep_dil)
         rows.append(rec)
-    slopes = {}
+    slopes, time_slopes = {}, {}
     for mode in ("plain", "topo"):
-        pts = [(r["num_ops"], r["peak_bytes"]) for r in rows if r["mode"] == mode]
-        slopes[mode] = _slope(pts)
+        slopes[mode] = _slope([(r["num_ops"], r["peak_bytes"]) for r in rows if r["mode"] == mode])
+        time_slopes[mode] = _slope([(r["num_ops"], r["step_seconds"]) for r in rows if r["mode"] == mode])
     # Under --json, stdout holds only the JSON lines: the summary goes to stderr.
     out = sys.stderr if args.json else sys.stdout
     print(f"\nmemory slope per added conv candidate: plain {_fmt_bytes(slopes['plain'])}, topo {_fmt_bytes(slopes['topo'])}"
           f" (ratio {slopes['topo'] / slopes['plain']:.3f})", file=out)
+    print(f"step-time slope per added conv candidate: plain {time_slopes['plain']:.3f} s, topo {time_slopes['topo']:.3f} s"
+          f" (ratio {time_slopes['topo'] / time_slopes['plain']:.3f}; merge {args.merge})", file=out)
     _plot_sweep(rows, args.plot, out)
     return rows
 

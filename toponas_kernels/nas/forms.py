@@ -142,18 +142,48 @@ def normalization_affine(P: Tensor, D: Tensor, normalize: str, eps: float) -> tu
 
 def _shift_channels(x: Tensor, node: Merged) -> Tensor:
     """Per candidate, the box sum of the channel sum of x over its dilated k x k taps (stride
-    and 'same' padding of the group): [B, n, H', W']. Sums of shifted slices of a one-channel
-    tensor (a 1-channel conv with a big kernel has a slow backward on a CPU)."""
+    and 'same' padding of the group): [B, n, H', W']. Box sums from prefix sums along each axis
+    (one per dilation and axis, a handful of ops per candidate whatever k): a 1-channel conv
+    with a big kernel has a slow backward on a CPU, and summing k shifted slices per axis made
+    hundreds of tiny ops per merged conv (host-bound at small maps)."""
     s, half = node.stride, node.size // 2
     total = F.pad(x.sum(1, keepdim=True), (half,) * 4)
     H, W = (x.shape[2] - 1) // s + 1, (x.shape[3] - 1) // s + 1
+    rows_prefix: dict[int, Tensor] = {}
     out = []
     for p in node.parts:
         k, d = p.module.kernel, p.module.dilation
         start = half - p.module.span // 2
-        rows = sum(total[:, :, start + i * d : start + i * d + (H - 1) * s + 1 : s] for i in range(k))
-        out.append(sum(rows[:, :, :, start + j * d : start + j * d + (W - 1) * s + 1 : s] for j in range(k)))
+        if d not in rows_prefix:
+            rows_prefix[d] = _dilated_prefix(total, 2, d)
+        rows = _box(rows_prefix[d], 2, k, d, start, H, s)
+        out.append(_box(_dilated_prefix(rows, 3, d), 3, k, d, start, W, s))
     return torch.cat(out, 1)
+
+
+def _dilated_prefix(t: Tensor, dim: int, d: int) -> Tensor:
+    """``P`` along ``dim`` with ``P[r + d] = sum_m t[r - m d]`` (the prefix sum within each residue
+    class mod d) and ``P[0:d] = 0``: d zeros in front, the end padded to a multiple of d, viewed
+    as [..., L / d, d] and summed cumulatively over L / d."""
+    L = t.shape[dim]
+    back = (-(L + d)) % d
+    pad = [0, 0] * (t.dim() - 1 - dim) + [d, back]
+    tp = F.pad(t, pad)
+    shape = list(tp.shape)
+    view = shape[:dim] + [shape[dim] // d, d] + shape[dim + 1 :]
+    return tp.view(view).cumsum(dim).view(shape)
+
+
+def _box(P: Tensor, dim: int, k: int, d: int, start: int, count: int, step: int) -> Tensor:
+    """``sum_{i<k} t[start + i d + j step]`` along ``dim`` for ``j < count``, from ``P =
+    _dilated_prefix(t, dim, d)``: two strided slices of P and a difference."""
+    hi = P.narrow(dim, start + k * d, (count - 1) * step + 1)
+    lo = P.narrow(dim, start, (count - 1) * step + 1)
+    if step > 1:
+        index = [slice(None)] * P.dim()
+        index[dim] = slice(None, None, step)
+        hi, lo = hi[tuple(index)], lo[tuple(index)]
+    return hi - lo
 
 
 def _depthwise_layout(x: Tensor) -> Tensor:

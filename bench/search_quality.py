@@ -2,12 +2,15 @@
 each derived cell briefly, and compare methods with and without TopoNAS over seeds.
 
     python bench/search_quality.py [--seeds 0,1,2] [--search-epochs 5] [--train-epochs 3] [--quick]
+    python bench/search_quality.py --space darts --channels 4 --layers 3 --retrain-layers 3 ...
 
 For darts, pc-darts, gdas and rome, each with ``--topo plain`` and ``--topo topo``, plus darts
 with TopoNAS without kernel normalization (the TopoNAS paper's Table V ablation) and, where the
 searcher has ``--merge``, darts with TopoNAS in the separable merge: ``toponas search`` on the
 NB201 space (same data, batch and schedule for every method), then ``toponas train`` of the
-derived cell. Reports mean and standard deviation of the retrained test accuracy, the share of
+derived cell. ``--space darts`` instead compares darts plain, darts with TopoNAS (exact merge)
+and darts with TopoNAS in the separable merge on the DARTS space, where the separable form
+changes something (NB201's convs are ReLU-Conv-BN, no depthwise + pointwise pairs). Reports mean and standard deviation of the retrained test accuracy, the share of
 parameter-free operations (skip_connect, none, avg_pool_3x3) in the derived cells (collapse),
 and the search cost, as one table in ``bench/RESULTS.md`` with device, commit, date and every
 setting.
@@ -46,10 +49,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 from search_cost import record, searcher_flags  # noqa: E402
 
-PARAMETER_FREE = ("skip_connect", "none", "avg_pool_3x3")
+PARAMETER_FREE = ("skip_connect", "none", "avg_pool_3x3", "max_pool_3x3")
 
 
-def configurations(merge: bool) -> list[dict]:
+SPACE_NAMES = {"nb201": "NAS-Bench-201", "darts": "DARTS"}
+
+
+def configurations(merge: bool, space: str = "nb201") -> list[dict]:
+    if space == "darts":  # the separable merge's cost in quality: NB201 has no depthwise + pointwise convs
+        out = [{"method": "darts", "topo": "plain"}, {"method": "darts", "topo": "topo"}]
+        if merge:
+            out.append({"method": "darts", "topo": "topo", "merge": "separable"})
+        return out
     out = [{"method": m, "topo": t} for m in ("darts", "pc-darts", "gdas", "rome") for t in ("plain", "topo")]
     out.append({"method": "darts", "topo": "topo", "kernel_norm": False})
     if merge:
@@ -67,7 +78,11 @@ def label(c: dict) -> str:
 
 
 def collapse(arch: str) -> float:
-    ops = [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
+    """Share of parameter-free operations in a cell: an NB201 string or a DARTS Genotype."""
+    if arch.startswith("Genotype("):
+        ops = re.findall(r"\('([a-z0-9_]+)', \d+\)", arch)
+    else:
+        ops = [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
     return sum(op in PARAMETER_FREE for op in ops) / len(ops)
 
 
@@ -80,14 +95,15 @@ def _cli(args: list[str]) -> dict:
 
 
 def run_one(c: dict, seed: int, args, work: Path) -> dict:
-    name = re.sub(r"[^a-z0-9]+", "-", f"{label(c)}-seed{seed}".lower())
+    prefix = "" if args.space == "nb201" else f"{args.space}-"
+    name = re.sub(r"[^a-z0-9]+", "-", f"{prefix}{label(c)}-seed{seed}".lower())
     folder = work / name
     done = folder / "row.json"
     if done.exists():
         return json.loads(done.read_text())
     common = ["--dataset", args.dataset, "--seed", str(seed), "--no-progress", "--no-plots", "--json",
               "--threads", str(args.threads), "--resume"]
-    search = ["search", "--space", "nb201", "--method", c["method"], "--topo", c["topo"], "--epochs", str(args.search_epochs),
+    search = ["search", "--space", args.space, "--method", c["method"], "--topo", c["topo"], "--epochs", str(args.search_epochs),
               "--batch-size", str(args.batch), "--train-size", str(args.train_size), "--out", str(folder / "search"),
               "--init-channels", str(args.channels), "--layers", str(args.layers), *common]
     if c.get("kernel_norm") is False:
@@ -136,6 +152,8 @@ def table(summary: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--space", default="nb201", choices=("nb201", "darts"),
+                    help="nb201 (every method) or darts (darts plain, TopoNAS exact and separable merge)")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--search-epochs", type=int, default=5)
     ap.add_argument("--train-epochs", type=int, default=3)
@@ -160,7 +178,9 @@ def main(argv=None) -> int:
         args.train_size, args.retrain_size, args.test_size, args.batch = 32, 64, 32, 16
         args.channels, args.layers, args.retrain_channels, args.retrain_layers = 4, 1, 4, 1
         args.only = args.only or "darts"
-    configs = configurations("--merge" in searcher_flags())
+        if args.space == "darts":  # a DARTS network needs 3 cells for its two reduction cells
+            args.layers = args.retrain_layers = 3
+    configs = configurations("--merge" in searcher_flags(), args.space)
     if args.only:
         configs = [c for c in configs if c["method"] in args.only.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -175,22 +195,23 @@ def main(argv=None) -> int:
     import torch
 
     info = H.run_info(torch.device("cpu"), ignore=(args.results,))
+    cells = "cell(s) per stage" if args.space == "nb201" else "cells"
     md = "\n".join([
-        f"### Search quality, NAS-Bench-201 space on {args.dataset}: {rows[0]['device']}; commit {info['commit']}, {info['date'][:10]}",
+        f"### Search quality, {SPACE_NAMES[args.space]} space on {args.dataset}: {rows[0]['device']}; commit {info['commit']}, {info['date'][:10]}",
         "",
-        f"NOT the papers' CIFAR protocol: {args.dataset} (32x32), search {args.search_epochs} epochs of an NB201 supernet with "
-        f"C {args.channels} and {args.layers} cell(s) per stage on {args.train_size} training images (half weights, half "
+        f"NOT the papers' CIFAR protocol: {args.dataset} (32x32), search {args.search_epochs} epochs of an {SPACE_NAMES[args.space]} supernet with "
+        f"C {args.channels} and {args.layers} {cells} on {args.train_size} training images (half weights, half "
         f"architecture), batch {args.batch}, each method's other settings as published; retraining {args.train_epochs} epochs of "
-        f"the NB201 network (C {args.retrain_channels}, {args.retrain_layers} cell(s) per stage, batch {args.retrain_batch}) on "
+        f"the {SPACE_NAMES[args.space]} network (C {args.retrain_channels}, {args.retrain_layers} {cells}, batch {args.retrain_batch}) on "
         f"{args.retrain_size} images, test accuracy on {args.test_size} test images; seeds {args.seeds}. "
-        f"`python bench/search_quality.py --seeds {args.seeds} --search-epochs {args.search_epochs} "
+        f"`python bench/search_quality.py{'' if args.space == 'nb201' else ' --space ' + args.space} --seeds {args.seeds} --search-epochs {args.search_epochs} "
         f"--train-epochs {args.train_epochs} --channels {args.channels} --layers {args.layers} --retrain-channels "
         f"{args.retrain_channels} --retrain-layers {args.retrain_layers}{' --quick' if args.quick else ''}`.",
         "",
         table(summary),
     ])
     if args.record:
-        record(md, f"quality-{args.dataset}", "cpu", Path(args.results))
+        record(md, f"quality-{args.dataset}" if args.space == "nb201" else f"quality-{args.space}-{args.dataset}", "cpu", Path(args.results))
     print(md)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,23 @@ def test_search_cost_rows_resume(tmp_path):
     assert "(measured before)" in p.stderr and p.stderr.count("(measured before)") == 1
     again = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert again[0] == first[0] and [(r["label"], r["topo"]) for r in again] == [("gdas", "plain"), ("gdas", "topo")]
+
+
+def test_search_quality_quick_darts_space(tmp_path):
+    """--space darts: darts plain, TopoNAS and TopoNAS with the separable merge on the DARTS
+    space; the collapse share is read from the DARTS genotypes (skip and pools)."""
+    bench = BENCH.parent / "search_quality.py"
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
+    cmd = [sys.executable, str(bench), "--quick", "--space", "darts", "--seeds", "0", "--work", str(tmp_path / "w"),
+           "--results", str(results)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["label"]: r for r in (json.loads(f.read_text()) for f in (tmp_path / "w").glob("*/row.json"))}
+    assert set(rows) == {"darts / plain", "darts / TopoNAS", "darts / TopoNAS / merge separable"}
+    for r in rows.values():
+        ops = re.findall(r"\('([a-z0-9_]+)', \d+\)", r["genotype"])
+        assert r["genotype"].startswith("Genotype(") and len(ops) == 16  # 8 edges per cell, normal and reduce
+        assert r["collapse"] == sum(op in ("skip_connect", "avg_pool_3x3", "max_pool_3x3") for op in ops) / 16
+    text = results.read_text()
+    assert "### Search quality, DARTS space on synthetic" in text and "<!-- search_cost quality-darts-synthetic cpu -->" in text

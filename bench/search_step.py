@@ -22,12 +22,6 @@ Fields of the JSON line (one per measurement):
 * ``saved_by_module`` (with ``--saved-by-module``): ``saved_bytes`` split by part of the
   network and innermost module type (``saved_by_module()``), e.g. "normal preprocess1 / ReLU".
 * ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
-* ``paired`` (with ``--paired R``, modes other than plain): a plain DARTS supernet of the same
-  space is built in the same process after the measurements above and the two steps alternate
-  (ABBA) for R rounds: ``ratio_median`` / ``ratio_min`` / ``ratio_max`` of the per-round time
-  ratios, ``step_seconds`` and ``baseline_seconds`` (medians). Step times of fresh processes
-  drift by 20 % here between runs of the same code (a shared host); adjacent steps in one
-  process drift far less.
 * ``profile`` (with ``--profile [TOP]``): one more step under ``torch.profiler``, self time per
   ATen op type (``total_cpu_ms``, ``top`` rows ``op`` / ``calls`` / ``self_cpu_ms``, ``rest``).
 * ``merge``: the form of topo's merged convs (``--merge``); ``recompute``: the DARTS network
@@ -253,7 +247,6 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
     others = meter.share() if meter is not None else None
     profile = profile_step(step, device, args.profile) if args.profile else None
-    paired = paired_times(args, step, x, y) if args.paired and args.mode != "plain" else None
     return {
         "space": args.space,
         "mode": args.mode,
@@ -272,56 +265,12 @@ def child(args) -> dict:
         "saved_by_module": by_module,
         "step_seconds": statistics.median(times),
         "profile": profile,
-        "paired": paired,
         "others_cpu": others,
         "busy_limit": BUSY_SHARE + max(0.0, 1.0 - torch.get_num_threads() / (os.cpu_count() or 1)),
         "device": H.device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
-    }
-
-
-def paired_times(args, step, x, y) -> dict:
-    """Time ratio to plain DARTS measured in one process: a plain supernet of the same space (no
-    partial channels, masks or recomputation: the baseline of the issue's table) is built next
-    to the measured one and the two steps alternate, ABBA, for ``--paired`` rounds, so a drift of
-    the machine's speed (neighbours on a shared host the guest cannot see) hits both alike.
-    Reported: the median and range of the per-round ratios, and each side's median step."""
-    base_args = argparse.Namespace(**{**vars(args), "mode": "plain", "partial_channels": None, "mask_fraction": 0.0,
-                                      "recompute": False, "merge": "auto"})
-    torch.manual_seed(0)
-    base = build_model(base_args).to(x.device)
-
-    def base_step():
-        base.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(base(x), y).backward()
-
-    def timed(fn) -> float:
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    base_step()  # warm-up
-    ours, theirs = [], []
-    for r in range(args.paired):
-        pair = (step, base_step) if r % 2 == 0 else (base_step, step)
-        t = [timed(fn) for fn in pair]
-        ours.append(t[0] if r % 2 == 0 else t[1])
-        theirs.append(t[1] if r % 2 == 0 else t[0])
-    ratios = [a / b for a, b in zip(ours, theirs)]
-    return {
-        "rounds": args.paired,
-        "baseline": "plain",
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "step_seconds": statistics.median(ours),
-        "baseline_seconds": statistics.median(theirs),
     }
 
 
@@ -385,8 +334,6 @@ def measure(args, **override) -> dict:
         cmd.append("--recompute")
     if opts["saved_by_module"]:
         cmd.append("--saved-by-module")
-    if opts.get("paired"):
-        cmd += ["--paired", str(opts["paired"])]
     if opts.get("profile"):
         cmd += ["--profile", str(opts["profile"])]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -427,12 +374,6 @@ def print_table(args, rows) -> None:
             f"  {r['peak_bytes'] / base['peak_bytes']:10.3f}  {r['saved_bytes'] / base['saved_bytes']:11.3f}"
             f"  {r['step_seconds'] / base['step_seconds']:10.3f}"
         )
-    for r in rows:
-        if r.get("paired"):
-            q = r["paired"]
-            print(f"{r['mode']} against plain in one process, {q['rounds']} alternating rounds: time ratio "
-                  f"{q['ratio_median']:.3f} (range {q['ratio_min']:.3f}-{q['ratio_max']:.3f}; steps "
-                  f"{q['step_seconds']:.3f} s and {q['baseline_seconds']:.3f} s)")
     for r in rows:
         if r.get("profile"):
             print_profile(r)
@@ -522,9 +463,6 @@ def main(argv=None) -> int:
                    help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
     p.add_argument("--saved-by-module", action="store_true",
                    help="also split saved_bytes by the module that saved each storage (saved_by_module)")
-    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
-                   help="also time the step against plain DARTS in the same process, alternating for ROUNDS rounds "
-                        "(field paired: robust to a machine whose speed drifts)")
     p.add_argument("--profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
                    help="after timing, profile one more step: self time per ATen op type, the TOP (12) largest")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")

@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,34 @@ def git_commit(ignore: tuple[str | os.PathLike, ...] = ()) -> str:
             pass
     dirty = [line for line in status if line[3:].strip().strip('"') not in skip]
     return head + ("+dirty" if dirty else "")
+
+
+def package_source(out=None) -> str:
+    """The folder of the ``toponas_kernels`` this process imported. A script run as ``python
+    bench/X.py`` has ``bench/`` on its path, not the checkout, so it imports the INSTALLED
+    package, which need not be this checkout's code although ``commit`` names the checkout: with
+    ``out`` given, say so there (once per call) and how to measure the checkout instead."""
+    import toponas_kernels
+
+    path = Path(toponas_kernels.__file__).resolve().parent
+    if out is not None and path != REPO / "toponas_kernels":
+        print(f"bench: measuring the toponas_kernels installed at {path}, not this checkout's ({REPO}), while "
+              f"the commit recorded is the checkout's; to measure the checkout, `pip install -e {REPO}` or set "
+              f"PYTHONPATH={REPO} (after building it in place: python setup.py build_ext --inplace)", file=out)
+    return str(path)
+
+
+def child_package_source(out=None) -> str:
+    """``package_source`` of a ``python -m toponas_kernels.cli`` child started from here (same
+    working directory and environment): what search_cost.py and search_quality.py measure."""
+    p = subprocess.run([sys.executable, "-c", "import toponas_kernels, os; print(os.path.dirname(os.path.realpath(toponas_kernels.__file__)))"],
+                       capture_output=True, text=True)
+    path = p.stdout.strip()
+    if out is not None and path and Path(path) != REPO / "toponas_kernels":
+        print(f"bench: the searches run the toponas_kernels at {path}, not this checkout's ({REPO}), while the "
+              f"commit recorded is the checkout's; run from the checkout's root, `pip install -e {REPO}`, or set "
+              f"PYTHONPATH={REPO}", file=out)
+    return path
 
 
 def run_info(device: torch.device, ignore: tuple = ()) -> dict:

@@ -589,6 +589,7 @@ def main(argv=None) -> int:
     import _harness as H
     import toponas_kernels
 
+    H.package_source(out=sys.stderr)
     avail = toponas_kernels.available_backends()
     dropped = [i for i in impls if i in PACKAGE_BACKENDS and i not in avail]
     if device.type == "cpu":

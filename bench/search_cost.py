@@ -222,6 +222,7 @@ def main(argv=None) -> int:
         return 2
     args.steps = args.steps or (2 if args.quick else 5)
     args.batch = args.batch or (4 if args.quick else (64 if gpu else 16))
+    H.child_package_source(out=sys.stderr)
     flags = searcher_flags()
     merges = ["separable"] if "--merge" in flags and args.space == "exaggerated" else []
     configs = configurations(args.space, merges)

@@ -180,6 +180,7 @@ def main(argv=None) -> int:
         args.only = args.only or "darts"
         if args.space == "darts":  # a DARTS network needs 3 cells for its two reduction cells
             args.layers = args.retrain_layers = 3
+    H.child_package_source(out=sys.stderr)
     configs = configurations("--merge" in searcher_flags(), args.space)
     if args.only:
         configs = [c for c in configs if c["method"] in args.only.split(",")]

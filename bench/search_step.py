@@ -22,6 +22,9 @@ Fields of the JSON line (one per measurement):
 * ``saved_by_module`` (with ``--saved-by-module``): ``saved_bytes`` split by part of the
   network and innermost module type (``saved_by_module()``), e.g. "normal preprocess1 / ReLU".
 * ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
+* ``package``: the folder of the ``toponas_kernels`` measured. ``python bench/search_step.py``
+  imports the installed package, not the checkout's sources, unless the checkout is installed
+  editable or on ``PYTHONPATH`` (a warning on stderr says so).
 * ``profile`` (with ``--profile [TOP]``): one more step under ``torch.profiler``, self time per
   ATen op type (``total_cpu_ms``, ``top`` rows ``op`` / ``calls`` / ``self_cpu_ms``, ``rest``).
 * ``merge``: the form of topo's merged convs (``--merge``); ``recompute``: the DARTS network
@@ -268,6 +271,7 @@ def child(args) -> dict:
         "others_cpu": others,
         "busy_limit": BUSY_SHARE + max(0.0, 1.0 - torch.get_num_threads() / (os.cpu_count() or 1)),
         "device": H.device_name(device),
+        "package": H.package_source(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
@@ -340,6 +344,9 @@ def measure(args, **override) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
     rec = json.loads(result.stdout.strip().splitlines()[-1])
+    if rec.get("package") and rec["package"] != str(H.REPO / "toponas_kernels") and not getattr(measure, "warned", False):
+        measure.warned = True
+        H.package_source(out=sys.stderr)  # the child imported the same package: say which, once
     if rec.get("others_cpu") is not None and rec["others_cpu"] > rec["busy_limit"]:
         print(
             f"WARNING {opts['space']}/{opts['mode']}: other processes took {100 * rec['others_cpu']:.0f}% of the "

@@ -77,10 +77,11 @@ def label(c: dict) -> str:
     return " / ".join(parts)
 
 
-def collapse(arch: str) -> float:
-    """Share of parameter-free operations in a cell: an NB201 string or a DARTS Genotype."""
-    if arch.startswith("Genotype("):
-        ops = re.findall(r"\('([a-z0-9_]+)', \d+\)", arch)
+def collapse(arch) -> float:
+    """Share of parameter-free operations in a cell: an NB201 string, or a DARTS genotype as
+    result.json records it ({"normal": [[op, input], ...], "reduce": [...], ...})."""
+    if isinstance(arch, dict):
+        ops = [op for key in ("normal", "reduce") for op, _ in arch[key]]
     else:
         ops = [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
     return sum(op in PARAMETER_FREE for op in ops) / len(ops)

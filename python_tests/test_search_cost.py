@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +108,8 @@ def test_search_quality_quick_darts_space(tmp_path):
     rows = {r["label"]: r for r in (json.loads(f.read_text()) for f in (tmp_path / "w").glob("*/row.json"))}
     assert set(rows) == {"darts / plain", "darts / TopoNAS", "darts / TopoNAS / merge separable"}
     for r in rows.values():
-        ops = re.findall(r"\('([a-z0-9_]+)', \d+\)", r["genotype"])
-        assert r["genotype"].startswith("Genotype(") and len(ops) == 16  # 8 edges per cell, normal and reduce
+        ops = [op for key in ("normal", "reduce") for op, _ in r["genotype"][key]]
+        assert len(ops) == 16  # 8 edges per cell, normal and reduce
         assert r["collapse"] == sum(op in ("skip_connect", "avg_pool_3x3", "max_pool_3x3") for op in ops) / 16
     text = results.read_text()
     assert "### Search quality, DARTS space on synthetic" in text and "<!-- search_cost quality-darts-synthetic cpu -->" in text

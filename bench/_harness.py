@@ -89,7 +89,7 @@ def package_source(out=None) -> str:
     """The folder of the ``toponas_kernels`` this process imported. A script run as ``python
     bench/X.py`` has ``bench/`` on its path, not the checkout, so it imports the INSTALLED
     package, which need not be this checkout's code although ``commit`` names the checkout: with
-    ``out`` given, say so there (once per call) and how to measure the checkout instead."""
+    ``out`` given, say so there, and how to measure the checkout instead."""
     import toponas_kernels
 
     path = Path(toponas_kernels.__file__).resolve().parent

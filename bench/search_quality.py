@@ -10,8 +10,9 @@ searcher has ``--merge``, darts with TopoNAS in the separable merge: ``toponas s
 NB201 space (same data, batch and schedule for every method), then ``toponas train`` of the
 derived cell. ``--space darts`` instead compares darts plain, darts with TopoNAS (exact merge)
 and darts with TopoNAS in the separable merge on the DARTS space, where the separable form
-changes something (NB201's convs are ReLU-Conv-BN, no depthwise + pointwise pairs). Reports mean and standard deviation of the retrained test accuracy, the share of
-parameter-free operations (skip_connect, none, avg_pool_3x3) in the derived cells (collapse),
+changes something (NB201's convs are ReLU-Conv-BN, no depthwise + pointwise pairs). Reports
+mean and standard deviation of the retrained test accuracy, the share of parameter-free
+operations (skip_connect, none, avg_pool_3x3, max_pool_3x3) in the derived cells (collapse),
 and the search cost, as one table in ``bench/RESULTS.md`` with device, commit, date and every
 setting.
 

@@ -246,8 +246,7 @@ class FusedMixedOp(nn.Module):
     # ------------------------------------------------------------------ graph execution
     def _run(self, node, x: Tensor, masses: "_Masses") -> Tensor:
         if isinstance(node, Leaf):
-            cand, pos = node.owners[0]
-            module = self._ops[cand][pos]
+            module = self._module(node)
             if self.recompute and isinstance(module, PoolBN):
                 return _channels_last_on_cpu(module, x)
             return module(x)
@@ -264,19 +263,18 @@ class FusedMixedOp(nn.Module):
         fewer; the values and gradients are those of the two modules)."""
         after_bn = False
         for item in items:
-            if after_bn and self._is(item, nn.ReLU):
+            module = self._module(item) if isinstance(item, Leaf) else None
+            if after_bn and isinstance(module, nn.ReLU):
                 x = torch.relu_(x)
             else:
                 x = self._run(item, x, masses)
-            after_bn = self._is(item, nn.modules.batchnorm._BatchNorm)
+            after_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         return x
 
-    def _is(self, node, kind) -> bool:
-        """``node`` is a leaf running a module of type ``kind``."""
-        if not isinstance(node, Leaf):
-            return False
-        cand, pos = node.owners[0]
-        return isinstance(self._ops[cand][pos], kind)
+    def _module(self, leaf: Leaf) -> nn.Module:
+        """The module a leaf runs: the instance of its first owner (candidate, position)."""
+        cand, pos = leaf.owners[0]
+        return self._ops[cand][pos]
 
     def _choice(self, choice: Choice, x: Tensor, masses: "_Masses", scale: Tensor | None = None) -> Tensor:
         """A weighted sum (times ``scale``, when given). Branches whose coefficient went into a
@@ -324,8 +322,7 @@ class FusedMixedOp(nn.Module):
         if isinstance(node, Seq):
             return all(self._parameter_free(item) for item in node.items)
         if isinstance(node, Leaf):
-            cand, pos = node.owners[0]
-            return next(self._ops[cand][pos].parameters(), None) is None
+            return next(self._module(node).parameters(), None) is None
         return False
 
     def _recomputed_sum(self, tails: list[tuple[list, Tensor]], w: Tensor) -> Tensor:
@@ -352,8 +349,7 @@ class FusedMixedOp(nn.Module):
             for item in node.items:
                 yield from self._modules_of(item)
         elif isinstance(node, Leaf):
-            cand, pos = node.owners[0]
-            yield self._ops[cand][pos]
+            yield self._module(node)
 
     def _branch(self, branch, coef: Tensor | None, x: Tensor, masses: "_Masses") -> tuple[Tensor, bool]:
         """A branch's output, and whether its coefficient is already in it. ``coef``: a scalar,
@@ -373,7 +369,7 @@ class FusedMixedOp(nn.Module):
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
         """The weighted sum of several conv units as one merged conv, in the form ``merge``
         picks for the group (``forms.py``)."""
-        units = [self._ops[p.owners[0][0]][p.owners[0][1]] for p in node.parts]
+        units = [self._module(p) for p in node.parts]
         tensors = [t for unit in units for t in unit.kernel_tensors()]
         form = self.form_of(node, x.device.type)[0]
         if form != "dense":

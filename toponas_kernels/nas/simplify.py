@@ -162,7 +162,8 @@ class Merged:
 
     def lattice_dilations(self) -> list[int]:
         """Each part's dilation on the merged kernel's lattice (``merge_kernels``' argument)."""
-        return [p.module.dilation // self.dilation if p.module.kernel > 1 else 1 for p in self.parts]
+        g = self.dilation
+        return [p.module.dilation // g if p.module.kernel > 1 else 1 for p in self.parts]
 
 
 Node = Union[Leaf, Seq, Choice, Merged]

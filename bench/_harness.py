@@ -92,12 +92,7 @@ def package_source(out=None) -> str:
     ``out`` given, say so there, and how to measure the checkout instead."""
     import toponas_kernels
 
-    path = Path(toponas_kernels.__file__).resolve().parent
-    if out is not None and path != REPO / "toponas_kernels":
-        print(f"bench: measuring the toponas_kernels installed at {path}, not this checkout's ({REPO}), while "
-              f"the commit recorded is the checkout's; to measure the checkout, `pip install -e {REPO}` or set "
-              f"PYTHONPATH={REPO} (after building it in place: python setup.py build_ext --inplace)", file=out)
-    return str(path)
+    return _checked_package(Path(toponas_kernels.__file__).resolve().parent, out)
 
 
 def child_package_source(out=None) -> str:
@@ -106,11 +101,18 @@ def child_package_source(out=None) -> str:
     p = subprocess.run([sys.executable, "-c", "import toponas_kernels, os; print(os.path.dirname(os.path.realpath(toponas_kernels.__file__)))"],
                        capture_output=True, text=True)
     path = p.stdout.strip()
-    if out is not None and path and Path(path) != REPO / "toponas_kernels":
-        print(f"bench: the searches run the toponas_kernels at {path}, not this checkout's ({REPO}), while the "
-              f"commit recorded is the checkout's; run from the checkout's root, `pip install -e {REPO}`, or set "
-              f"PYTHONPATH={REPO}", file=out)
-    return path
+    return _checked_package(Path(path), out) if path else path
+
+
+def _checked_package(path: Path, out) -> str:
+    """``str(path)``; with ``out`` given and ``path`` not this checkout's package, one line there
+    saying so and how to measure the checkout."""
+    if out is not None and path != REPO / "toponas_kernels":
+        print(f"bench: measuring the toponas_kernels at {path}, not this checkout's ({REPO}), while the commit "
+              f"recorded is the checkout's; to measure the checkout, run from its root (search_cost, "
+              f"search_quality), `pip install -e {REPO}`, or set PYTHONPATH={REPO} (after building it in place: "
+              f"python setup.py build_ext --inplace)", file=out)
+    return str(path)
 
 
 def run_info(device: torch.device, ignore: tuple = ()) -> dict:

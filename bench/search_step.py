@@ -344,9 +344,6 @@ def measure(args, **override) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
     rec = json.loads(result.stdout.strip().splitlines()[-1])
-    if rec.get("package") and rec["package"] != str(H.REPO / "toponas_kernels") and not getattr(measure, "warned", False):
-        measure.warned = True
-        H.package_source(out=sys.stderr)  # the child imported the same package: say which, once
     if rec.get("others_cpu") is not None and rec["others_cpu"] > rec["busy_limit"]:
         print(
             f"WARNING {opts['space']}/{opts['mode']}: other processes took {100 * rec['others_cpu']:.0f}% of the "
@@ -501,6 +498,7 @@ def main(argv=None) -> int:
         args.mode = args.mode or "plain"
         print(json.dumps(child(args)))
         return 0
+    H.package_source(out=sys.stderr)  # the children run this script with this path: the same package
     if args.sweep:
         rows = sweep(args)
     elif args.mode in MODES:

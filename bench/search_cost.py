@@ -17,6 +17,12 @@ Configurations: darts, darts2, pc-darts, beta-darts, gdas, rome, each ``--topo p
 TopoNAS); darts + TopoNAS + PC 4 + zero-shot half mask, and on the DARTS-network spaces the same
 with its cells recomputed in backward (``--recompute-cells``); ``--merge`` variants where the
 searcher has them. ``--quick``: a tiny supernet and 2 steps, for the tests.
+
+The zero-shot mask is Algorithm 1 of Zero-One-Shot (ETENAS ranking, 3 initializations of the
+plain proxy supernet), computed once per run and reused by every zero-shot configuration. The
+paper ranks on 3 x 128 images, the default on a GPU (``--mask-images``); on the CPU each round
+runs one proxy forward per remaining candidate operation and initialization, so by default it
+ranks on the run's training half (steps x batch images) and the table says how many it used.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # what an interrupted attempt left (its row was never recorded)
     cmd = [sys.executable, "-m", "toponas_kernels.cli", "search", "--space", args.space, "--method", c["method"],
            "--topo", c["topo"], "--dataset", "synthetic", "--epochs", "1", "--steps-per-epoch", str(args.steps),
-           "--batch-size", str(args.batch), "--train-size", str(2 * args.steps * args.batch), "--seed", "0",
+           "--batch-size", str(args.batch), "--train-size", str(2 * max(args.steps * args.batch, args.mask_images or 0)), "--seed", "0",
            "--out", out, "--no-progress", "--no-plots", "--json", "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -93,8 +99,13 @@ def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
         cmd += ["--mask", reused[0]]
     elif c.get("mask"):
         cmd += ["--mask", c["mask"], "--mask-level", "0.5"]
+        if args.mask_images:  # Algorithm 1's images: ceil(N / 128) batches of at most 128
+            batches = -(-args.mask_images // 128)
+            cmd += ["--mask-batches", str(batches), "--mask-batch-size", str(-(-args.mask_images // batches))]
+        elif args.quick:
+            cmd += ["--mask-batches", "1", "--mask-batch-size", "8"]
         if args.quick:
-            cmd += ["--mask-batches", "1", "--mask-batch-size", "8", "--mask-inits", "1"]
+            cmd += ["--mask-inits", "1"]
     if c.get("partial_channels"):
         cmd += ["--partial-channels", str(c["partial_channels"])]
     if c.get("merge"):
@@ -111,6 +122,7 @@ def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
         return {**c, "label": label(c), "error": last}
     r = json.loads(p.stdout.strip().splitlines()[-1])
     seconds = reused[1] if reused else (r.get("mask") or {}).get("seconds")
+    images = mask_images(reused[0]) if reused else (r.get("mask") or {}).get("images")
     if c.get("mask") == "zero-shot" and not reused:
         masks["zero-shot"] = (os.path.join(out, "mask.json"), seconds)
     return {
@@ -120,10 +132,20 @@ def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
         "step_seconds": r["step_seconds"],
         "mask_seconds": seconds,
         "mask_reused": bool(reused),
+        "mask_images": images if c.get("mask") == "zero-shot" else None,
         "mask_file": os.path.join(out, "mask.json") if c.get("mask") else None,
         "device": r["device"],
         "others_cpu": busy,
     }
+
+
+def mask_images(path: str | None) -> int | None:
+    """How many images Algorithm 1 ranked on, from a zero-shot ``mask.json``."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("images")
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def normalize(rows: list[dict]) -> None:
@@ -150,9 +172,12 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['label']} | {r['topo']} | failed: {r['error']} | | | | | |")
             continue
         busy = " (busy)" if (r.get("others_cpu") or 0) > 0.15 else ""
+        images = r.get("mask_images") or (mask_images(r.get("mask_file")) if r.get("mask") == "zero-shot" else None)
+        notes = ([f"{images} images"] if images else []) + (["reused"] if r.get("mask_reused") else [])
+        notes = f" ({', '.join(notes)})" if notes else ""
         lines.append(
             f"| {r['label']} | {'yes' if r['topo'] == 'topo' else 'no'} | {H.fmt(r['peak_bytes'] / 2**20, '.0f')} MiB"
-            f" | {H.fmt(r['step_seconds'], '.3f')}{busy} | {H.fmt(r.get('mask_seconds'), '.1f')}{' (reused)' if r.get('mask_reused') else ''}"
+            f" | {H.fmt(r['step_seconds'], '.3f')}{busy} | {H.fmt(r.get('mask_seconds'), '.1f')}{notes}"
             f" | {H.fmt(r.get('memory_vs_darts'), '.3f')} | {H.fmt(r.get('time_vs_darts'), '.3f')}"
             f" | {H.fmt(r.get('normalized_cost'), '.2f')} |"
         )
@@ -211,6 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=None, metavar="FILE",
                     help="JSON lines of measured rows: each row is appended as it is measured, and rows already in "
                          "the file are reused, so a killed run started again with the same FILE continues")
+    ap.add_argument("--mask-images", type=int, default=None, metavar="N",
+                    help="images Algorithm 1 ranks the zero-shot mask on (the paper: 384, the default on a GPU; on "
+                         "the CPU the default is the run's training half, steps x batch, since each image costs "
+                         "thousands of proxy forwards); the training set grows to hold them")
     ap.add_argument("--no-masks", dest="masks", action="store_false",
                     help="leave out the masked configurations (the zero-shot mask takes minutes on the DARTS space)")
     args = ap.parse_args(argv)
@@ -222,6 +251,12 @@ def main(argv=None) -> int:
         return 2
     args.steps = args.steps or (2 if args.quick else 5)
     args.batch = args.batch or (4 if args.quick else (64 if gpu else 16))
+    if args.mask_images is None and gpu and not args.quick:
+        args.mask_images = 384
+    if args.mask_images is not None and args.mask_images < 2:
+        print(f"search_cost: --mask-images must be at least 2 (the ranking correlates images), got {args.mask_images}",
+              file=sys.stderr)
+        return 2
     H.child_package_source(out=sys.stderr)
     flags = searcher_flags()
     merges = ["separable"] if "--merge" in flags and args.space == "exaggerated" else []
@@ -268,7 +303,8 @@ def main(argv=None) -> int:
         "",
         f"`python bench/search_cost.py --space {args.space} --steps {args.steps} --batch {args.batch}"
         f"{' --quick' if args.quick else ''}`: synthetic data, batch {args.batch}, {args.steps} steps per configuration, "
-        f"each in a fresh process; torch {info['torch']}. {note}",
+        f"each in a fresh process; torch {info['torch']}. The zero-shot mask: Algorithm 1, ETENAS ranking, "
+        f"{1 if args.quick else 3} initialization(s) of the plain proxy, on the number of images its column gives. {note}",
         "",
         table(rows),
     ])

@@ -20,7 +20,7 @@ def test_search_cost_quick(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
     # --rows keeps the run's folders (and so the mask files) for the checks below
     p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "darts", "--json", "--results", str(results),
-                        "--rows", str(tmp_path / "rows.jsonl")],
+                        "--rows", str(tmp_path / "rows.jsonl"), "--mask-images", "6"],
                        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
@@ -39,11 +39,15 @@ def test_search_cost_quick(tmp_path):
     assert len({r["mask_seconds"] for r in zero}) == 1
     first = json.load(open(zero[0]["mask_file"]))["masks"]
     assert all(json.load(open(r["mask_file"]))["masks"] == first for r in zero[1:])
+    # --mask-images 6: Algorithm 1 ranked on 6 images (the training half holds 8), and the table says so
+    assert [r["mask_images"] for r in zero] == [6, 6, 6]
+    assert json.load(open(zero[0]["mask_file"]))["images"] == 6
     text = results.read_text()
     assert "kept text" in text and "<!-- search_cost nb201 cpu -->" in text and "normalized cost" in text
     lines = [line for line in text.splitlines() if line.startswith("| darts")]
     costs = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in lines]
     assert min(costs) >= 2.0 - 1e-9 and len(costs) == 7  # Eq. 29: 2 only for the lowest in both
+    assert sum("(6 images)" in line for line in lines) == 1 and sum("(6 images, reused)" in line for line in lines) == 2
     assert (tmp_path / "search_cost_nb201_cpu.png").exists()
     # a second run replaces its section instead of adding another
     p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "gdas", "--results", str(results)],

@@ -172,7 +172,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['label']} | {r['topo']} | failed: {r['error']} | | | | | |")
             continue
         busy = " (busy)" if (r.get("others_cpu") or 0) > 0.15 else ""
-        images = r.get("mask_images") or (mask_images(r.get("mask_file")) if r.get("mask") == "zero-shot" else None)
+        images = r.get("mask_images")
         notes = ([f"{images} images"] if images else []) + (["reused"] if r.get("mask_reused") else [])
         notes = f" ({', '.join(notes)})" if notes else ""
         lines.append(
@@ -192,14 +192,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     ok = [r for r in rows if "error" not in r]
     labels = list(dict.fromkeys(r["label"] for r in ok))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 3.6), layout="constrained")
+    # the rotated labels take about 0.06 inch of height per character: room for the longest one
+    height = 3.0 + 0.06 * max((len(lab) for lab in labels), default=0)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), height), layout="constrained")
     width = 0.4
     for i, topo in enumerate(("plain", "topo")):
         vals = [next((r["normalized_cost"] for r in ok if r["label"] == lab and r["topo"] == topo), 0) for lab in labels]
         ax.bar([x + (i - 0.5) * width for x in range(len(labels))], vals, width,
                label="with TopoNAS" if topo == "topo" else "without")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
-    ax.set_ylabel("normalized cost (Eq. 29)")
+    ax.set_ylabel("normalized cost, Eq. 29")
     ax.set_title(title)
     ax.legend()
     fig.savefig(path, dpi=110)
@@ -277,6 +279,9 @@ def main(argv=None) -> int:
     for r in done.values():  # a zero-shot mask measured before the restart is reused too
         if r.get("mask") == "zero-shot" and not r.get("mask_reused") and r.get("mask_file") and os.path.exists(r["mask_file"]):
             masks["zero-shot"] = (r["mask_file"], r["mask_seconds"])
+    for r in done.values():  # rows measured before the image count was recorded
+        if r.get("mask") == "zero-shot" and r.get("mask_images") is None and "zero-shot" in masks:
+            r["mask_images"] = mask_images(masks["zero-shot"][0])
     with tempfile.TemporaryDirectory(prefix="search_cost_") as tmp:
         work = args.rows + ".d" if args.rows else tmp  # kept with --rows: reused masks live there
         os.makedirs(work, exist_ok=True)

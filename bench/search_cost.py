@@ -240,8 +240,8 @@ def main(argv=None) -> int:
                          "the file are reused, so a killed run started again with the same FILE continues")
     ap.add_argument("--mask-images", type=int, default=None, metavar="N",
                     help="images Algorithm 1 ranks the zero-shot mask on (the paper: 384, the default on a GPU; on "
-                         "the CPU the default is the run's training half, steps x batch, since each image costs "
-                         "thousands of proxy forwards); the training set grows to hold them")
+                         "the CPU the default is the run's training half, steps x batch, since Algorithm 1 runs "
+                         "thousands of proxy forwards over them); the training set grows to hold them")
     ap.add_argument("--no-masks", dest="masks", action="store_false",
                     help="leave out the masked configurations (the zero-shot mask takes minutes on the DARTS space)")
     args = ap.parse_args(argv)

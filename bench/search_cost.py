@@ -82,7 +82,7 @@ def searcher_flags() -> set[str]:
 
 def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
     """One configuration in a fresh process. ``masks``: zero-shot masks already computed in this
-    run, {"zero-shot": (mask.json, seconds)}: Algorithm 1 runs on the plain proxy supernet of
+    run, {"zero-shot": (mask.json, seconds, images)}: Algorithm 1 runs on the plain proxy supernet of
     the space with the run's seed and images, whatever the method, TopoNAS mode or partial
     channels, so every zero-shot configuration gets the same mask and the first one's file is
     reused (its time reported on each)."""
@@ -122,9 +122,9 @@ def run_one(c: dict, args, workdir: str, masks: dict) -> dict:
         return {**c, "label": label(c), "error": last}
     r = json.loads(p.stdout.strip().splitlines()[-1])
     seconds = reused[1] if reused else (r.get("mask") or {}).get("seconds")
-    images = mask_images(reused[0]) if reused else (r.get("mask") or {}).get("images")
+    images = reused[2] if reused else (r.get("mask") or {}).get("images")
     if c.get("mask") == "zero-shot" and not reused:
-        masks["zero-shot"] = (os.path.join(out, "mask.json"), seconds)
+        masks["zero-shot"] = (os.path.join(out, "mask.json"), seconds, images)
     return {
         **c,
         "label": label(c),
@@ -278,10 +278,10 @@ def main(argv=None) -> int:
     masks = {}
     for r in done.values():  # a zero-shot mask measured before the restart is reused too
         if r.get("mask") == "zero-shot" and not r.get("mask_reused") and r.get("mask_file") and os.path.exists(r["mask_file"]):
-            masks["zero-shot"] = (r["mask_file"], r["mask_seconds"])
+            masks["zero-shot"] = (r["mask_file"], r["mask_seconds"], r.get("mask_images") or mask_images(r["mask_file"]))
     for r in done.values():  # rows measured before the image count was recorded
         if r.get("mask") == "zero-shot" and r.get("mask_images") is None and "zero-shot" in masks:
-            r["mask_images"] = mask_images(masks["zero-shot"][0])
+            r["mask_images"] = masks["zero-shot"][2]
     with tempfile.TemporaryDirectory(prefix="search_cost_") as tmp:
         work = args.rows + ".d" if args.rows else tmp  # kept with --rows: reused masks live there
         os.makedirs(work, exist_ok=True)
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
         f"### Search cost, {args.space} space: {device}; commit {info['commit']}, {info['date'][:10]}",
         "",
         f"`python bench/search_cost.py --space {args.space} --steps {args.steps} --batch {args.batch}"
-        f"{' --quick' if args.quick else ''}`: synthetic data, batch {args.batch}, {args.steps} steps per configuration, "
+        f"{' --quick' if args.quick else ''}{f' --mask-images {args.mask_images}' if args.mask_images else ''}`: synthetic data, batch {args.batch}, {args.steps} steps per configuration, "
         f"each in a fresh process; torch {info['torch']}. The zero-shot mask: Algorithm 1, ETENAS ranking, "
         f"{1 if args.quick else 3} initialization(s) of the plain proxy, on the number of images its column gives. {note}",
         "",

@@ -3,6 +3,7 @@ real format, plus Debian's Fashion-MNIST files when they are installed."""
 
 import gzip
 import os
+import sys
 import pickle
 from pathlib import Path
 
@@ -562,3 +563,12 @@ def test_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
         D.load_split("fashion-mnist", "test", download=True)
     _one_line(e, "fashion-mnist: download into", "dataset-fashion-mnist")
     assert calls == [(str(tmp_path), True, True), (os.path.abspath(D.default_data_dir()), False, True)]
+
+
+def test_download_without_torchvision_says_how_to_get_it(tmp_path, monkeypatch):
+    """torchvision is optional (only a download uses it): without it, one line that names it."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(DataError) as e:
+        D.load_split("cifar10", "train", str(tmp_path), download=True)
+    _one_line(e, "downloading it needs torchvision", "pip install torchvision", "cifar-10-batches-py")

@@ -3,6 +3,7 @@ label placed, the CSV round-trips, writes are atomic, bad input is refused by na
 missing matplotlib gives ReportError while the package still imports."""
 
 import gc
+import json
 import math
 import os
 import random
@@ -464,3 +465,32 @@ def test_package_imports_without_matplotlib():
     assert out.returncode == 0, out.stderr
     assert "ReportError: drawing the run's pictures needs matplotlib" in out.stdout
     assert not os.path.exists(os.path.join(root, "x.png"))
+
+
+_HIDE = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None; "
+         "sys.modules['tqdm.auto'] = None; sys.argv = ['toponas'] + sys.argv[1:]; "
+         "from toponas_kernels.cli import main; raise SystemExit(main())")
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_runs_finish_without_matplotlib_and_tqdm(tmp_path, command):
+    """Pictures and progress bars are extras of a run: without matplotlib or tqdm, `toponas
+    search` and `toponas train` still finish with exit 0 and their result.json, and say once, in
+    one line each, what they left out (a search used to die after its work, in the drawing)."""
+    out = tmp_path / command
+    if command == "search":
+        args = ["search", "--space", "nb201", "--method", "darts", "--dataset", "synthetic", "--epochs", "1",
+                "--train-size", "16", "--batch-size", "8", "--init-channels", "4", "--layers", "1", "--device", "cpu"]
+    else:
+        args = ["train", "--genotype", NB201_ARCHS[0], "--dataset", "synthetic", "--epochs", "1",
+                "--train-size", "16", "--test-size", "8", "--batch-size", "8", "--init-channels", "4", "--layers", "1",
+                "--device", "cpu"]
+    p = subprocess.run([sys.executable, "-c", _HIDE, *args, "--out", str(out)], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert json.load(open(out / "result.json"))["genotype"]
+    lines = p.stderr.splitlines() + p.stdout.splitlines()
+    assert sum("no pictures: drawing the run's pictures needs matplotlib" in line for line in lines) == 1
+    assert sum("no progress bars: tqdm is not installed" in line for line in lines) == 1
+    assert not list(out.glob("*.png"))

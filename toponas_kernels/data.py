@@ -197,7 +197,10 @@ def _missing(dataset: str, root: str, sub: str, marker: str, hint: str) -> DataE
 def _torchvision_download(dataset: str, cls_name: str, root: str, train: bool, hint: str) -> None:
     try:
         import torchvision.datasets as tvd
-
+    except ImportError as e:
+        raise DataError(f"{dataset}: not found in {root}, and downloading it needs torchvision, which is not "
+                        f"installed (pip install torchvision, the release that matches your torch); {hint}") from e
+    try:
         getattr(tvd, cls_name)(root=root, train=train, download=True)
     except Exception as e:
         raise DataError(f"{dataset}: download into {root} failed ({_why(e)}); {hint}") from e

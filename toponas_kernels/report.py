@@ -101,23 +101,50 @@ def read_csv(path) -> list[dict]:
 # --------------------------------------------------------------------------- matplotlib
 
 
-def _figure(width: float, height: float):
-    """A Figure on its own Agg canvas (no pyplot: nothing global keeps it alive)."""
+def _matplotlib():
+    """matplotlib, checked: a ReportError saying what to install when it is missing or too old.
+    Every drawing path goes through here before it touches matplotlib."""
     try:
         import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
     except ImportError as e:
         raise ReportError(
             "drawing the run's pictures needs matplotlib: pip install 'matplotlib>=3.7' "
-            "(or pip install 'toponas_kernels[bench]')"
+            "(a declared dependency of toponas_kernels; reinstall the package to get it)"
         ) from e
     if tuple(matplotlib.__version_info__[:2]) < _MIN_MATPLOTLIB:
         raise ReportError(f"drawing the run's pictures needs matplotlib >= 3.7, found {matplotlib.__version__}: "
                           "pip install -U matplotlib")
+    return matplotlib
+
+
+def _figure(width: float, height: float):
+    """A Figure on its own Agg canvas (no pyplot: nothing global keeps it alive)."""
+    _matplotlib()
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # a broken or partial matplotlib
+        raise ReportError(f"drawing the run's pictures needs matplotlib: pip install 'matplotlib>=3.7' ({e})") from e
+
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def draw_pictures(drawings, log) -> list[str]:
+    """Run each ``drawing()`` (a callable that writes one picture and returns its path); a picture
+    that cannot be drawn, for whatever reason, costs one line through ``log`` and never the run:
+    a run's results are written before its pictures. Returns the paths drawn."""
+    done = []
+    for draw in drawings:
+        try:
+            done.append(draw())
+        except ReportError as exc:
+            log(f"no pictures: {exc}")
+            return done  # matplotlib is missing or too old: the next ones would say the same
+        except Exception as exc:  # a picture is never worth a run: one line, and go on
+            log(f"a picture was not drawn ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")
+    return done
 
 
 def _save(fig, path, *, crop: bool = False) -> str:
@@ -129,6 +156,7 @@ def _save(fig, path, *, crop: bool = False) -> str:
 
 
 def _op_colors(n: int) -> list:
+    _matplotlib()
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
@@ -153,6 +181,7 @@ def _number(v) -> float | None:
 
 def _epoch_axis(ax, xs: list[float]) -> None:
     """Integer ticks for integer x (epochs), and a visible range around a single x."""
+    _matplotlib()
     from matplotlib.ticker import MaxNLocator
 
     if xs and all(float(v).is_integer() for v in xs):

@@ -195,10 +195,13 @@ def tensorboard_writer(out: str):
     return SummaryWriter(os.path.join(out, "tensorboard"))
 
 
-def tqdm_class():
+def tqdm_class(log=None):
+    """tqdm's progress bar class, or None (and one line through ``log``) when tqdm is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
+        if log is not None:
+            log("no progress bars: tqdm is not installed (pip install tqdm, a declared dependency)")
         return None
     return tqdm
 

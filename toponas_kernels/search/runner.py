@@ -243,7 +243,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
         run_state["history"].append(arch_weights(model))  # epoch 0: the weights at initialization
     cycle = _Cycle(val_loader, run_state["val"]["pass"], run_state["val"]["position"])
     writer = tensorboard_writer(out) if procs.main else None
-    bar_cls = tqdm_class() if cfg.progress and procs.main else None
+    bar_cls = tqdm_class(log) if cfg.progress and procs.main else None
 
     def save(finished: bool = False):
         run_state["val"] = cycle.state()
@@ -460,17 +460,13 @@ def _lookup(arch: str, table: str, log) -> dict:
 
 
 def _pictures(cfg, model, run_state, genotype, out, log) -> None:
-    try:
-        from .. import report
-    except ImportError:
-        return
-    try:
-        names = list(space_of(cfg).names)
-        report.plot_arch_weights(run_state["history"], names, os.path.join(out, "arch_weights.png"),
-                                 title=f"{cfg.method} on {cfg.space_name()} ({cfg.dataset})")
-        if isinstance(genotype, str):
-            report.draw_nb201_cell(genotype, os.path.join(out, "cell.png"), title=f"{cfg.method}, {cfg.dataset}")
-        else:
-            report.draw_darts_cell(genotype_record(genotype), os.path.join(out, "cell.png"), title=f"{cfg.method}, {cfg.dataset}")
-    except report.ReportError as exc:
-        log(f"no pictures: {exc}")
+    from .. import report
+
+    title, cell = f"{cfg.method}, {cfg.dataset}", os.path.join(out, "cell.png")
+    names = list(space_of(cfg).names)
+    report.draw_pictures([
+        lambda: report.plot_arch_weights(run_state["history"], names, os.path.join(out, "arch_weights.png"),
+                                         title=f"{cfg.method} on {cfg.space_name()} ({cfg.dataset})"),
+        (lambda: report.draw_nb201_cell(genotype, cell, title=title)) if isinstance(genotype, str) else
+        (lambda: report.draw_darts_cell(genotype_record(genotype), cell, title=title)),
+    ], log)

@@ -256,7 +256,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
         log(f"retraining {genotype_text(arch.genotype)} ({arch.space}) on {cfg.dataset}: "
             f"{params / 1e6:.6f} M parameters ({params_aux / 1e6:.6f} M with the auxiliary head)")
     writer = tensorboard_writer(out) if procs.main else None
-    bar_cls = tqdm_class() if cfg.progress and procs.main else None
+    bar_cls = tqdm_class(log) if cfg.progress and procs.main else None
 
     def save(finished: bool = False):
         run_state["peak"] = max(run_state["peak"], meter.peak())
@@ -410,13 +410,11 @@ def _pictures(cfg, arch, rows, out, log) -> None:
     from .. import report
 
     title = f"{arch.source or arch.space} on {cfg.dataset}"
-    try:
-        report.plot_curves(rows, os.path.join(out, "curves.png"), title=title,
-                           groups={"loss": ["train_loss", "test_loss"], "accuracy (%)": ["train_acc", "test_acc"],
-                                   "lr": ["lr"]})
-        if arch.macro == "nb201":
-            report.draw_nb201_cell(arch.genotype, os.path.join(out, "cell.png"), title=title)
-        else:
-            report.draw_darts_cell(genotype_record(arch.genotype), os.path.join(out, "cell.png"), title=title)
-    except report.ReportError as exc:
-        log(f"no pictures: {exc}")
+    cell = os.path.join(out, "cell.png")
+    report.draw_pictures([
+        lambda: report.plot_curves(rows, os.path.join(out, "curves.png"), title=title,
+                                   groups={"loss": ["train_loss", "test_loss"], "accuracy (%)": ["train_acc", "test_acc"],
+                                           "lr": ["lr"]}),
+        (lambda: report.draw_nb201_cell(arch.genotype, cell, title=title)) if arch.macro == "nb201" else
+        (lambda: report.draw_darts_cell(genotype_record(arch.genotype), cell, title=title)),
+    ], log)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- references
-# Written from the facts in REFERENCE.md (DARTS / PC-DARTS definitions), independent of the
+# Written from the facts in docs/REFERENCE.md (DARTS / PC-DARTS definitions), independent of the
 # package's modules.
 def _sep(C, k, stride, affine):
     p = k // 2

@@ -165,7 +165,7 @@ def test_search_step_without_gpu_answers_in_one_line():
 
 
 # ----------------------------------------------------------------------------- structure pins
-# The supernets against the reference networks' facts (REFERENCE.md), counted independently of
+# The supernets against the reference networks' facts (docs/REFERENCE.md), counted independently of
 # the package: a network built with one reduction cell, wrong widths or wrong edges fails here.
 def _darts_reference_params(C=16, layers=8, classes=10, steps=4, multiplier=4):
     """Weight parameters of the DARTS CIFAR search network, from its definition: stem conv and

@@ -1,5 +1,5 @@
 """Search spaces as data (toponas_kernels/nas/spaces.py) and the plain modules built from them
-(nas/operations.py): the chains match REFERENCE.md, stride placement, structural equality,
+(nas/operations.py): the chains match docs/REFERENCE.md, stride placement, structural equality,
 user-declared spaces, errors."""
 
 import pytest

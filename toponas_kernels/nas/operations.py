@@ -1,4 +1,4 @@
-"""Plain reference modules: the DARTS and NAS-Bench-201 operations exactly as REFERENCE.md
+"""Plain reference modules: the DARTS and NAS-Bench-201 operations exactly as docs/REFERENCE.md
 defines them, built from the basic-module chains of ``spaces.py``.
 
 Every candidate operation is an ``OpChain``: an ``nn.Sequential`` with one child per basic module

@@ -343,7 +343,7 @@ NB201_PRIMITIVES = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg
 
 
 def darts_space() -> SearchSpace:
-    """The DARTS CIFAR-10 space (REFERENCE.md), pools with their search-time BN."""
+    """The DARTS CIFAR-10 space (docs/REFERENCE.md), pools with their search-time BN."""
     return SearchSpace(
         "darts",
         (

@@ -1,5 +1,5 @@
 """What a search run is: ``SearchConfig``, the reference hyperparameters of every method on every
-space (REFERENCE facts, written down in ``docs/SEARCH.md``), and the checks that refuse what is
+space (the reference facts of docs/REFERENCE.md, with the settings in ``docs/SEARCH.md``), and the checks that refuse what is
 not defined.
 
 Every field left ``None`` takes the method's reference value for the space (``resolved()``), so

@@ -1,4 +1,4 @@
-"""The DARTS CIFAR evaluation network (REFERENCE.md, "Retraining") for a fixed ``Genotype``:
+"""The DARTS CIFAR evaluation network (docs/REFERENCE.md, "Retraining") for a fixed ``Genotype``:
 stem Conv3x3(3, 3C) + BN; ``layers`` cells with reductions at 1/3 and 2/3 depth (channels
 double); each cell preprocesses its two inputs (FactorizedReduce after a reduction, else a 1x1
 ReLUConvBN), runs the genotype's two operations per node on the states they name, sums them, and

@@ -1,4 +1,4 @@
-"""The NAS-Bench-201 network for one architecture string (REFERENCE.md): stem Conv3x3(3, C) + BN;
+"""The NAS-Bench-201 network for one architecture string (docs/REFERENCE.md): stem Conv3x3(3, C) + BN;
 N cells at C, a ResNet basic block (stride 2) to 2C, N cells, a ResNet block to 4C, N cells; BN,
 ReLU, global average pool, Linear. A cell's node i sums the operations the string gives it on
 the nodes they name; the output is the last node. Operations are the package's plain modules

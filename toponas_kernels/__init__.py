@@ -5,4 +5,4 @@ from . import ops
 from ._lib import available_backends
 from .nas.mixed_op import FusedMixedOp
 
-__all__ = ["__version__", "ops", "available_backends"]
+__all__ = ["__version__", "ops", "available_backends", "FusedMixedOp"]

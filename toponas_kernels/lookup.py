@@ -17,6 +17,10 @@ Tables, and the package that reads each (``pip install 'toponas_kernels[nb201]'`
 
 The user downloads the table (links in the benchmarks' READMEs); nothing here downloads it.
 
+Without a download: ``table='analog-nasbench'`` (or the path of its ``.anb`` file) reads the
+CIFAR-10 test accuracies that the ``analog-nasbench`` package ships, one 200-epoch retrain per
+cell, which is not NAS-Bench-201's table: its answers carry that label (``nb201_offline``).
+
 Numbers are top-1 accuracies in percent after the last training epoch, averaged over the table's
 trials (seeds) of that architecture. ``hp='200'`` (200 training epochs) is the default because it
 is what papers report; the APIs' own default, '12', is a 12-epoch schedule. Splits per dataset
@@ -40,10 +44,9 @@ import importlib
 import os
 import warnings
 
-from .nas.spaces import NB201_PRIMITIVES
-from .report import parse_nb201
+from . import nb201_offline as offline
 
-__all__ = ["DATASETS", "HPS", "SPLITS", "LookupTableError", "check_table", "lookup", "table_api"]
+__all__ = ["DATASETS", "HPS", "SPLITS", "LookupTableError", "check_table", "lookup", "lookup_all", "table_api"]
 
 DATASETS = ("cifar10-valid", "cifar10", "cifar100", "ImageNet16-120")
 HPS = ("12", "200")
@@ -70,19 +73,9 @@ class LookupTableError(ValueError):
 def _canonical_arch(arch: str) -> str:
     """The table's spelling of ``arch``: 3 nodes, node i reading nodes 0..i-1 in that order."""
     try:
-        nodes = parse_nb201(arch)
-    except ValueError as exc:
+        return offline.decode(offline.encode(arch))
+    except offline.OfflineTableError as exc:
         raise LookupTableError(str(exc)) from None
-    for n, inputs in enumerate(nodes, 1):
-        for op, _ in inputs:
-            if op not in NB201_PRIMITIVES:
-                raise LookupTableError(f"arch: node {n}'s op {op!r} is not a NAS-Bench-201 operation; "
-                                       f"expected one of {', '.join(NB201_PRIMITIVES)}")
-    if len(nodes) != 3 or any(sorted(j for _, j in inputs) != list(range(n)) for n, inputs in enumerate(nodes, 1)):
-        raise LookupTableError(f"arch: a NAS-Bench-201 cell has 3 nodes, node i reading every node 0..i-1 once "
-                               f"('|op~0|+|op~0|op~1|+|op~0|op~1|op~2|'), got {arch.strip()!r}")
-    return "+".join("|" + "|".join(f"{op}~{j}" for op, j in sorted(inputs, key=lambda e: e[1])) + "|"
-                    for inputs in nodes)
 
 
 def _dataset(dataset: str) -> str:
@@ -148,6 +141,12 @@ def check_table(table) -> str:
     the file or folder exists, is of a known kind and that its package imports: a caller can
     check before a long run what it will look up after."""
     table = os.fspath(table)
+    if offline.is_offline(table):
+        try:
+            offline.check_offline(table)
+        except offline.OfflineTableError as exc:
+            raise LookupTableError(str(exc)) from None
+        return offline.TABLE
     if not os.path.exists(table):
         raise LookupTableError(f"table {table}: no such file or folder. Download {_NB201_FILES}, or {_NATS_FILES}; "
                                "toponas never downloads a table")
@@ -225,16 +224,24 @@ def _best(package: str, api, key: tuple, dataset: str, hp: str) -> dict:
     return _BEST[(key, dataset, hp)]
 
 
-def lookup(arch: str, table, dataset: str = "cifar10-valid", hp: str = "200") -> dict:
+def lookup(arch: str, table, dataset: str | None = None, hp: str = "200") -> dict:
     """Train/valid/test accuracy (percent) of the NAS-Bench-201 architecture ``arch`` in
     ``table`` (a .pth file, a NATS-tss .pickle.pbz2 file or -simple folder), on ``dataset`` (one
-    of ``DATASETS``; the spelling's case is free) with ``hp`` '200' or '12' training epochs, and
-    the table's best architecture (see the module's doc). Returns a dict: arch (as the table
-    spells it), dataset, hp, table, api, index, trials, train/valid/test_accuracy,
-    valid_split/test_split and best {arch, index, valid_accuracy, test_accuracy,
-    max_test_accuracy, selected_by}. Raises LookupTableError (a ValueError) with one line."""
+    of ``DATASETS``, default 'cifar10-valid'; the spelling's case is free) with ``hp`` '200' or
+    '12' training epochs, and the table's best architecture (see the module's doc). Returns a
+    dict: arch (as the table spells it), dataset, hp, table, api, index, trials,
+    train/valid/test_accuracy, valid_split/test_split and best {arch, index, valid_accuracy,
+    test_accuracy, max_test_accuracy, selected_by}. ``table='analog-nasbench'`` (or a ``.anb``
+    file) answers from the offline table: 'cifar10' and '200' only, no train/valid accuracies,
+    plus ``label`` and ``random_cell`` (``nb201_offline.offline_lookup``). Raises
+    LookupTableError (a ValueError) with one line."""
+    if offline.is_offline(table):
+        try:
+            return offline.offline_lookup(arch, os.fspath(table), dataset=dataset, hp=hp)
+        except offline.OfflineTableError as exc:
+            raise LookupTableError(str(exc)) from None
     arch = _canonical_arch(arch)
-    dataset, hp = _dataset(dataset), _hp(hp)
+    dataset, hp = _dataset("cifar10-valid" if dataset is None else dataset), _hp(hp)
     table = os.fspath(table)
     package, api = table_api(table)
     index = api.query_index_by_arch(arch)
@@ -264,3 +271,25 @@ def lookup(arch: str, table, dataset: str = "cifar10-valid", hp: str = "200") ->
         "test_split": test_split,
         "best": dict(_best(package, api, _key(table), dataset, hp)),
     }
+
+
+def lookup_all(arch: str, table, log) -> dict:
+    """{dataset: lookup(arch, table, dataset)} over every dataset the table has (hp 200; the
+    offline table: 'cifar10' only), one line per dataset to ``log``; a dataset the table cannot
+    answer is recorded as {"error": message}, never raised (a search calls this when it is done)."""
+    out = {}
+    for dataset in ("cifar10",) if offline.is_offline(table) else DATASETS:
+        try:
+            out[dataset] = r = lookup(arch, table, dataset=dataset)
+        except LookupTableError as exc:
+            out[dataset] = {"error": str(exc)}
+            log(f"lookup {dataset}: {exc}")
+            continue
+        if "label" in r:
+            log(f"{r['label']}: test {r['test_accuracy']:.2f} (best in the table {r['best']['test_accuracy']:.2f}, "
+                f"a random cell {r['random_cell']['mean']:.2f} on average, median {r['random_cell']['median']:.2f})")
+            continue
+        valid = "-" if r.get("valid_accuracy") is None else f"{r['valid_accuracy']:.2f}"
+        log(f"NAS-Bench-201 {dataset}: valid {valid}, test {r['test_accuracy']:.2f} "
+            f"(best in the space: {r['best']['test_accuracy']:.2f})")
+    return out

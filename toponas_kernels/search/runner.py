@@ -441,22 +441,10 @@ def _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)
 
 
 def _lookup(arch: str, table: str, log) -> dict:
-    """The derived cell's NAS-Bench-201 numbers on every dataset of the table (hp 200)."""
-    from ..lookup import DATASETS, LookupTableError, lookup
+    """The derived cell's accuracies on every dataset of the table (hp 200)."""
+    from ..lookup import lookup_all
 
-    out = {}
-    for dataset in DATASETS:
-        try:
-            out[dataset] = lookup(arch, table, dataset=dataset)
-        except LookupTableError as exc:  # the search is done: record the failure, do not lose it
-            out[dataset] = {"error": str(exc)}
-            log(f"lookup {dataset}: {exc}")
-            continue
-        r = out[dataset]
-        valid = "-" if r.get("valid_accuracy") is None else f"{r['valid_accuracy']:.2f}"
-        log(f"NAS-Bench-201 {dataset}: valid {valid}, test {r['test_accuracy']:.2f} "
-            f"(best in the space: {r['best']['test_accuracy']:.2f})")
-    return out
+    return lookup_all(arch, table, log)
 
 
 def _pictures(cfg, model, run_state, genotype, out, log) -> None:

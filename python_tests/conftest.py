@@ -26,6 +26,13 @@ def pytest_report_header(config):
     )
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "cuda_kernels: needs the compiled CUDA kernels (skipped in a build without them, e.g. TOPONAS_NO_CUDA=1)",
+    )
+
+
 def pytest_sessionstart(session):
     # CI sets this: a broken build must fail the run, not quietly skip every C++ test.
     if os.environ.get("TOPONAS_REQUIRE_EXT") == "1" and not _lib.HAS_CPP:
@@ -33,11 +40,19 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
-    if not torch.cuda.is_available():
-        for item in items:
-            if "cuda" in item.keywords:
-                item.add_marker(skip)
+    """``cuda`` tests skip without a GPU; ``cuda_kernels`` tests skip in a build without the CUDA
+    kernels, GPU or not (that reason first: it is the one a GPU owner must act on)."""
+    no_kernels = pytest.mark.skip(
+        reason=f"this build has no CUDA kernels (TOPONAS_NO_CUDA=1 or no CUDA toolkit at build time; "
+        f"build config {_lib.build_config().get('cuda')!r}, extension error {_lib.load_error!r})"
+    )
+    no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    kernels, gpu = _lib.cuda_built(), torch.cuda.is_available()
+    for item in items:
+        if "cuda_kernels" in item.keywords and not kernels:
+            item.add_marker(no_kernels)
+        elif "cuda" in item.keywords and not gpu:
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 
 from toponas_kernels import ops
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.cuda_kernels]  # the CUDA backend itself
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 KS = [3, 8, 17]  # 17 > kChunk = 16: two launches and the fp32 running-sum buffer

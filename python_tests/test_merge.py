@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from toponas_kernels import ops
 from toponas_kernels.ops import reference as R
-from utils import assert_close, backend_cases, dtypes_for, noncontiguous
+from utils import CUDA_KERNELS, assert_close, backend_cases, dtypes_for, noncontiguous
 
 MODES = ["channel", "tensor", "none"]
 
@@ -123,7 +123,7 @@ def test_merge_opcheck(backend, device):
         )
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_KERNELS)])
 def test_compiled_merge_kernels_opcheck(device):
     from toponas_kernels import _lib
 

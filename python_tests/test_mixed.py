@@ -5,7 +5,7 @@ import torch
 
 from toponas_kernels import ops
 from toponas_kernels.ops import reference as R
-from utils import assert_close, backend_cases, dtypes_for, noncontiguous
+from utils import CUDA_KERNELS, assert_close, backend_cases, dtypes_for, noncontiguous
 
 # Odd shapes: primes, size-1 dims, a scalar-sized output, one larger than a Triton block.
 SHAPES = [(7,), (1, 3, 5, 5), (2, 13, 1, 11), (3, 1031)]
@@ -97,7 +97,7 @@ def test_mixed_ops_opcheck(backend, device):
     torch.library.opcheck(torch.ops.toponas.masked_softmax_backward.default, (g, p4, 0.5, backend))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_KERNELS)])
 def test_compiled_kernels_opcheck(device):
     from toponas_kernels import _lib
 
@@ -115,7 +115,7 @@ def test_compiled_kernels_opcheck(device):
     torch.library.opcheck(torch.ops.toponas.mixed_sum_fused.default, (ys, w.requires_grad_()))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_KERNELS)])
 def test_fast_path_autograd_in_cpp(device):
     """In eager mode the compiled backends run mixed_sum with its autograd node in C++
     (csrc/autograd.cpp): outputs and gradients equal the reference on strided inputs, the graph

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from toponas_kernels import _lib, ops
 from toponas_kernels.ops import reference as R
 from toponas_kernels.ops.shuffle import split_channels
-from utils import backend_cases, noncontiguous
+from utils import CUDA_KERNELS, backend_cases, noncontiguous
 
 # Every dtype everywhere: the kernels move raw 16/32/64-bit words, so bf16 never meets the
 # interpreter's (broken) bf16 arithmetic.
@@ -159,7 +159,7 @@ def test_shuffle_ops_opcheck(backend, device):
     torch.library.opcheck(torch.ops.toponas.partial_channel_unshuffle.default, (g.contiguous(memory_format=cl), 2, 4, backend))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_KERNELS)])
 def test_compiled_kernels_opcheck(device):
     if not _lib.HAS_CPP:
         pytest.skip("compiled extension not loaded")
@@ -186,7 +186,7 @@ def test_compiled_kernels_opcheck(device):
     torch.library.opcheck(torch.ops.toponas.partial_channel_unshuffle_fused.default, (g, 2, 4))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_KERNELS)])
 def test_fast_path_autograd_in_cpp(device):
     """In eager mode the compiled backends run the shuffles with their autograd nodes in C++:
     the graph nodes are the C++ ones, values and gradients (twice differentiable) match the

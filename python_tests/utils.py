@@ -19,16 +19,21 @@ TOL = {
 }
 
 
+# A test (or case) that runs the compiled CUDA kernels on a GPU.
+CUDA_KERNELS = [pytest.mark.cuda, pytest.mark.cuda_kernels]
+
+
 def backend_cases():
     """(backend, device) pairs: every backend against the reference, on CPU, and on a GPU when
-    there is one (marked ``cuda`` so they skip without)."""
+    there is one (marked ``cuda`` so they skip without; the CUDA backend also ``cuda_kernels``, so
+    it skips in a build without CUDA kernels while the compiled Triton cases still run)."""
     cases = []
     if _lib.HAS_CPP:
         cases.append(pytest.param("cpp", "cpu", id="cpp-cpu"))
     if _lib.triton_available() and INTERPRET:
         cases.append(pytest.param("triton", "cpu", id="triton-interp"))
     cases.append(pytest.param("reference", "cpu", id="reference-cpu"))
-    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
+    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=CUDA_KERNELS))
     cases.append(pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda))
     return cases
 

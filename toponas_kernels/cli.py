@@ -7,6 +7,7 @@
     toponas spaces                            # the built-in spaces, op by op, as module chains
     toponas search --space nb201 --method darts --topo topo --dataset fashion-mnist --epochs 5 --out runs/a
     toponas lookup --arch '|nor_conv_3x3~0|+|...|' --table NAS-Bench-201-v1_1-096897.pth [--dataset cifar100]
+    toponas lookup --arch '|nor_conv_3x3~0|+|...|' --table analog-nasbench   # offline: one retrain, CIFAR-10 test only
     toponas train --genotype runs/a/result.json --dataset fashion-mnist --epochs 200 --out runs/a-train
 """
 
@@ -198,7 +199,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-epochs", type=int, default=None,
                    help="with --then-train: retraining epochs (default: the space's reference, DARTS 600, NB201 200)")
     g.add_argument("--lookup", default=None, metavar="TABLE",
-                   help="nb201: add the derived cell's NAS-Bench-201 accuracies (hp 200, every dataset) to result.json")
+                   help="nb201: add the derived cell's NAS-Bench-201 accuracies (hp 200, every dataset) to result.json; "
+                        "'analog-nasbench': CIFAR-10 test accuracy from that package's one 200-epoch retrain, not NB201's table")
 
 
 def _space_arg(text: str):
@@ -262,6 +264,13 @@ def _cmd_lookup(args) -> int:
         return f"{v:7.2f}" if v is not None else f"{'-':>7}"
 
     best = r["best"]
+    if "label" in r:  # the offline table: test accuracy only, no index
+        print(f"{r['label']} ({r['table']})")
+        print(f"{'':<6} {'test':>7}  arch")
+        print(f"{'arch':<6} {pct(r['test_accuracy'])}  {r['arch']}")
+        print(f"{'best':<6} {pct(best['test_accuracy'])}  {best['arch']}")
+        print(f"(a cell drawn at random: mean {r['random_cell']['mean']:.2f}, median {r['random_cell']['median']:.2f})")
+        return 0
     print(f"{r['dataset']}, hp {r['hp']}: {r['table']} ({r['api']})")
     print(f"{'':<6} {'index':>6} {'train':>7} {'valid':>7} {'test':>7}  arch")
     print(f"{'arch':<6} {r['index']:>6} {pct(r['train_accuracy'])} {pct(r['valid_accuracy'])} "
@@ -444,9 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lookup", help="NAS-Bench-201 accuracies of an architecture, from the benchmark's table")
     p.add_argument("--arch", required=True, help="NB201 architecture string, e.g. '|nor_conv_3x3~0|+|...|'")
     p.add_argument("--table", required=True,
-                   help="NAS-Bench-201-v1_*.pth, or a NATS-tss .pickle.pbz2 file or -simple folder (never downloaded)")
-    p.add_argument("--dataset", default="cifar10-valid",
-                   help="cifar10-valid (default), cifar10 (train+valid, test only), cifar100 or ImageNet16-120")
+                   help="NAS-Bench-201-v1_*.pth, or a NATS-tss .pickle.pbz2 file or -simple folder (never downloaded); "
+                        "or analog-nasbench (pip install --no-deps analog-nasbench): one 200-epoch retrain per cell, "
+                        "CIFAR-10 test accuracy only, not NAS-Bench-201's table")
+    p.add_argument("--dataset", default=None,
+                   help="cifar10-valid (default), cifar10 (train+valid, test only), cifar100 or ImageNet16-120; "
+                        "analog-nasbench: cifar10 only")
     p.add_argument("--hp", default="200", help="training epochs of the table's runs: 200 (default, as papers report) or 12")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_lookup)

@@ -268,8 +268,8 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(Interrupted):
         train(TrainConfig(out=str(tmp_path / "cut"), **kw), log=quiet, _interrupt_after=3)  # mid-epoch 2
     resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **kw), log=quiet)
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert _params_equal(a["model"], b["model"])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("step_seconds", "seconds")} for r in rows]  # noqa: E731
     assert strip(a["run"]["rows"]) == strip(b["run"]["rows"])

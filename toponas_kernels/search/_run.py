@@ -1,12 +1,14 @@
 """Run helpers shared by the searcher (``runner``) and the retrainer (``toponas_kernels.train``):
-device choice, seeding, peak memory, step clocks, RNG state for exact resumes, the records of a
-result file (device, commit, genotype), progress bars and TensorBoard."""
+device choice, seeding, peak memory, step clocks, RNG state for exact resumes, checkpoints (written
+atomically, loaded as tensors and plain values only), the records of a result file (device, commit,
+genotype), progress bars and TensorBoard."""
 
 from __future__ import annotations
 
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import time
 
 import torch
 
+from .._io import atomic_torch_save
 from .config import ConfigError
 
 
@@ -165,22 +168,74 @@ def bank_epoch_progress(run_state: dict, clock: "StepClock", sums: dict, t_epoch
 
 
 def rng_state() -> dict:
+    """Every RNG state as tensors and plain values (a checkpoint loads with ``weights_only=True``)."""
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the states ``rng_state`` returned."""
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from: damaged, not a checkpoint, or holding objects
+    that loading would have to import (which could run code)."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (a kill mid-write leaves the previous file)."""
+    atomic_torch_save(path, state)
+
+
+def load_checkpoint(path: str, keys: tuple[str, ...]) -> dict:
+    """The checkpoint at ``path``, loaded with ``torch.load(weights_only=True)``: tensors, plain
+    Python values and containers only, never an object that names a class or function to import.
+    Anything else (an object that could run code, a truncated file, a file of another kind, a dict
+    without ``keys``) raises ``CheckpointError`` with one line naming the file and what to do."""
+    import pickle
+
+    fix = "delete it (or choose another --out) to start over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"'{found.group(1)}'" if found else "an object other than tensors and plain values"
+        raise CheckpointError(f"--resume: {path} holds {what}, which loading would import and could run code (a "
+                              f"checkpoint of this version holds tensors and plain values only); refused: {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError, ... on a bad file
+        import zipfile
+
+        detail = str(exc).split(". ")[0].strip()
+        if not zipfile.is_zipfile(path):
+            reason = "not a whole torch.save archive: cut short, or a file of another kind"
+        else:
+            reason = f"{type(exc).__name__}: {detail[:120]}" if detail else type(exc).__name__
+        raise CheckpointError(f"--resume: {path} is damaged or not a checkpoint ({reason}); {fix}") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"--resume: {path} is not a checkpoint of this kind of run (no '{missing[0]}'); {fix}")
+    return state
 
 
 def say(msg: str) -> None:

@@ -22,12 +22,13 @@ from collections.abc import Callable
 import torch
 
 from .. import _version
-from .._io import atomic_torch_save, atomic_write_json
+from .._io import atomic_write_json
 from ..nas import spaces as S
 from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
 from . import masks as M
 from ._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
-                   resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer, tqdm_class)
+                   load_checkpoint, resolve_device, rng_state, save_checkpoint, say, seed_everything, set_rng_state,
+                   tensorboard_writer, tqdm_class)
 from .config import RESUME_KEYS, ConfigError, SearchConfig
 from .methods import METHOD_CLASSES
 
@@ -159,7 +160,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
     if os.path.exists(ckpt_path):
         if not cfg.resume:
             raise ConfigError(f"--out {cfg.out} already holds a search ({CHECKPOINT}); pass --resume to continue it or choose another --out")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path, ("config", "model", "method", "run", "rng", "mask"))
         budget = state.get("budget")
         if budget:  # what --memory-budget chose when the search started
             cfg = dataclasses.replace(cfg, **budget["chosen"])
@@ -250,7 +251,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
         run_state["peak"] = max(run_state["peak"], meter.peak())
         if not procs.main:
             return
-        atomic_torch_save(ckpt_path, {
+        save_checkpoint(ckpt_path, {
             "config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
             "run": run_state, "rng": rng_state(), "mask": mask_record, "finished": finished, "budget": budget,
         })

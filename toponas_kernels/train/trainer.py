@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _version
-from .._io import atomic_torch_save, atomic_write_json
+from .._io import atomic_write_json
 from ..search._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
-                           resolve_device, rng_state, say, seed_everything, set_rng_state, tensorboard_writer,
-                           tqdm_class)
+                           load_checkpoint, resolve_device, rng_state, save_checkpoint, say, seed_everything,
+                           set_rng_state, tensorboard_writer, tqdm_class)
 from ..search.config import ConfigError
 from .darts_network import DartsEvalNetwork, count_parameters
 from .genotypes import Arch, load_arch
@@ -207,7 +207,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
     if os.path.exists(ckpt_path):
         if not cfg.resume:
             raise ConfigError(f"--out {cfg.out} already holds a training run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path, ("config", "model", "optimizer", "run", "rng"))
         _check_resume(state["config"], cfg.to_dict(arch))
         if state.get("finished") and os.path.exists(result_path):
             log(f"training in {cfg.out} already finished; result in {result_path}")
@@ -262,9 +262,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
         run_state["peak"] = max(run_state["peak"], meter.peak())
         if not procs.main:
             return
-        atomic_torch_save(ckpt_path, {"config": cfg.to_dict(arch), "model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict(), "run": run_state, "rng": rng_state(),
-                                      "finished": finished})
+        save_checkpoint(ckpt_path, {"config": cfg.to_dict(arch), "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "run": run_state, "rng": rng_state(),
+                                    "finished": finished})
 
     done_steps = 0
     params_list = list(model.parameters())

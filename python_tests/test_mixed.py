@@ -179,6 +179,50 @@ def test_masked_softmax_matches_reference(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
+def test_masked_softmax_fully_masked_row(backend, device):
+    """A row with every entry masked is all zeros with zero gradient on every backend (not the
+    NaN of 0 / 0), the other rows are untouched, and the Gumbel weights of that row are 0 too,
+    hard or soft."""
+    for dtype in dtypes_for(device):
+        for k in (1, 5, 17):  # one entry, a few, more than one 16-wide Triton block
+            logits = (torch.randn(4, k, dtype=torch.float64, device=device) * 3).to(dtype).requires_grad_()
+            mask = torch.rand(4, k, device=device) > 0.4
+            mask[1:, 0] = True
+            mask[0] = False
+            for tau in (1.0, 0.3):
+                p = ops.masked_softmax(logits, mask, tau=tau, backend=backend)
+                g = torch.randn_like(p)
+                (grad,) = torch.autograd.grad(p, logits, g)
+                tag = f"{backend} {dtype} k={k} tau={tau}"
+                assert torch.isfinite(p).all() and torch.isfinite(grad).all(), tag
+                assert torch.all(p[0] == 0) and torch.all(grad[0] == 0), tag
+                x64 = logits.detach()[1:].to(torch.float64).requires_grad_()
+                p64 = torch.softmax((x64 / tau).masked_fill(~mask[1:], float("-inf")), -1)
+                (grad64,) = torch.autograd.grad(p64, x64, g[1:].to(torch.float64))
+                assert_close(p[1:], p64, dtype, f"forward {tag}")
+                assert_close(grad[1:], grad64, dtype, f"grad {tag}")
+            for hard in (True, False):
+                gen = torch.Generator(device=device).manual_seed(1)
+                w = ops.gumbel_softmax(logits, mask, hard=hard, generator=gen, backend=backend)
+                (gw,) = torch.autograd.grad(w, logits, torch.randn_like(w))
+                assert torch.all(w[0] == 0) and torch.all(gw[0] == 0), f"gumbel hard={hard} {backend} {dtype}"
+                assert_close(w[1:].detach().sum(-1), torch.ones(3, dtype=dtype, device=device), dtype, "rows sum to 1")
+
+
+def test_masked_softmax_reference_fully_masked_row_has_no_nan_inside():
+    """The reference's own autograd graph stays finite for a fully masked row (a NaN inside it
+    would surface in double backward), and its second derivative there is 0 as well."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[False] * 4, [True, False, True, True], [True] * 4])
+    p = R.masked_softmax_ref(x, mask, 0.5)
+    (gx,) = torch.autograd.grad(p, x, torch.randn_like(p), create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    assert torch.all(p[0] == 0) and torch.all(gx[0] == 0) and torch.all(ggx[0] == 0)
+    assert torch.isfinite(ggx).all()
+    assert torch.autograd.gradgradcheck(lambda t: R.masked_softmax_ref(t, mask, 0.5), (x,))
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
 def test_masked_softmax_strided_inputs(backend, device):
     """Logits and mask as transposed views (rows strided), the mask a different view than the
     logits: the values must not depend on the layout."""

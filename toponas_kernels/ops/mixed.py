@@ -156,8 +156,12 @@ if HAS_TRITON:
         active = (cols < K) & (tl.load(m_ptr + row * K + cols, mask=cols < K, other=0) != 0)
         x = tl.load(x_ptr + row * K + cols, mask=active, other=0.0).to(ACC) * inv_tau
         x = tl.where(active, x, -float("inf"))
-        e = tl.where(active, tl.exp(x - tl.max(x, axis=0)), 0.0)
-        p = e / tl.sum(e, axis=0)
+        # A row with no active entry (max -inf, shifted by 0 instead) has e = 0 everywhere: it
+        # stays 0, not the NaN of -inf - -inf or 0 / 0, as in C++/CUDA.
+        mx = tl.max(x, axis=0)
+        e = tl.where(active, tl.exp(x - tl.where(mx > -float("inf"), mx, 0.0)), 0.0)
+        total = tl.sum(e, axis=0)
+        p = e / tl.where(total > 0, total, 1.0)
         tl.store(p_ptr + row * K + cols, p.to(p_ptr.dtype.element_ty), mask=cols < K)
 
     @triton.jit
@@ -491,7 +495,7 @@ def _check_mask(mask, logits: Tensor) -> Tensor:
             ) from None
     # Whether every row keeps a candidate is NOT checked here: that would read the mask back
     # from the device on every call (a sync per search step). Masks are checked once where they
-    # are set (the supernets' set_masks, FusedMixedOp); a row with none active gives NaN.
+    # are set (the supernets' set_masks, FusedMixedOp); a row with none active is all zeros.
     return mask
 
 
@@ -506,7 +510,12 @@ def _check_logits(logits, tau: float) -> Tensor:
 
 def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, tau: float = 1.0, backend: str | None = None) -> Tensor:
     """Softmax of ``logits / tau`` over the last dim, restricted to ``mask`` (masked entries are
-    exactly 0, get zero gradient and take no part in the normalisation)."""
+    exactly 0, get zero gradient and take no part in the normalisation).
+
+    A row whose entries are all masked is all zeros with zero gradient, on every backend: the
+    weights of an edge with no candidate, whose mixed sum is then 0, never NaN that would spread
+    through the search's gradients. (The search networks refuse such a mask where it is set; the
+    kernels do not check it per call, which would read the mask back from the device.)"""
     _check_logits(logits, tau)
     mask = _check_mask(mask, logits)
     return _masked_softmax_call(logits, mask, float(tau), _backend.resolve(backend, logits.device))
@@ -525,7 +534,8 @@ def gumbel_softmax(
     noise, restricted to ``mask``; ``hard`` returns the one-hot of the argmax with the
     straight-through gradient ``one_hot - probs.detach() + probs``. (log_softmax only shifts a
     row by a constant, so it is left out.) The exponential draws are clamped to the finite
-    positive range of the dtype, so the noise is always finite (no check, no device sync)."""
+    positive range of the dtype, so the noise is always finite (no check, no device sync). A row
+    with every entry masked is all zeros, soft or hard, as in ``masked_softmax``."""
     _check_logits(logits, tau)
     mask = _check_mask(mask, logits)
     resolved = _backend.resolve(backend, logits.device)
@@ -535,4 +545,5 @@ def gumbel_softmax(
     if not hard:
         return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+    one_hot = one_hot.masked_fill_(~mask, 0.0)  # only a row with none active changes: it stays 0
     return one_hot - probs.detach() + probs

@@ -33,9 +33,12 @@ def mixed_sum_ref(outputs: Sequence[Tensor], weights: Tensor) -> Tensor:
 
 def masked_softmax_ref(logits: Tensor, mask: Tensor, tau: float = 1.0) -> Tensor:
     """Softmax of ``logits / tau`` over the last dim, restricted to ``mask``: masked entries are
-    exactly 0 and take no part in the normalisation (docs/DESIGN.md section 1)."""
+    exactly 0 and take no part in the normalisation (docs/DESIGN.md section 1). A row with no
+    active entry is all zeros with zero gradient (its softmax is taken over finite values, then
+    masked, so no NaN appears even inside autograd)."""
     acc = acc_dtype(logits.dtype)
     z = (logits.to(acc) / tau).masked_fill(~mask, float("-inf"))
+    z = z.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return torch.softmax(z, dim=-1).masked_fill(~mask, 0.0).to(logits.dtype)
 
 

@@ -2,6 +2,15 @@
 
 The package works without the extension: the reference and Triton backends do not need it.
 A missing or broken extension is reported once (``load_error``), never raised at import.
+
+What was built and installed is fixed for the life of the process, so it is decided once, here,
+as constants (``HAS_CPP``, ``CUDA_BUILT``, ``HAS_TRITON``, ``TRITON_INTERPRET``): the backend
+choice made on every op call then reads plain Python values, which ``torch.compile`` folds into
+the graph and guards on. A dispatcher query such as ``torch._C._dispatch_has_kernel_for_dispatch_key``
+returns a non-tensor that dynamo cannot trace; made per call it would break the graph at every
+fused op on CUDA tensors. Whether a GPU is visible is asked per call
+(``torch.cuda.is_available()``, which dynamo evaluates while tracing) so that importing the
+package does not initialize CUDA.
 """
 
 from __future__ import annotations
@@ -39,20 +48,31 @@ def build_config() -> dict:
         return {}
 
 
+# The extension carries CUDA kernels (whether or not a GPU is present).
+CUDA_BUILT: bool = HAS_CPP and torch._C._dispatch_has_kernel_for_dispatch_key("toponas::mixed_sum_kernel", "CUDA")
+
+# Triton is optional: without it the triton backend is unavailable, nothing else changes.
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the installation
+    HAS_TRITON = False
+
+# Triton's CPU interpreter: Triton reads the variable when its kernels are defined, at import.
+TRITON_INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def cuda_built() -> bool:
-    """True when the compiled extension carries CUDA kernels (whether or not a GPU is present)."""
-    if not HAS_CPP:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("toponas::mixed_sum_kernel", "CUDA")
+    """True when the compiled extension carries CUDA kernels (whether or not a GPU is present);
+    ``CUDA_BUILT``, for callers that want a function."""
+    return CUDA_BUILT
 
 
 def triton_available() -> bool:
-    """Triton can run here: an NVIDIA GPU is visible, or the CPU interpreter is switched on."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton can run here: an NVIDIA GPU is visible, or the CPU interpreter is switched on.
+    Traceable by ``torch.compile`` (no import, no dispatcher query)."""
+    return HAS_TRITON and (TRITON_INTERPRET or torch.cuda.is_available())
 
 
 def available_backends() -> list[str]:
@@ -62,6 +82,6 @@ def available_backends() -> list[str]:
         names.append("triton")
     if HAS_CPP:
         names.append("cpp")
-    if cuda_built() and torch.cuda.is_available():
+    if CUDA_BUILT and torch.cuda.is_available():
         names.append("cuda")
     return names

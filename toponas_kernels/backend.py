@@ -24,7 +24,11 @@ _resolved: dict = {}
 
 
 def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to run on ``device``: checked, so a kernel is never asked to do what it cannot."""
+    """The backend to run on ``device``: checked, so a kernel is never asked to do what it cannot.
+
+    Traceable by ``torch.compile`` on any device (``fullgraph=True`` included): it reads only
+    the constants of ``_lib``, the environment and ``torch.cuda.is_available()``, which dynamo
+    evaluates while tracing and guards on, so the choice is folded into the graph."""
     if torch.compiler.is_compiling():  # traced: a memo missed here would make the graph recompile
         return _resolve(backend, device)
     key = (backend, os.environ.get(ENV_VAR), device)
@@ -39,7 +43,7 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     name = (name or "auto").strip().lower()
     if name == "auto":
         if device.type == "cuda":
-            if _lib.cuda_built():
+            if _lib.CUDA_BUILT:
                 return "cuda"
             return "triton" if _lib.triton_available() else "reference"
         if device.type == "cpu" and _lib.HAS_CPP:
@@ -60,7 +64,7 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     elif name == "cuda":
         if device.type != "cuda":
             raise ValueError(f"{source}'cuda' runs on CUDA tensors; these are on {device}. Use 'cpp'.")
-        if not _lib.cuda_built():
+        if not _lib.CUDA_BUILT:
             raise RuntimeError(
                 f"{source}'cuda': the extension was built without CUDA kernels. Rebuild with "
                 "CUDA_HOME set (see README) or use backend='triton'."
@@ -71,7 +75,7 @@ def _resolve(backend: str | None, device: torch.device) -> str:
                 f"{source}'triton' needs triton and an NVIDIA GPU (or TRITON_INTERPRET=1 set "
                 "before import, for the slow CPU interpreter)."
             )
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type == "cpu" and not _lib.TRITON_INTERPRET:
             raise ValueError(
                 f"{source}'triton' got CPU tensors; Triton runs them only under TRITON_INTERPRET=1."
             )

@@ -4,7 +4,6 @@ import, and launch sizes for the GPU and for the CPU interpreter."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +24,7 @@ except Exception:  # pragma: no cover - depends on the installation
     tl = None
     HAS_TRITON = False
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = _lib.TRITON_INTERPRET
 HAS_CPP = _lib.HAS_CPP
 
 
@@ -130,5 +129,6 @@ def fast_path() -> bool:
     shapes, and a search step makes hundreds of calls. In eager mode the public functions skip
     that dispatch and call the same kernels through an autograd.Function; under
     ``torch.compile``/export and functorch transforms they use the custom ops, which carry the
-    fake (meta) implementations those need."""
+    fake (meta) implementations those need. Traceable: under compilation the first test decides,
+    and the functorch query (which dynamo could not trace) is never reached."""
     return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())

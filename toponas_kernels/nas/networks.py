@@ -324,33 +324,41 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     def genotype(self) -> Genotype:
         """The DARTS rule (REFERENCE.md): per node the two incoming edges with the largest
         selectable weight, stronger edge first, and on each the best selectable operation.
-        Selectable: unmasked, not 'none', not in ``exclude``. With edge normalization (PC-DARTS)
-        an edge's weights are multiplied by its node-softmaxed beta; with ``topology`` (ROME)
-        edges are ranked by their topology betas alone. Ties go to the lower index, as in the
-        reference's stable sort."""
+        Selectable: unmasked, not 'none', not in ``exclude``; 'none' is never derived. With edge
+        normalization (PC-DARTS) an edge's weights are multiplied by its node-softmaxed beta;
+        with ``topology`` (ROME) edges are ranked by their topology betas alone. Only edges with
+        a selectable operation compete; a node left with fewer than two of them (a mask that
+        keeps nothing selectable on its edges) raises ValueError naming the cell and node. Ties
+        go to the lower index, as in the reference's stable sort."""
         names = list(self.space.names)
         blocked = torch.tensor([n == "none" or n in self.exclude for n in names])
 
-        def parse(alphas, mask, betas):
+        def parse(cell, alphas, mask, betas):
+            selectable = mask.cpu() & ~blocked
             weights = ops.masked_softmax(alphas, mask).cpu().double()
-            weights[~mask.cpu() | blocked] = -1.0
+            weights[~selectable] = -1.0
             edge_w = None if self.topology else self._edge_weights(betas)
             gene = []
-            for sl in self._node_slices():
+            for node, sl in enumerate(self._node_slices()):
                 W = weights[sl]
                 if edge_w is not None:
                     W = torch.where(W >= 0, W * edge_w[sl].cpu().double()[:, None], W)
-                strength = betas[sl].cpu().tolist() if self.topology else W.max(dim=1).values.tolist()
-                order = sorted(range(W.shape[0]), key=lambda j: -strength[j])
-                for j in order[:2]:
+                strength = betas[sl].cpu().tolist() if self.topology else [max(row) for row in W.tolist()]
+                live = [j for j in range(W.shape[0]) if bool(selectable[sl][j].any())]
+                if len(live) < 2:
+                    dead = sorted(set(range(W.shape[0])) - set(live))
+                    raise ValueError(f"genotype: {cell} cell node {node + 2} has {len(live)} incoming edge(s) with an "
+                                     f"operation to derive; the mask leaves edge(s) from {dead} nothing but "
+                                     f"{sorted({'none', *self.exclude})}")
+                for j in sorted(live, key=lambda j: -strength[j])[:2]:
                     gene.append((names[int(W[j].argmax())], j))
             return gene
 
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
         return Genotype(
-            normal=parse(self.alphas_normal, self.mask_normal, self.betas_normal),
+            normal=parse("normal", self.alphas_normal, self.mask_normal, self.betas_normal),
             normal_concat=concat,
-            reduce=parse(self.alphas_reduce, self.mask_reduce, self.betas_reduce),
+            reduce=parse("reduction", self.alphas_reduce, self.mask_reduce, self.betas_reduce),
             reduce_concat=concat,
         )
 

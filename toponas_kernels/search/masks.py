@@ -2,13 +2,21 @@
 a binary mask over (edge, operation) fixed before the one-shot search; masked operations are
 never built into the computation of any step.
 
-* ``random_masks``: each entry kept with probability xi (the pruning level), at least one
-  operation kept per edge (an edge left empty keeps one operation drawn uniformly).
+* ``random_masks``: each entry kept with probability xi (the pruning level); an edge left
+  without an operation the derivation can choose (``choosable``: not ``none``, not excluded)
+  also keeps one choosable operation drawn uniformly.
 * ``zero_shot_masks``: Algorithm 1 of the paper, prune-based search with a training-free
   ranking. Each round scores every active operation of every edge by
   ``s = mean_r (r(N) - r(N without it)) / r(N)`` over the ranking functions r, then removes the
-  lowest-scored operation of every edge that still has more than one; rounds repeat while the
-  kept share exceeds xi.
+  lowest-scored operation of every edge that still has more than one, never an edge's last
+  choosable operation; rounds repeat while the kept share exceeds xi.
+
+Why choosable. The paper keeps "at least one operation per edge"; when that one is ``none``,
+the edge is cut before the search starts: a DARTS-space node with two incoming edges must then
+derive ``none`` on one of them, an NB201 edge is fixed to ``none`` whatever the method learns, and
+ROME, which samples without ``none``, has nothing to sample. At xi = 0.5 in the DARTS space an
+edge keeps nothing but ``none`` with probability 0.5^8 (1 + 1/8), about 0.44 %; the first node of
+each cell has only two edges, so about 2 % of random-mask searches derived ``none`` there.
 * The ranking (ETENAS, as the paper uses it): the Frobenius norm of the correlation matrix, over
   samples, of the logits of a tiny proxy supernet at initialization (kaiming-normal convs, BN with
   its initial statistics, i.e. eval mode) on 3 batches of 128 training images; one ranking
@@ -43,16 +51,35 @@ class MaskError(ValueError):
     """A mask file or mask option that cannot be used."""
 
 
+def choosable_ops(primitives, exclude=()) -> list[bool]:
+    """Per operation: can a derivation choose it (not ``none``, not in ``exclude``)."""
+    return [p != "none" and p not in exclude for p in primitives]
+
+
+def _choosable(choosable, k: int) -> torch.Tensor:
+    if choosable is None:
+        return torch.ones(k, dtype=torch.bool)
+    c = torch.tensor([bool(x) for x in choosable], dtype=torch.bool)
+    if c.numel() != k or not bool(c.any()):
+        raise MaskError(f"choosable: expected {k} flags, one per operation, at least one true; got {list(choosable)}")
+    return c
+
+
 # ---------------------------------------------------------------------------------- random
-def random_masks(shapes: dict[str, tuple[int, int]], level: float, generator: torch.Generator) -> Masks:
-    """Bernoulli(level) per entry, at least one kept per edge."""
+def random_masks(shapes: dict[str, tuple[int, int]], level: float, generator: torch.Generator,
+                 choosable=None) -> Masks:
+    """Bernoulli(level) per entry; an edge without a ``choosable`` operation (per-operation
+    flags, ``choosable_ops``; default: every operation) also keeps one drawn uniformly from
+    the choosable ones."""
     _check_level(level)
     out = {}
     for name, (edges, k) in shapes.items():
+        c = _choosable(choosable, k)
+        pool = c.nonzero().flatten()
         m = torch.rand(edges, k, generator=generator) < level
         for e in range(edges):
-            if not bool(m[e].any()):
-                m[e, int(torch.randint(k, (1,), generator=generator))] = True
+            if not bool((m[e] & c).any()):
+                m[e, int(pool[int(torch.randint(len(pool), (1,), generator=generator))])] = True
         out[name] = m
     return out
 
@@ -77,17 +104,20 @@ def prune(
     level: float,
     *,
     rule: str = "operations",
+    choosable=None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Masks, list[dict]]:
     """Algorithm 1: prune ``masks`` with the ranking functions until the kept share (``rule``)
-    is at most ``level``. Returns the pruned masks and one record per round (scores and what was
-    removed)."""
+    is at most ``level``, never removing an edge's last ``choosable`` operation (per-operation
+    flags, ``choosable_ops``; default: every operation). Returns the pruned masks and one record
+    per round (scores and what was removed)."""
     _check_level(level)
     rankings = list(rankings)
     if not rankings:
         raise MaskError("rankings: Algorithm 1 needs at least one ranking function")
     initial = {n: m.clone() for n, m in masks.items()}
     current = {n: m.clone() for n, m in masks.items()}
+    keep = {n: _choosable(choosable, m.shape[1]) for n, m in masks.items()}
     rounds = []
     while kept_share(current, initial, rule) > level:
         candidates = [
@@ -96,6 +126,7 @@ def prune(
             for e in range(m.shape[0])
             if int(m[e].sum()) > 1
             for j in m[e].nonzero().flatten().tolist()
+            if not (keep[name][j] and int((m[e] & keep[name]).sum()) == 1)
         ]
         if not candidates:
             break
@@ -182,14 +213,16 @@ def zero_shot_masks(
     seed: int = 0,
     rule: str = "operations",
     batch_size: int = 128,
+    choosable=None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Masks, dict]:
-    """Algorithm 1 with the ETENAS ranking on ``images`` (3 x 128 in the paper). Returns the
-    masks and a record (rounds, seconds)."""
+    """Algorithm 1 with the ETENAS ranking on ``images`` (3 x 128 in the paper), keeping a
+    ``choosable`` operation on every edge (see ``prune``). Returns the masks and a record
+    (rounds, seconds)."""
     start = time.perf_counter()
     full = {name: torch.ones(edges, k, dtype=torch.bool) for name, (edges, k) in shapes.items()}
     rankings = etenas_rankings(build_proxy, images, inits, seed, batch_size)
-    masks, rounds = prune(full, rankings, level, rule=rule, progress=progress)
+    masks, rounds = prune(full, rankings, level, rule=rule, choosable=choosable, progress=progress)
     return masks, {"rounds": rounds, "seconds": time.perf_counter() - start}
 
 
@@ -208,9 +241,11 @@ def mask_record(masks: Masks, *, space: str, primitives: list[str], info: dict) 
     }
 
 
-def load_masks(path: str, shapes: dict[str, tuple[int, int]], primitives: list[str]) -> tuple[Masks, dict]:
+def load_masks(path: str, shapes: dict[str, tuple[int, int]], primitives: list[str],
+               exclude=()) -> tuple[Masks, dict]:
     """Read a mask file (``mask.json`` of an earlier run, or the ``mask`` field of its
-    ``result.json``) and check it fits this supernet."""
+    ``result.json``) and check it fits this supernet: every edge keeps an operation that a
+    derivation can choose (not ``none``, not in ``exclude``)."""
     if not os.path.isfile(path):
         raise MaskError(f"--mask: no mask file at {path} (expected 'random', 'zero-shot' or the path of a mask.json/result.json)")
     try:
@@ -237,6 +272,10 @@ def load_masks(path: str, shapes: dict[str, tuple[int, int]], primitives: list[s
         m = m.bool()
         if not bool(m.any(dim=1).all()):
             raise MaskError(f"--mask: {path}: '{name}' switches off every operation of some edge; keep one per edge")
+        dead = (~(m & _choosable(choosable_ops(primitives, exclude), k)).any(dim=1)).nonzero().flatten().tolist()
+        if dead:
+            raise MaskError(f"--mask: {path}: '{name}' leaves edge(s) {dead} only {sorted({'none', *exclude})}; "
+                            "keep an operation a derivation can choose on every edge")
         out[name] = m
     extra = set(record["masks"]) - set(shapes)
     if extra:

@@ -336,9 +336,10 @@ def _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log) -> 
         return None
     space = space_of(cfg)
     primitives = list(space.names)
+    choosable = M.choosable_ops(primitives, model.exclude)  # every edge keeps one a derivation can choose
     if cfg.mask == "random":
         g = torch.Generator().manual_seed(cfg.seed)
-        masks = M.random_masks(shapes, cfg.mask_level, g)
+        masks = M.random_masks(shapes, cfg.mask_level, g, choosable)
         extra = {"kind": "random", "level": cfg.mask_level, "seconds": 0.0}
     elif cfg.mask == "zero-shot":
         n = min(len(train_idx), cfg.mask_batches * cfg.mask_batch_size)
@@ -348,12 +349,13 @@ def _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log) -> 
         proxy = lambda: build_supernet(cfg, info.num_classes, info.channels, proxy=True)  # noqa: E731
         log(f"zero-shot mask: Algorithm 1 with the ETENAS ranking on {n} images, {cfg.mask_inits} inits, level {cfg.mask_level}")
         masks, rec = M.zero_shot_masks(proxy, shapes, images, cfg.mask_level, inits=cfg.mask_inits, seed=cfg.seed,
-                                       rule=cfg.mask_rule, batch_size=cfg.mask_batch_size, progress=log)
+                                       rule=cfg.mask_rule, batch_size=cfg.mask_batch_size, choosable=choosable,
+                                       progress=log)
         extra = {"kind": "zero-shot", "level": cfg.mask_level, "rule": cfg.mask_rule, "seconds": rec["seconds"],
                  "images": n, "inits": cfg.mask_inits, "rounds": len(rec["rounds"])}
         log(f"zero-shot mask: {rec['seconds']:.1f} s")
     else:
-        masks, record = M.load_masks(cfg.mask, shapes, primitives)
+        masks, record = M.load_masks(cfg.mask, shapes, primitives, model.exclude)
         extra = {"kind": "file", "file": os.path.abspath(cfg.mask), "source_kind": record.get("kind"),
                  "level": record.get("level"), "seconds": 0.0}
     kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())

@@ -140,7 +140,7 @@ def data_file(table: str = TABLE) -> str:
     if table != TABLE:
         if not os.path.isfile(table):
             raise OfflineTableError(f"table {table}: no such file (the analog-nasbench table is its package's "
-                                    f"{DATA_FILE}; {INSTALL}, then pass --table {TABLE})")
+                                    f"{DATA_FILE}; {INSTALL}, then name the table {TABLE!r})")
         return table
     try:
         dist = importlib.metadata.distribution(TABLE)

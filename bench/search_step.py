@@ -6,6 +6,8 @@ data) of the space's supernet, in a fresh process:
     python bench/search_step.py --space darts --mode topo --json
     python bench/search_step.py                      # DARTS space: plain vs topo, a table
     python bench/search_step.py --sweep              # Fig. 8: cost against the number of ops
+    python bench/search_step.py --counts --batch 2 --image-size 16 --merge separable
+                                                     # host work only (op calls): no memory, no timing
 
 Fields of the JSON line (one per measurement):
 
@@ -27,6 +29,26 @@ Fields of the JSON line (one per measurement):
   editable or on ``PYTHONPATH`` (a warning on stderr says so).
 * ``profile`` (with ``--profile [TOP]``): one more step under ``torch.profiler``, self time per
   ATen op type (``total_cpu_ms``, ``top`` rows ``op`` / ``calls`` / ``self_cpu_ms``, ``rest``).
+* ``op_calls``, ``op_calls_all``: host work of one forward + backward (cross-entropy, as timed),
+  counted after one warm-up pass by ``_harness.count_op_calls``. ``op_calls``: every ATen or
+  custom op call that reaches a ``TorchDispatchMode`` (what Python code, Python autograd
+  Functions and the autograd layer issue one by one; on a GPU each that does work is at least
+  one kernel launch from the host), split in ``op_calls_forward`` and ``op_calls_backward``.
+  ``op_calls_all``: every event ``torch.profiler`` records in one more such pass, nested calls
+  included (what a C++ op calls inside, the autograd engine's node events).
+  ``op_calls_step``, ``op_calls_all_step``: the same two for one whole search step of
+  first-order DARTS on the same supernet (``toponas_kernels.search.Darts.step``: architecture
+  step on one batch, weight step on another, each with its optimizer's update; on a CPU torch's
+  optimizers loop over the parameters, on a GPU they default to ``foreach``, so the step counts
+  differ between the two by the optimizers' share). ``op_calls_top``: the op types with most
+  dispatcher calls in the forward + backward (``op`` without overload, ``calls``, ``forward``,
+  ``backward``). Counted on one CPU thread (``count_op_calls``): the same code gives the same
+  numbers whatever the machine's load; the dispatcher's do not depend on the batch or image
+  size, the profiler's by a fraction of a percent (ATen's ``zero_`` calls ``fill_`` only on
+  larger tensors). Taken last (the whole step changes the weights); ``--counts`` takes only
+  them (no memory, no timing), ``--no-counts`` leaves them out.
+  With ``--compile`` both passes run the compiled step.
+* ``image_size``: height and width of the random images (``--image-size``, 32 by default).
 * ``merge``: the form of topo's merged convs (``--merge``); ``recompute``: the DARTS network
   reruns its cells in backward (``--recompute``); ``compile``, ``compile_seconds``:
   with ``--compile`` the step runs under ``torch.compile`` (``nas/compile.py``), compiled by one
@@ -196,16 +218,18 @@ def child(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build_model(args).to(device)
-    size = 32
+    size = args.image_size
     x = torch.randn(args.batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
     forward_loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    compiled = None
     if args.compile:
         from toponas_kernels.nas.compile import compile_step
 
-        compiled = compile_step(model)
-        forward_loss = lambda: compiled(x, y)  # noqa: E731
+        # (loss, logits), as the search runner compiles it, so the search step reuses the graph
+        compiled = compile_step(model, lambda logits, t: (torch.nn.functional.cross_entropy(logits, t), logits))
+        forward_loss = lambda: compiled(x, y)[0]  # noqa: E731
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -217,6 +241,30 @@ def child(args) -> dict:
         t0 = time.perf_counter()
         step()
         compile_seconds = time.perf_counter() - t0
+
+    record = {
+        "space": args.space,
+        "mode": args.mode,
+        "batch": args.batch,
+        "image_size": size,
+        "partial_channels": args.partial_channels,
+        "mask_fraction": args.mask_fraction,
+        "normalize": not args.no_normalize,
+        "merge": args.merge,
+        "recompute": args.recompute,
+        "compile": args.compile,
+        "compile_seconds": compile_seconds,
+        "num_ops": len(model.space),
+    }
+    info = {
+        "device": H.device_name(device),
+        "package": H.package_source(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if args.counts:  # host work only: no memory, no timing
+        return {**record, **host_work(args, model, forward_loss, compiled, x, y), **info}
 
     # Memory: the first step of a fresh process.
     if device.type == "cuda":
@@ -250,18 +298,10 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
     others = meter.share() if meter is not None else None
     profile = profile_step(step, device, args.profile) if args.profile else None
+    # Last: the whole search step's optimizer updates change the weights.
+    counts = host_work(args, model, forward_loss, compiled, x, y) if not args.no_counts else {}
     return {
-        "space": args.space,
-        "mode": args.mode,
-        "batch": args.batch,
-        "partial_channels": args.partial_channels,
-        "mask_fraction": args.mask_fraction,
-        "normalize": not args.no_normalize,
-        "merge": args.merge,
-        "recompute": args.recompute,
-        "compile": args.compile,
-        "compile_seconds": compile_seconds,
-        "num_ops": len(model.space),
+        **record,
         "peak_bytes": int(peak),
         "saved_bytes": int(saved),
         "saved_param_bytes": int(saved_params),
@@ -270,11 +310,43 @@ def child(args) -> dict:
         "profile": profile,
         "others_cpu": others,
         "busy_limit": BUSY_SHARE + max(0.0, 1.0 - torch.get_num_threads() / (os.cpu_count() or 1)),
-        "device": H.device_name(device),
-        "package": H.package_source(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()),
+        **counts,
+        **info,
+    }
+
+
+TOP_OP_TYPES = 15  # op types listed in op_calls_top
+
+
+def host_work(args, model, forward_loss, compiled, x, y) -> dict:
+    """Op calls (``_harness.count_op_calls``) of one forward + backward (``op_calls``,
+    ``op_calls_all``, split ``op_calls_forward`` / ``op_calls_backward``, the op types with most
+    calls in ``op_calls_top``) and of one whole first-order DARTS search step on the same supernet
+    (``op_calls_step``, ``op_calls_all_step``): ``toponas_kernels.search.Darts.step``, the
+    architecture step on one batch, then the weight step on another of the same shape, each with
+    its optimizer's update. Changes the weights."""
+    from toponas_kernels.search import Darts
+
+    def forward(_):
+        model.zero_grad(set_to_none=True)
+        return forward_loss()
+
+    pass_ = H.count_op_calls([("forward", forward), ("backward", lambda loss: loss.backward())])
+    method = Darts(model, epochs=1, space="nb201" if args.space == "nb201" else "darts")
+    if compiled is not None:
+        method.compiled_loss = compiled
+    gen = torch.Generator().manual_seed(1)
+    x_val = torch.randn(x.shape, generator=gen).to(x.device)
+    y_val = torch.randint(0, 10, y.shape, generator=gen).to(y.device)
+    whole = H.count_op_calls([("step", lambda _: method.step((x, y), (x_val, y_val)))])
+    return {
+        "op_calls": pass_["op_calls"],
+        "op_calls_all": pass_["op_calls_all"],
+        "op_calls_forward": pass_["op_calls_forward"],
+        "op_calls_backward": pass_["op_calls_backward"],
+        "op_calls_step": whole["op_calls"],
+        "op_calls_all_step": whole["op_calls_all"],
+        "op_calls_top": H.top_op_types(pass_["counts"], TOP_OP_TYPES),
     }
 
 
@@ -325,7 +397,7 @@ def measure(args, **override) -> dict:
     opts = vars(args).copy()
     opts.update(override)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
-    for key in ("space", "mode", "batch", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep", "merge"):
+    for key in ("space", "mode", "batch", "image_size", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep", "merge"):
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
     for key in ("partial_channels", "C", "cells", "threads"):
         if opts[key] is not None:
@@ -338,6 +410,10 @@ def measure(args, **override) -> dict:
         cmd.append("--recompute")
     if opts["saved_by_module"]:
         cmd.append("--saved-by-module")
+    if opts["counts"]:
+        cmd.append("--counts")
+    if opts["no_counts"]:
+        cmd.append("--no-counts")
     if opts.get("profile"):
         cmd += ["--profile", str(opts["profile"])]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -370,7 +446,37 @@ def compare(args, modes) -> list[dict]:
 def print_table(args, rows) -> None:
     """Costs and their ratios to plain (to the first row when plain was not measured)."""
     base = next((r for r in rows if r["mode"] == "plain"), rows[0])
-    print(f"\n{args.space} space, batch {args.batch}, device {base['device']}")
+    print(f"\n{args.space} space, batch {args.batch}, {args.image_size} x {args.image_size}, device {base['device']}")
+    if base.get("step_seconds") is not None:
+        print_costs(rows, base)
+    if base.get("op_calls") is not None:
+        print_counts(rows, base)
+    for r in rows:
+        if r.get("profile"):
+            print_profile(r)
+    return rows
+
+
+COUNT_COLUMNS = (("op_calls_forward", "forward"), ("op_calls_backward", "backward"), ("op_calls", "fwd+bwd"),
+                 ("op_calls_all", "profiler"), ("op_calls_step", "step"), ("op_calls_all_step", "profiler step"))
+
+
+def print_counts(rows, base, out=sys.stdout) -> None:
+    """Op calls: dispatcher counts of forward, backward and both, the profiler's count of both,
+    and the same two for a whole search step; the totals with their ratio to ``base``."""
+    print("\nop calls (dispatcher; profiler: nested calls included)", file=out)
+    print(f"{'mode':18s}" + "".join(f" {title:>14s}" for _, title in COUNT_COLUMNS), file=out)
+    for r in rows:
+        name = r["mode"] + (f" ({r['merge']})" if r["mode"] == "topo" else "")
+        cells = []
+        for key, _ in COUNT_COLUMNS:
+            ratio = "" if key in ("op_calls_forward", "op_calls_backward") else f" {r[key] / base[key]:4.1f}x"
+            cells.append(f"{r[key]:>{14 - len(ratio)}d}{ratio}")
+        print(f"{name:18s} " + " ".join(cells), file=out)
+
+
+def print_costs(rows, base) -> None:
+    """Peak memory, saved bytes and step time, with their ratios to ``base``."""
     print(f"{'mode':10s} {'peak':>14s} {'saved':>14s} {'step s':>9s}  peak/plain  saved/plain  time/plain")
     for r in rows:
         print(
@@ -378,10 +484,6 @@ def print_table(args, rows) -> None:
             f"  {r['peak_bytes'] / base['peak_bytes']:10.3f}  {r['saved_bytes'] / base['saved_bytes']:11.3f}"
             f"  {r['step_seconds'] / base['step_seconds']:10.3f}"
         )
-    for r in rows:
-        if r.get("profile"):
-            print_profile(r)
-    return rows
 
 
 def sweep(args) -> list[dict]:
@@ -401,17 +503,19 @@ def sweep(args) -> list[dict]:
         sep_dil = round(convs * 5 / 12)
         rec = measure(args, space="exaggerated", mode=mode, num_sep_dil=sep_dil, num_double_sep=convs - sep_dil)
         rows.append(rec)
-    slopes, time_slopes = {}, {}
-    for mode in ("plain", "topo"):
-        slopes[mode] = _slope([(r["num_ops"], r["peak_bytes"]) for r in rows if r["mode"] == mode])
-        time_slopes[mode] = _slope([(r["num_ops"], r["step_seconds"]) for r in rows if r["mode"] == mode])
     # Under --json, stdout holds only the JSON lines: the summary goes to stderr.
     out = sys.stderr if args.json else sys.stdout
-    print(f"\nmemory slope per added conv candidate: plain {_fmt_bytes(slopes['plain'])}, topo {_fmt_bytes(slopes['topo'])}"
-          f" (ratio {slopes['topo'] / slopes['plain']:.3f})", file=out)
-    print(f"step-time slope per added conv candidate: plain {time_slopes['plain']:.3f} s, topo {time_slopes['topo']:.3f} s"
-          f" (ratio {time_slopes['topo'] / time_slopes['plain']:.3f}; merge {args.merge})", file=out)
-    _plot_sweep(rows, args.plot, out)
+    per_candidate = (("peak_bytes", "memory", _fmt_bytes), ("step_seconds", "step-time", lambda v: f"{v:.3f} s"),
+                     ("op_calls", "op-call (forward + backward)", lambda v: f"{v:.0f}"))
+    print(file=out)
+    for key, what, show in per_candidate:
+        if rows[0].get(key) is None:
+            continue
+        slope = {mode: _slope([(r["num_ops"], r[key]) for r in rows if r["mode"] == mode]) for mode in ("plain", "topo")}
+        print(f"{what} slope per added conv candidate: plain {show(slope['plain'])}, topo {show(slope['topo'])}"
+              f" (ratio {slope['topo'] / slope['plain']:.3f}; merge {args.merge})", file=out)
+    if rows[0].get("peak_bytes") is not None:
+        _plot_sweep(rows, args.plot, out)
     return rows
 
 
@@ -467,6 +571,10 @@ def main(argv=None) -> int:
                    help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
     p.add_argument("--saved-by-module", action="store_true",
                    help="also split saved_bytes by the module that saved each storage (saved_by_module)")
+    p.add_argument("--image-size", type=int, default=32, help="height and width of the random images (32: CIFAR)")
+    p.add_argument("--counts", action="store_true",
+                   help="host work only: the op_calls fields, no memory or timing (seconds at batch 2, 16 x 16)")
+    p.add_argument("--no-counts", action="store_true", help="leave out the op_calls fields (they take a few more steps)")
     p.add_argument("--profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
                    help="after timing, profile one more step: self time per ATen op type, the TOP (12) largest")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
@@ -493,6 +601,12 @@ def main(argv=None) -> int:
         p.error(f"--partial-channels must be a positive integer, got {args.partial_channels}")
     if not 0.0 <= args.mask_fraction < 1.0:
         p.error(f"--mask-fraction must be in [0, 1), got {args.mask_fraction}")
+    if args.image_size < 8:
+        p.error(f"--image-size must be at least 8 (the network halves it twice), got {args.image_size}")
+    if args.counts and args.no_counts:
+        p.error("--counts and --no-counts exclude each other")
+    if args.counts and (args.profile or args.saved_by_module):
+        p.error("--counts measures op calls only: leave out --profile and --saved-by-module")
 
     if args.child:
         args.mode = args.mode or "plain"

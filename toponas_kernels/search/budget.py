@@ -60,7 +60,7 @@ def format_bytes(n: float) -> str:
 def _child(spec: dict) -> dict:
     """Runs in a fresh process: one warm-up and one timed search step at spec's batch."""
     from ..data import dataset_info
-    from .masks import random_masks
+    from .masks import choosable_ops, random_masks
     from .runner import PeakMemory, build_method, build_supernet, resolve_device
 
     cfg = SearchConfig(**spec["config"]).resolved()
@@ -78,7 +78,8 @@ def _child(spec: dict) -> dict:
     level = spec.get("mask_level")
     if level is not None and level < 1:
         shapes = {n: tuple(b.shape) for n, b in model.masks().items()}
-        for name, m in random_masks(shapes, level, torch.Generator().manual_seed(cfg.seed)).items():
+        choosable = choosable_ops(list(model.space.names), model.exclude)  # the masks a search would draw
+        for name, m in random_masks(shapes, level, torch.Generator().manual_seed(cfg.seed), choosable).items():
             model.get_buffer(name).copy_(m)
     method = build_method(cfg, model)
     method.begin_epoch(max(method.h["warmup_epochs"], 0))  # a step with the architecture update

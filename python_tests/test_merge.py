@@ -12,8 +12,9 @@ from utils import CUDA_KERNELS, assert_close, backend_cases, dtypes_for, noncont
 MODES = ["channel", "tensor", "none"]
 
 # (O, I, kernel sizes, dilations): O and I prime or 1; k in {1, 3, 5, 7}, dilations {1, 2, 3};
-# mixed sizes; K from 1 to 5 (5 > 4, the Triton launch's slots: two chunks). Every case runs
-# with contiguous and with non-contiguous inputs.
+# mixed sizes; K from 1 to 5 (5 > 4, the Triton launch's slots: two chunks; more candidates in
+# test_merge_many_candidates_in_chunks). Every case runs with contiguous and with non-contiguous
+# inputs.
 CASES = [
     pytest.param(1, 1, [3], [1], id="O1-I1-k3"),
     pytest.param(3, 2, [1, 3], [1, 1], id="O3-I2-k1,3"),
@@ -67,6 +68,65 @@ def test_merge_matches_reference(backend, device, O, I, sizes, dils, normalize):
                 # grad_w sums over a whole candidate: its error grows with the element count.
                 scale = 1.0 if i < len(ks) else max(1.0, max(k.numel() for k in ks) ** 0.5)
                 assert_close(a / scale, e / scale, dtype, f"grad {i} {tag}")
+
+
+def _many(k):
+    """K candidates cycling through sizes 3, 5, 3 and dilations 1, 2, 1, 3 (kmax 13). No 1x1:
+    statistics over a handful of elements make float32 too ill-conditioned to compare."""
+    return [(3, 5, 3)[i % 3] for i in range(k)], [(1, 2, 1, 3)[i % 4] for i in range(k)]
+
+
+# Chunk boundaries: the CUDA launch takes 8 candidates, the Triton launch 4 (so 8 and 16 are
+# whole chunks for both, 9 and 17 end with a chunk of one); the exaggerated space's separable
+# merge puts 12 candidates in one group.
+@pytest.mark.parametrize("k", [8, 9, 16, 17])
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_merge_many_candidates_in_chunks(backend, device, k):
+    """Forward and backward of K = 8..17 candidates (several launches, the forward's running sum
+    kept between them) against the float64 reference, in every mode."""
+    O, I, eps = 2, 2, 1e-5
+    sizes, dils = _many(k)
+    interpreted = backend == "triton" and device == "cpu"  # ~1 s a launch: float32 alone
+    for dtype in (torch.float32,) if interpreted else (torch.float32, torch.float64):
+        ks, w = _inputs(O, I, sizes, dtype, device)
+        ks = [t.requires_grad_() for t in ks]
+        w.requires_grad_()
+        for normalize in MODES:
+            out = ops.merge_kernels(ks, w, dils, normalize, eps, backend=backend)
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, ks + [w], g)
+            exp_out, exp_grads = _expected(ks, w, dils, normalize, eps, g)
+            tag = f"{backend} {dtype} K={k} {normalize}"
+            assert_close(out, exp_out, dtype, f"forward {tag}")
+            for i, (a, e) in enumerate(zip(grads, exp_grads)):
+                scale = 1.0 if i < k else max(1.0, O * I * 5.0)  # grad_w: a sum over a candidate
+                assert_close(a / scale, e / scale, dtype, f"grad {i} {tag}")
+
+
+def test_triton_merge_loops_over_blocks(monkeypatch):
+    """The Triton merge with blocks smaller than a channel and than O (each program loops over
+    its channel's elements, and "tensor" mode over the O channel rows in several blocks), as at
+    GPU block sizes with large kernels; the interpreter normally takes everything in one block."""
+    from toponas_kernels import _lib
+    from toponas_kernels.ops import _common
+    from toponas_kernels.ops import merge as G
+
+    if not (_lib.triton_available() and _common.INTERPRET):
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setattr(G, "_blocks", lambda O, n_out: (16, 2))
+    # I * 5 * 5 = 50 and I * 9 * 9 = 162 elements: several blocks of 16; O = 3 rows: two blocks
+    # of 2; K = 5: two chunks.
+    O, I, sizes, dils, eps = 3, 2, [3, 5, 3, 5, 3], [1, 2, 3, 1, 1], 1e-5
+    ks, w = _inputs(O, I, sizes, torch.float64, "cpu")
+    g = torch.randn(O, I, 9, 9, dtype=torch.float64)
+    for normalize in MODES:
+        out = G._merge_triton(ks, w, dils, normalize, eps)
+        assert out.shape == g.shape
+        grads = G._merge_backward_triton(g, ks, w, dils, normalize, eps)
+        exp_out, exp_grads = _expected(ks, w, dils, normalize, eps, g)
+        assert_close(out, exp_out, what=f"forward {normalize}")
+        for i, (a, e) in enumerate(zip(grads, exp_grads)):
+            assert_close(a, e, what=f"grad {i} {normalize}")
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())

@@ -221,8 +221,9 @@ def load_checkpoint(path: str, keys: tuple[str, ...]) -> dict:
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"'{found.group(1)}'" if found else "an object other than tensors and plain values"
-        raise CheckpointError(f"--resume: {path} holds {what}, which loading would import and could run code (a "
-                              f"checkpoint of this version holds tensors and plain values only); refused: {fix}") from None
+        raise CheckpointError(f"--resume: {path} holds {what}, which loading would import and could run code "
+                              f"(a checkpoint of this version holds tensors and plain values only); refused: "
+                              f"{fix}") from None
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError, ... on a bad file
         import zipfile
 

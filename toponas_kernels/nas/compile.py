@@ -17,6 +17,15 @@ host copies) are made eagerly before every step by ``prepare_host`` on every sup
 softmax sampler with fixed masks (DARTS, PC-DARTS, beta-DARTS) is thus one graph, forward and
 backward, without graph breaks.
 
+On CUDA tensors the same holds: which kernels a fused op runs (``backend.resolve``: the CUDA
+kernels when the extension was built with them, else Triton) is decided from constants fixed at
+import, which dynamo folds into the graph, so the choice costs no graph break
+(``python_tests/test_compile_cuda_trace.py`` traces the ops and whole supernets on fake CUDA
+tensors with ``fullgraph=True``). The fused ops stay opaque custom ops in the graph, each run by
+its own kernels; what compiling removes is the host work around them (the small elementwise
+ops of the per-step weights and statistics, fused by inductor) and, with
+``mode="reduce-overhead"``, the per-op launches altogether (CUDA graphs).
+
 What changes the graph. A supernet's graph depends on which candidates run: the masks
 (Zero-One-Shot, PC + mask) and, with a single-path sampler (``sampler="gumbel"``: GDAS; ROME),
 the sub-network sampled at every step. A new mask is a new graph. A sampled sub-network is

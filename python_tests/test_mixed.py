@@ -378,6 +378,31 @@ def test_triton_backward_strides_over_tiles(monkeypatch):
     for k, y in enumerate(ys):
         assert_close(grads[k], w[k] * g, what=f"grad_y[{k}]")
     assert_close(grads[-1], torch.stack([(g * y).sum() for y in ys]), what="grad_w")
+    # The forward over 13 programs, the last one partial, and two chunks (running sum).
+    assert_close(M._mixed_sum_triton(ys, w), R.mixed_sum_ref(ys, w), what="forward over tiles")
+
+
+def test_cpp_mixed_sum_blocks_and_threads(one_thread):
+    """The C++ kernels past one parallel grain (32768 elements) and one reduction block (4096),
+    with a tail: equal to the float64 reference, and bitwise the same on 1 and 2 threads (the
+    reductions run in fixed blocks, whatever the thread count)."""
+    from toponas_kernels import _lib
+
+    if not _lib.HAS_CPP:
+        pytest.skip("compiled extension not loaded")
+    n = 3 * 32768 + 4096 + 5
+    ys = [torch.randn(n, dtype=torch.float64).float() for _ in range(5)]
+    w, g = torch.randn(5).double().float(), torch.randn(n).double().float()
+    fwd, bwd = torch.ops.toponas.mixed_sum_kernel, torch.ops.toponas.mixed_sum_backward_kernel
+    one = (fwd(ys, w), bwd(g, ys, w))
+    torch.set_num_threads(2)
+    two = (fwd(ys, w), bwd(g, ys, w))
+    assert torch.equal(one[0], two[0]) and all(torch.equal(a, b) for a, b in zip(one[1], two[1]))
+    exp_out, exp_grads = _expected(ys, w, g)
+    assert_close(two[0], exp_out, torch.float32, "forward")
+    for i, (a, e) in enumerate(zip(two[1], exp_grads)):
+        scale = 1.0 if i < 5 else n**0.5  # grad_w: a sum of n products
+        assert_close(a / scale, e / scale, torch.float32, f"grad {i}")
 
 
 def test_an_eager_search_step_does_not_import_dynamo():

@@ -223,6 +223,33 @@ def test_cuda_kernels_registered():
             assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"toponas::{name}", key), (name, key)
 
 
+def test_triton_gpu_launch_sizes(monkeypatch):
+    """The launch sizes a GPU uses (tiles of 4096 elements, several rows per program, the
+    spatial blocks widened so grid axis 1 stays within CUDA's 65535), run through the
+    interpreter: partial row groups and several spatial blocks per row stay bitwise exact."""
+    from toponas_kernels.ops import _common
+    from toponas_kernels.ops import shuffle as S
+
+    if not (_lib.triton_available() and _common.INTERPRET):
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setattr(S, "INTERPRET", False)
+    for rows, s in ((36, 35), (3, 4096), (2, 5000), (100000, 1), (1, 2**28 + 1), (7, 65535 * 4096 + 1)):
+        per_prog, block_s, warps = S._launch_sizes(rows, s)
+        tag = f"rows={rows} s={s}: {per_prog} rows x {block_s}"
+        assert -(-s // block_s) <= S._MAX_GRID_1 and block_s >= min(s, 2), tag
+        assert per_prog * block_s <= max(S._GPU_TILE, block_s) and per_prog >= 1, tag
+        assert warps in (4, 8), tag
+    for shape, groups in (((3, 12, 5, 7), 4), ((1, 2, 5000), 2), ((2, 6, 4096), 3)):
+        x = _data(shape, torch.float32)
+        assert_bitwise(ops.channel_shuffle(x, groups, backend="triton"), R.channel_shuffle_ref(x, groups), f"{shape}")
+        p, q = x[:, : shape[1] // 3], x[:, shape[1] // 3 :]
+        assert_bitwise(
+            ops.partial_channel_shuffle(p, q, groups, backend="triton"),
+            R.partial_channel_shuffle_ref(p, q, groups),
+            f"partial {shape}",
+        )
+
+
 @pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("shape", [(0, 8, 3), (2, 8, 0, 4), (2, 0, 5)])
 def test_empty(backend, device, shape):

@@ -129,6 +129,33 @@ def test_triton_merge_loops_over_blocks(monkeypatch):
             assert_close(a, e, what=f"grad {i} {normalize}")
 
 
+def test_cpp_merge_threads(one_thread):
+    """The C++ merge on kernels large enough to split over threads (64 x 64 channels): bitwise the
+    same on 1 and 2 threads in every mode ("tensor" combines the channel rows in channel order),
+    and equal to the float64 reference."""
+    from toponas_kernels import _lib
+
+    if not _lib.HAS_CPP:
+        pytest.skip("compiled extension not loaded")
+    sizes, dils = [3, 5, 3], [1, 1, 2]
+    ks, w = _inputs(64, 64, sizes, torch.float32, "cpu")
+    g = torch.randn(64, 64, 5, 5)
+    fwd, bwd = torch.ops.toponas.merge_kernels_kernel, torch.ops.toponas.merge_kernels_backward_kernel
+    for normalize in MODES:
+        code = ops.merge.MODE_CODES[normalize]
+        torch.set_num_threads(1)
+        one = [fwd(ks, w, dils, code, 1e-5)] + list(bwd(g, ks, w, dils, code, 1e-5))
+        torch.set_num_threads(2)
+        two = [fwd(ks, w, dils, code, 1e-5)] + list(bwd(g, ks, w, dils, code, 1e-5))
+        for i, (a, b) in enumerate(zip(one, two)):
+            assert torch.equal(a, b), f"{normalize}: result {i} depends on the thread count"
+        exp_out, exp_grads = _expected(ks, w, dils, normalize, 1e-5, g)
+        assert_close(two[0], exp_out, torch.float32, f"forward {normalize}")
+        for i, (a, e) in enumerate(zip(two[1:], exp_grads)):
+            scale = 1.0 if i < len(ks) else 64 * 8.0  # grad_w: a sum over a whole candidate
+            assert_close(a / scale, e / scale, torch.float32, f"grad {i} {normalize}")
+
+
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_merge_stacked_input_and_determinism(backend, device):
     stacked = torch.randn(3, 4, 3, 3, 3, device=device, requires_grad=True)

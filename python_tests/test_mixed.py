@@ -209,6 +209,25 @@ def test_masked_softmax_fully_masked_row(backend, device):
                 assert_close(w[1:].detach().sum(-1), torch.ones(3, dtype=dtype, device=device), dtype, "rows sum to 1")
 
 
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_masked_softmax_many_rows(backend, device):
+    """More rows than one CUDA block of the softmax takes (128 threads, a row each): several
+    blocks and a partial last one; every 7th row fully masked."""
+    logits = torch.randn(3 * 128 + 5, 8, device=device, requires_grad=True)
+    mask = torch.rand(3 * 128 + 5, 8, device=device) > 0.5
+    mask[:, 3] = True
+    mask[::7] = False
+    p = ops.masked_softmax(logits, mask, tau=0.7, backend=backend)
+    g = torch.randn_like(p)
+    (grad,) = torch.autograd.grad(p, logits, g)
+    x64 = logits.detach().double().requires_grad_()
+    p64 = R.masked_softmax_ref(x64, mask, 0.7)
+    (grad64,) = torch.autograd.grad(p64, x64, g.double())
+    assert_close(p, p64, torch.float32, f"forward {backend}")
+    assert_close(grad, grad64, torch.float32, f"grad {backend}")
+    assert torch.all(p[::7] == 0) and torch.all(grad[::7] == 0)
+
+
 def test_masked_softmax_reference_fully_masked_row_has_no_nan_inside():
     """The reference's own autograd graph stays finite for a fully masked row (a NaN inside it
     would surface in double backward), and its second derivative there is 0 as well."""

@@ -60,9 +60,9 @@ def _data():
     "kw, masked",
     [
         (dict(), False),
-        (dict(), True),
-        (dict(partial_channels=2), False),  # PC-DARTS: edge normalization, bypass pools
-        (dict(partial_channels=2, recompute=True), True),  # and the network's cell recomputation
+        pytest.param(dict(), True, marks=pytest.mark.slow),
+        pytest.param(dict(partial_channels=2), False, marks=pytest.mark.slow),  # PC-DARTS: edge normalization, bypass pools
+        pytest.param(dict(partial_channels=2, recompute=True), True, marks=pytest.mark.slow),  # and cell recomputation
     ],
     ids=["darts", "darts-mask", "pc", "pc-mask-recompute"],
 )
@@ -90,6 +90,7 @@ def test_topo_step_is_one_graph_with_eager_values(kw, masked):
         torch.testing.assert_close(b, r, **TIGHT, msg=name)
 
 
+@pytest.mark.slow
 def test_a_new_mask_is_a_new_graph():
     """Masks are read through their host copy, which ``compile_step`` refreshes before every
     step: a new mask gives a new graph, computing with the new mask."""
@@ -105,6 +106,7 @@ def test_a_new_mask_is_a_new_graph():
     assert backend.graphs == 2
 
 
+@pytest.mark.slow
 def test_gdas_step_compiles_a_bounded_number_of_graphs():
     """GDAS' sampled sub-network is known only after the sample is read back (a graph break):
     the rest of the step compiles once per new sub-network up to ``max_graphs`` and then runs

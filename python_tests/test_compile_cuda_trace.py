@@ -164,9 +164,9 @@ _SMALL = dict(C=4, layers=3, steps=1, multiplier=1, mode="topo")
     "make, choice",
     [
         pytest.param(lambda: DartsSearchNetwork(**_SMALL), True, id="darts-cuda-kernels"),
-        pytest.param(lambda: DartsSearchNetwork(**_SMALL), False, id="darts-triton"),
-        pytest.param(lambda: _masked_darts(**_SMALL, merge="separable"), True, id="darts-separable-mask"),
-        pytest.param(lambda: DartsSearchNetwork(**_SMALL, partial_channels=2), True, id="pc-darts"),
+        pytest.param(lambda: DartsSearchNetwork(**_SMALL), False, id="darts-triton", marks=pytest.mark.slow),
+        pytest.param(lambda: _masked_darts(**_SMALL, merge="separable"), True, id="darts-separable-mask", marks=pytest.mark.slow),
+        pytest.param(lambda: DartsSearchNetwork(**_SMALL, partial_channels=2), True, id="pc-darts", marks=pytest.mark.slow),
         pytest.param(lambda: NB201SearchNetwork(C=4, N=1, mode="topo"), True, id="nb201"),
     ],
     indirect=["choice"],

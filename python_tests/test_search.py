@@ -120,7 +120,11 @@ def darts_zero_shot(tmp_path_factory):
     return cfg, run(cfg, log=quiet)
 
 
-@pytest.mark.parametrize("space,method,topo,mask", CASES, ids=["-".join(str(v) for v in c) for c in CASES])
+# The DARTS-space zero-shot cases (Algorithm 1 runs once for all of them) run under -m slow.
+@pytest.mark.parametrize("space,method,topo,mask", [
+    pytest.param(*c, id="-".join(str(v) for v in c),
+                 marks=[pytest.mark.slow] if c[0] == "darts" and c[3] == "zero-shot" else [])
+    for c in CASES])
 def test_search_end_to_end(space, method, topo, mask, tmp_path, request):
     if mask == "zero-shot" and space == "darts":
         cfg, first = request.getfixturevalue("darts_zero_shot")

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import toponas_kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_cost.py"
 
 
+@pytest.mark.slow
 def test_search_cost_quick(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\nkept text\n")
@@ -56,6 +59,7 @@ def test_search_cost_quick(tmp_path):
     assert results.read_text().count("<!-- search_cost nb201 cpu -->") == 1
 
 
+@pytest.mark.slow
 def test_search_quality_quick(tmp_path):
     """bench/search_quality.py --quick: search, retrain, summarize; a second start reuses the
     finished runs instead of running them again."""
@@ -81,6 +85,7 @@ def test_search_quality_quick(tmp_path):
     assert {f: f.stat().st_mtime for f in (tmp_path / "w").glob("*/row.json")} == stamp
 
 
+@pytest.mark.slow
 def test_search_cost_rows_resume(tmp_path):
     """--rows FILE: rows are appended as they are measured and reused by a second start, which
     runs only what is missing."""
@@ -99,6 +104,7 @@ def test_search_cost_rows_resume(tmp_path):
     assert again[0] == first[0] and [(r["label"], r["topo"]) for r in again] == [("gdas", "plain"), ("gdas", "topo")]
 
 
+@pytest.mark.slow
 def test_search_quality_quick_darts_space(tmp_path):
     """--space darts: darts plain, TopoNAS and TopoNAS with the separable merge on the DARTS
     space; the collapse share is read from the DARTS genotypes (skip and pools)."""

@@ -224,6 +224,7 @@ def test_cli_json_darts():
     ]
 
 
+@pytest.mark.slow
 def test_cli_text_and_other_spaces():
     res = _cli("simplify", "--space", "exaggerated", "--num-sep-dil", "2", "--num-double-sep", "3", "--stride", "2")
     assert res.returncode == 0, res.stderr

@@ -311,6 +311,7 @@ def test_bad_options_are_named(tmp_path, change, expected):
     assert expected in str(info.value)
 
 
+@pytest.mark.slow
 def test_search_then_train_in_one_command(tmp_path):
     import subprocess
     import sys

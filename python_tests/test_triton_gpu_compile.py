@@ -113,6 +113,7 @@ def compile_all() -> list:
     return list(compiled.values())
 
 
+@pytest.mark.slow  # minutes of cold Triton compiles; CI runs it under -m slow and in the CPU-only build
 def test_triton_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

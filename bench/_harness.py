@@ -478,8 +478,9 @@ def count_profiler_ops(fn) -> int:
     """Number of events ``torch.profiler`` records on the CPU during ``fn()``: every op call with
     the calls nested in it (what a C++ op calls inside, ``aten::empty`` of an output), the
     autograd engine's node events, and ``record_function`` ranges (an optimizer's step). Counted
-    on the profiler's raw event list, which keeps a few events that ``prof.events()`` merges
-    (2 in 28 k for the forward + backward of a 3-cell DARTS network)."""
+    on the profiler's raw event list: ``prof.events()`` drops a call made directly inside a call
+    of the same name (``aten::sum`` of one overload calling another) as a duplicate, 0.01 % of
+    a plain DARTS forward + backward's events and 1.7 % of a separable topo one's."""
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr():

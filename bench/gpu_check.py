@@ -46,8 +46,9 @@ RECORD = "gpu_check.json"
 SUMMARY = "gpu_check_summary.md"
 LOG = "gpu_check.log"
 
-# (name, title), in the order gpu_check.sh runs them. The Triton tests come last: their cold
-# compiles take whatever time the budget has left, and a cut-short phase still counts its tests.
+# (name, title), in the order gpu_check.sh runs them: correctness first, the compiled-Triton
+# tests after the cheaper phases (their cold compiles take what time the budget has left) and
+# the op benchmark last (its rows are recorded as they come, so a cut run still has some).
 PHASES = (
     ("env", "environment record"),
     ("build", "in-place build (sm_90, MAX_JOBS = cores)"),
@@ -55,11 +56,11 @@ PHASES = (
     ("tests_cuda", "CUDA-marked tests: the other CUDA-backend cases"),
     ("large_shapes", "every op, large shapes, against float64"),
     ("compile_probe", "torch.compile of the ops"),
-    ("ops_quick", "bench/ops.py --quick"),
     ("search_plain", "bench/search_step.py plain"),
     ("search_topo", "bench/search_step.py topo"),
     ("search_separable", "bench/search_step.py topo --merge separable"),
     ("tests_triton", "CUDA-marked tests: compiled Triton"),
+    ("ops_quick", "bench/ops.py --quick"),
 )
 PHASE_NAMES = tuple(name for name, _ in PHASES)
 STATUSES = ("ok", "failed", "timeout", "skipped", "not_run")
@@ -115,6 +116,11 @@ def environment() -> dict:
         "python_executable": sys.executable,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        env["cpu"] = re.search(r"model name\s*:\s*(.*)", cpuinfo).group(1).strip()
+    except (OSError, AttributeError):
+        env["cpu"] = platform.processor() or None
     try:
         meminfo = Path("/proc/meminfo").read_text()
         env["memory_gib"] = round(int(re.search(r"MemTotal:\s+(\d+)", meminfo).group(1)) / 2**20, 1)
@@ -269,10 +275,10 @@ def large_cases(device: str, backends: list[str], dtypes: list, shape: tuple[int
     from toponas_kernels.ops import reference as R
 
     B, C, H, W = shape
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where used: 16M values per tensor on a GPU
 
     def randn(*size, dtype):
-        return torch.randn(*size, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        return torch.randn(*size, generator=gen, device=device, dtype=torch.float64).to(dtype)
 
     # K candidates for merge_kernels: sizes and dilations of the DARTS convs and beyond (kmax 9)
     sizes = [1, 3, 5, 3, 5, 7, 3, 5][:k] if k <= 8 else ([1, 3, 5, 7] * k)[:k]
@@ -315,8 +321,8 @@ def large_cases(device: str, backends: list[str], dtypes: list, shape: tuple[int
 
             def softmax_rows(backend=backend, dtype=dtype, dn=dn):
                 logits = randn(B * C, k, dtype=dtype)
-                mask = torch.rand(B * C, k, generator=gen).to(device) < 0.6
-                mask[torch.arange(B * C, device=device), torch.randint(0, k, (B * C,), generator=gen).to(device)] = True
+                mask = torch.rand(B * C, k, generator=gen, device=device) < 0.6
+                mask[torch.arange(B * C, device=device), torch.randint(0, k, (B * C,), generator=gen, device=device)] = True  # one kept
                 fn = lambda x: ops.masked_softmax(x, mask, tau=0.7, backend=backend)  # noqa: E731
                 ref = lambda x: R.masked_softmax_ref(x, mask, 0.7)  # noqa: E731
 
@@ -710,7 +716,7 @@ def render_summary(rec: dict) -> str:
         f"started {rec.get('started')}, finished {rec.get('finished') or '(not finished)'}, "
         f"{_fmt(rec.get('elapsed_s'))} s of a {_fmt(rec.get('budget_s'))} s budget",
         "",
-        f"- commit {env.get('commit', '?')}; device {env.get('gpu') or 'CPU'}"
+        f"- commit {env.get('commit', '?')}; device {env.get('gpu') or 'CPU (' + str(env.get('cpu')) + ')'}"
         f"{' (' + str(env.get('gpu_capability')) + ', ' + str(env.get('gpu_memory_gib')) + ' GiB)' if env.get('gpu') else ''}; "
         f"{env.get('cores', '?')} cores, {env.get('memory_gib', '?')} GiB",
         f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, python {env.get('python')}, "
@@ -746,11 +752,11 @@ def render_summary(rec: dict) -> str:
                          f"{_fmt(r['speedup_vs_eager'], '{:.2f}')} | {_fmt(r['rel_err'], '{:.1e}')} |")
     search = [(n, phases[n].get("numbers")) for n in PHASE_NAMES if n.startswith("search_") and phases[n].get("numbers")]
     if search:
-        lines += ["", "## bench/search_step.py", "", "| mode | merge | space | batch | step s | peak MiB | saved MiB | op calls |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "## bench/search_step.py", "", "| mode | merge | space | batch | image | step s | peak MiB | saved MiB | op calls |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for _, n in search:
             mib = lambda b: _fmt(b / 2**20 if b is not None else None, "{:.1f}")  # noqa: E731
-            lines.append(f"| {n.get('mode')} | {n.get('merge')} | {n.get('space')} | {n.get('batch')} | "
+            lines.append(f"| {n.get('mode')} | {n.get('merge')} | {n.get('space')} | {n.get('batch')} | {n.get('image_size')} | "
                          f"{_fmt(n.get('step_seconds'), '{:.4g}')} | {mib(n.get('peak_bytes'))} | {mib(n.get('saved_bytes'))} | "
                          f"{_fmt(n.get('op_calls'))} |")
     return "\n".join(lines) + "\n"

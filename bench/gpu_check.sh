@@ -8,9 +8,9 @@
 # run fits 9 minutes): environment record; in-place build (sm_<the GPU's capability>, 9.0 by
 # default; MAX_JOBS = cores; CUDA_HOME found); the CUDA-marked tests in isolated pytest processes
 # (one sticky CUDA error fails only its own process); every op at large shapes on both GPU
-# backends against float64; a torch.compile probe on CUDA tensors; bench/ops.py --quick;
-# bench/search_step.py --device cuda --batch 64 plain / topo / topo --merge separable; last, the
-# compiled-Triton tests (cold compiles take what time is left).
+# backends against float64; a torch.compile probe on CUDA tensors;
+# bench/search_step.py --device cuda --batch 64 plain / topo / topo --merge separable; the
+# compiled-Triton tests (cold compiles: after the cheaper phases); last bench/ops.py --quick.
 #
 # Written after every phase, so a run cut short still reports what finished (at most 4 files):
 #   gpu_check.json        per phase: status (ok/failed/timeout/skipped/not_run), seconds, box,
@@ -126,13 +126,13 @@ if [ $DRY = 1 ]; then
     # which takes minutes on a small CPU (GPU_CHECK_COMPILE_BACKEND=inductor to include it)
     phase compile_probe 120 "${G[@]}" compile --device cpu --backend "${GPU_CHECK_COMPILE_BACKEND:-aot_eager}" \
         --result "$WORK/compile_probe.json"
-    phase ops_quick 120 "$PY" bench/ops.py --quick --device cpu --no-compile --ops mixed_sum,channel_shuffle \
-        --threads 1 --json --csv "$OUT_DIR/ops_quick.csv"
     SMALL=(--device cpu --batch 2 --repeats 1 --C 4 --cells 2 --image-size 8 --threads 1 --no-counts --json)
     phase search_plain 120 "$PY" bench/search_step.py "${SMALL[@]}" --mode plain
     phase search_topo 120 "$PY" bench/search_step.py "${SMALL[@]}" --mode topo
     phase search_separable 120 "$PY" bench/search_step.py "${SMALL[@]}" --mode topo --merge separable
     skip tests_triton "$NO_GPU (compiled Triton)"
+    phase ops_quick 120 "$PY" bench/ops.py --quick --device cpu --no-compile --ops mixed_sum,channel_shuffle \
+        --threads 1 --json --csv "$OUT_DIR/ops_quick.csv"
 else
     # ------------------------------------------------------------------------ build in place
     CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ')
@@ -151,16 +151,19 @@ else
     # ------------------------------------------------------------------------ tests
     PYTEST=("$PY" -m pytest -v -p no:cacheprovider -rfE --color=no)   # PYTHONPATH: the in-place build
     phase tests_cuda_vector 60 "${PYTEST[@]}" -m cuda python_tests/test_cuda_vector.py
-    phase tests_cuda 90 "${PYTEST[@]}" -m cuda -k "not triton" python_tests --ignore=python_tests/test_cuda_vector.py
+    # bench/ops.py on the GPU is the ops_quick phase below: not run twice
+    phase tests_cuda 90 "${PYTEST[@]}" -m cuda -k "not triton" python_tests --ignore=python_tests/test_cuda_vector.py \
+        --deselect python_tests/test_bench.py::test_quick_run_gpu
     phase large_shapes 90 "${G[@]}" large --device cuda --result "$WORK/large_shapes.json"
     phase compile_probe 90 "${G[@]}" compile --device cuda --result "$WORK/compile_probe.json"
-    phase ops_quick 60 "$PY" bench/ops.py --quick --device cuda --json --csv "$OUT_DIR/ops_quick.csv"
     phase search_plain 45 "$PY" bench/search_step.py --device cuda --batch 64 --mode plain --json
     phase search_topo 45 "$PY" bench/search_step.py --device cuda --batch 64 --mode topo --json
     phase search_separable 45 "$PY" bench/search_step.py --device cuda --batch 64 --mode topo --merge separable --json
-    phase tests_triton 240 "${PYTEST[@]}" -m cuda -k triton python_tests
+    phase tests_triton 180 "${PYTEST[@]}" -m cuda -k triton python_tests
+    phase ops_quick 90 "$PY" bench/ops.py --quick --device cuda --json --csv "$OUT_DIR/ops_quick.csv"
 fi
 
+rm -f "$OUT_DIR/ops_quick.csv.lock"   # bench/ops.py's lock beside its CSV
 "${G[@]}" finish --out "$OUT_DIR" --elapsed $(( $(date +%s) - START ))
 rc=$?
 [ $FAILED = 0 ] || rc=1

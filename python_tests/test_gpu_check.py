@@ -69,6 +69,8 @@ def test_dry_run_records_every_phase(dry_run):
     for name in gpu_check.PHASE_NAMES:
         assert f"| {name} |" in summary
     assert "=== search_separable" in (out / "gpu_check.log").read_text()
+    # what a device run brings back: a few plain files in one folder (at most 8)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check_summary.md", "ops_quick.csv"]
 
 
 def test_dry_run_large_shape_check_compared_values(dry_run):

@@ -23,7 +23,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import reference_defaults
+
+# Reference values. DARTS space (DARTS, PC-DARTS, beta-DARTS, GDAS, ROME papers and code) and
+# NAS-Bench-201 (its DARTS/GDAS search settings). Where a paper states nothing for a space, the
+# DARTS-space value of the same method is used (said in docs/SEARCH.md). A method class lists
+# what differs for it in ``SearchMethod.reference``.
+COMMON_REFERENCE = dict(
+    epochs=50, batch_size=64, lr=0.025, lr_min=0.001, momentum=0.9, nesterov=False, weight_decay=3e-4,
+    grad_clip=5.0, arch_lr=3e-4, arch_weight_decay=1e-3, arch_betas=(0.5, 0.999), warmup_epochs=0,
+    partial_channels=None, beta_lambda=0.0, tau_max=10.0, tau_min=0.1, rome_samples=7,
+)
+NB201_REFERENCE = dict(nesterov=True, weight_decay=5e-4)
 
 
 class SearchMethod:
@@ -41,12 +51,30 @@ class SearchMethod:
     name = "darts"
     #: the architecture step runs before the weight step (DARTS); GDAS and ROME run it after.
     arch_first = True
+    #: how the supernet weighs an edge's operations: "softmax" (all run, mixed) or "gumbel" (one
+    #: sampled operation runs; such methods take no partial channels)
+    sampler = "softmax"
+    #: operations of the space the method never mixes or samples (ROME: "none")
+    exclude: tuple[str, ...] = ()
+    #: DARTS-space network: learn which two inputs each node keeps (ROME's topology betas)
+    topology = False
+    #: this method's reference hyperparameters where they differ from ``COMMON_REFERENCE``
+    reference: dict = {}
+
+    @classmethod
+    def reference_defaults(cls, space: str) -> dict:
+        """The hyperparameters this method uses on ``space`` when the user sets none."""
+        out = dict(COMMON_REFERENCE)
+        if space == "nb201":
+            out.update(NB201_REFERENCE)
+        out.update(cls.reference)
+        return out
 
     def __init__(self, model: nn.Module, *, epochs: int, space: str = "darts", **hparams):
         for attr in ("arch_parameters", "weight_parameters"):
             if not callable(getattr(model, attr, None)):
                 raise TypeError(f"model: a supernet needs {attr}() (the package's supernets have it)")
-        defaults = reference_defaults(self.name, space)
+        defaults = self.reference_defaults(space)
         unknown = set(hparams) - set(defaults)
         if unknown:
             raise TypeError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(defaults)}")

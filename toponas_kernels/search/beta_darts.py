@@ -18,6 +18,7 @@ from .base import SearchMethod
 
 class BetaDarts(SearchMethod):
     name = "beta-darts"
+    reference = dict(beta_lambda=0.5)
 
     def coefficient(self) -> float:
         return self.h["beta_lambda"] * self.epoch

@@ -1,6 +1,6 @@
-"""What a search run is: ``SearchConfig``, the reference hyperparameters of every method on every
-space (the reference facts of docs/REFERENCE.md, with the settings in ``docs/SEARCH.md``), and the checks that refuse what is
-not defined.
+"""What a search run is: ``SearchConfig``, the names it accepts, and the checks that refuse what
+is not defined. Each method class holds its reference hyperparameters (``search/base.py`` and the
+method modules; the settings are in ``docs/SEARCH.md``); ``METHODS`` is ``methods.METHOD_CLASSES``.
 
 Every field left ``None`` takes the method's reference value for the space (``resolved()``), so
 ``SearchConfig(space="darts", method="pc-darts", dataset="cifar10")`` is PC-DARTS as published.
@@ -13,44 +13,29 @@ from dataclasses import dataclass
 
 from ..nas import spaces as S
 
-METHODS = ("darts", "darts2", "pc-darts", "beta-darts", "gdas", "rome")
+from ..nas.forms import MERGE_CHOICES as MERGES
+from ..nas.simplify import MODES
+from .methods import METHOD_CLASSES
+
+METHODS = tuple(METHOD_CLASSES)
 SPACES = ("darts", "nb201", "exaggerated")
-TOPO_MODES = ("plain", "pms", "pms+fms", "topo")
+#: the TopoNAS modes, named as ``nas.simplify.MODES`` names them; the ``topo`` option is the
+#: ``mode=`` argument of the supernets and ``FusedMixedOp``
+TOPO_MODES = tuple(MODES)
 MASK_KINDS = ("random", "zero-shot")
 MASK_RULES = ("operations", "architectures")
-MERGES = ("auto", "dense", "stacked", "separable")
 
 
 class ConfigError(ValueError):
     """A search configuration that cannot run; the message names the option and the fix."""
 
 
-# Reference values. DARTS space (DARTS, PC-DARTS, beta-DARTS, GDAS, ROME papers and code) and
-# NAS-Bench-201 (its DARTS/GDAS search settings). Where a paper states nothing for a space, the
-# DARTS-space value of the same method is used (said in docs/SEARCH.md).
-_COMMON = dict(
-    epochs=50, batch_size=64, lr=0.025, lr_min=0.001, momentum=0.9, nesterov=False, weight_decay=3e-4,
-    grad_clip=5.0, arch_lr=3e-4, arch_weight_decay=1e-3, arch_betas=(0.5, 0.999), warmup_epochs=0,
-    partial_channels=None, beta_lambda=0.0, tau_max=10.0, tau_min=0.1, rome_samples=7,
-)
-_METHOD = {
-    "darts": {},
-    "darts2": {},
-    "beta-darts": dict(beta_lambda=0.5),
-    "pc-darts": dict(batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, warmup_epochs=15, partial_channels=4),
-    "gdas": dict(epochs=250),
-    "rome": {},
-}
-_NB201 = dict(nesterov=True, weight_decay=5e-4)
-
-
 def reference_defaults(method: str, space: str) -> dict:
-    """The hyperparameters a method uses on a space when the user sets none."""
-    out = dict(_COMMON)
-    if space == "nb201":
-        out.update(_NB201)
-    out.update(_METHOD[method])
-    return out
+    """The hyperparameters a method uses on a space when the user sets none (each method class
+    holds its own, ``SearchMethod.reference_defaults``)."""
+    if method not in METHOD_CLASSES:
+        raise ConfigError(f"--method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHOD_CLASSES[method].reference_defaults(space)
 
 
 @dataclass
@@ -169,7 +154,7 @@ class SearchConfig:
             raise ConfigError(f"--train-portion: expected a fraction strictly between 0 and 1, got {self.train_portion!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.partial_channels is not None and self.method in ("gdas", "rome"):
+        if self.partial_channels is not None and METHOD_CLASSES[self.method].sampler != "softmax":
             raise ConfigError(
                 f"--partial-channels: not defined for {self.method} (a single sampled path per edge already "
                 "runs; partial channels belong to pc-darts and the DARTS-family methods)"

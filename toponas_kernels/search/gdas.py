@@ -16,12 +16,14 @@ from .base import SearchMethod
 class GDAS(SearchMethod):
     name = "gdas"
     arch_first = False
+    sampler = "gumbel"
+    reference = dict(epochs=250)
 
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
         if not hasattr(model, "sampler"):
             raise TypeError("model: GDAS needs a supernet with a Gumbel sampler (sampler, tau attributes)")
-        model.sampler = "gumbel"
+        model.sampler = self.sampler
 
     def tau(self) -> float:
         lo, hi = self.h["tau_min"], self.h["tau_max"]

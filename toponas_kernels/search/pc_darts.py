@@ -18,6 +18,7 @@ from .base import SearchMethod
 
 class PCDarts(SearchMethod):
     name = "pc-darts"
+    reference = dict(batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, warmup_epochs=15, partial_channels=4)
 
     def schedule(self) -> dict:
         return {**super().schedule(), "arch_updates": self.updates_arch()}

@@ -21,6 +21,9 @@ from .gdas import GDAS
 
 class ROME(GDAS):
     name = "rome"
+    exclude = ("none",)
+    topology = True
+    reference = {}  # the DARTS settings, not GDAS' 250 epochs
 
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)

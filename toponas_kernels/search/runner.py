@@ -37,7 +37,12 @@ RESULT = "result.json"
 
 
 class Interrupted(RuntimeError):
-    """Raised by the test hook ``_interrupt_after``: the run stops as if killed."""
+    """Raised when ``_INTERRUPT_AFTER`` steps are done: the run stops as if killed."""
+
+
+#: a test hook, not an option: set (e.g. with pytest's monkeypatch) to stop the run with
+#: ``Interrupted`` once this many steps are done; None runs to the end
+_INTERRUPT_AFTER: int | None = None
 
 
 # ====================================================================================== set-up
@@ -50,10 +55,11 @@ def space_of(config: SearchConfig) -> S.SearchSpace:
 def build_supernet(config: SearchConfig, num_classes: int, in_channels: int, *, proxy: bool = False) -> torch.nn.Module:
     """The supernet of ``config`` (resolved), or the tiny ETENAS proxy of the same space."""
     space = space_of(config)
-    method = config.method
-    sampler = "gumbel" if method in ("gdas", "rome") and not proxy else "softmax"
-    exclude = ("none",) if method == "rome" and "none" in space and not proxy else ()
+    method = METHOD_CLASSES[config.method]
+    sampler = "softmax" if proxy else method.sampler
+    exclude = () if proxy else tuple(name for name in method.exclude if name in space)
     common = dict(space=space, sampler=sampler, exclude=exclude, in_channels=in_channels, num_classes=num_classes)
+    # the ``topo`` option is the supernets' (and FusedMixedOp's) ``mode``
     if proxy:
         common.update(mode="plain")
     else:
@@ -63,7 +69,7 @@ def build_supernet(config: SearchConfig, num_classes: int, in_channels: int, *, 
         C, N = (3, 1) if proxy else (config.init_channels, config.layers)
         return NB201SearchNetwork(C, N, **common)
     C, layers = (1, 8) if proxy else (config.init_channels, config.layers)
-    return DartsSearchNetwork(C, layers=layers, topology=(method == "rome" and not proxy),
+    return DartsSearchNetwork(C, layers=layers, topology=method.topology and not proxy,
                               recompute=config.recompute_cells and not proxy, **common)
 
 
@@ -137,7 +143,7 @@ class _Cycle:
 
 
 # ====================================================================================== run
-def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_after: int | None = None) -> dict:
+def run(config: SearchConfig, *, log: Callable[[str], None] = say) -> dict:
     """Run (or resume) the search of ``config`` and return its result (also in
     ``config.out/result.json``). ``log`` receives the one-line messages."""
     cfg = config.resolved()
@@ -286,7 +292,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say, _interrupt_af
             if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
                 t_epoch = bank_epoch_progress(run_state, clock, sums, t_epoch)
                 save()
-            if _interrupt_after is not None and done_steps >= _interrupt_after:
+            if _INTERRUPT_AFTER is not None and done_steps >= _INTERRUPT_AFTER:
                 raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
         if bar is not None:
             bar.close()

@@ -31,6 +31,7 @@ from toponas_kernels.search import (
     run,
 )
 from toponas_kernels.search import masks as M
+from toponas_kernels.search import runner as search_runner
 from toponas_kernels.search.runner import Interrupted
 
 METHODS = ("darts", "darts2", "pc-darts", "beta-darts", "gdas", "rome")
@@ -196,12 +197,14 @@ def test_val_batches_differ_from_step_to_step(tmp_path, monkeypatch):
             assert not torch.equal(seen[i], seen[j])
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     base = dict(steps_per_epoch=None, train_size=32, batch_size=4, epochs=2, checkpoint_every=2)
     full = run(tiny("nb201", "gdas", tmp_path / "full", **base), log=quiet)
     cut = tiny("nb201", "gdas", tmp_path / "cut", **base)
+    monkeypatch.setattr(search_runner, "_INTERRUPT_AFTER", 7)  # epoch 2, step 3: the last checkpoint is at step 2
     with pytest.raises(Interrupted):
-        run(cut, log=quiet, _interrupt_after=7)  # epoch 2, step 3: the last checkpoint is at step 2
+        run(cut, log=quiet)
+    monkeypatch.setattr(search_runner, "_INTERRUPT_AFTER", None)
     with pytest.raises(ConfigError, match="--resume"):
         run(cut, log=quiet)
     cut.resume = True

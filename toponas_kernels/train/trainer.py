@@ -54,7 +54,12 @@ REFERENCE = {
 
 
 class Interrupted(RuntimeError):
-    """Raised by the test hook ``_interrupt_after``: the run stops as if killed."""
+    """Raised when ``_INTERRUPT_AFTER`` steps are done: the run stops as if killed."""
+
+
+#: a test hook, not an option: set (e.g. with pytest's monkeypatch) to stop the run with
+#: ``Interrupted`` once this many steps are done; None runs to the end
+_INTERRUPT_AFTER: int | None = None
 
 
 @dataclass
@@ -191,7 +196,7 @@ def evaluate(model, D, test, idx, batch_size, device, procs: Processes | None = 
     return float(sums["loss"]) / len(idx), 100.0 * float(sums["correct"]) / len(idx)
 
 
-def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_after: int | None = None) -> dict:
+def train(config: TrainConfig, *, log: Callable[[str], None] = say) -> dict:
     """Retrain (or resume) the cell of ``config`` and return its result (also ``out/result.json``)."""
     cfg, arch = config.resolved()
     if not cfg.out:
@@ -313,7 +318,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say, _interrupt_a
             if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
                 t_epoch = bank_epoch_progress(run_state, clock, sums, t_epoch)
                 save()
-            if _interrupt_after is not None and done_steps >= _interrupt_after:
+            if _INTERRUPT_AFTER is not None and done_steps >= _INTERRUPT_AFTER:
                 raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
         if bar is not None:
             bar.close()

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
 from toponas_kernels import report as R  # noqa: E402
+from toponas_kernels.nas.nb201_arch import parse_nb201  # noqa: E402
 from toponas_kernels.nas.networks import Genotype  # noqa: E402
 from toponas_kernels.nas.spaces import DARTS_PRIMITIVES, NB201_PRIMITIVES  # noqa: E402
 
@@ -242,13 +243,13 @@ def test_draw_darts_cell_not_a_genotype(tmp_path):
 
 
 def test_parse_nb201_real_strings():
-    assert R.parse_nb201(NB201_ARCHS[0]) == [
+    assert parse_nb201(NB201_ARCHS[0]) == [
         [("nor_conv_3x3", 0)],
         [("nor_conv_3x3", 0), ("avg_pool_3x3", 1)],
         [("skip_connect", 0), ("nor_conv_3x3", 1), ("none", 2)],
     ]
     for arch in NB201_ARCHS:
-        nodes = R.parse_nb201(arch)
+        nodes = parse_nb201(arch)
         assert [len(n) for n in nodes] == [1, 2, 3]
         assert all(op in NB201_PRIMITIVES for n in nodes for op, _ in n)
         rebuilt = "+".join("|" + "|".join(f"{op}~{j}" for op, j in n) + "|" for n in nodes)
@@ -271,12 +272,12 @@ def test_parse_nb201_real_strings():
 ])
 def test_parse_nb201_errors(arch, match):
     with pytest.raises(ValueError, match=match):
-        R.parse_nb201(arch)
+        parse_nb201(arch)
 
 
 @pytest.mark.parametrize("arch", NB201_ARCHS[:3])
 def test_draw_nb201_cell(tmp_path, arch):
-    nodes = R.parse_nb201(arch)
+    nodes = parse_nb201(arch)
     fig = R._nb201_cell_figure(arch, title="best")
     ops = [op for n in nodes for op, _ in n]
     assert op_label_counts(fig, set(NB201_PRIMITIVES)) == Counter(ops)

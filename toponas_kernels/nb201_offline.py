@@ -41,7 +41,7 @@ import pickle
 import statistics
 
 from .nas.spaces import NB201_PRIMITIVES
-from .report import parse_nb201
+from .nas.nb201_arch import parse_nb201
 
 __all__ = [
     "EDGES", "INSTALL", "LABEL", "OPS", "TABLE", "OfflineTableError", "check_offline", "decode", "encode",

@@ -26,13 +26,13 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ._io import atomic_write
+from .nas.nb201_arch import parse_nb201
 
 __all__ = [
     "ReportError",
     "plot_arch_weights",
     "draw_darts_cell",
     "draw_nb201_cell",
-    "parse_nb201",
     "plot_curves",
     "write_csv",
     "read_csv",
@@ -523,33 +523,6 @@ def draw_darts_cell(genotype: dict, path, *, title: str = "") -> str:
     name the nodes the output c_{k} concatenates (all intermediate nodes when absent). Every op
     edge carries its op's name; 'none' edges are drawn dashed grey, the concat edges plain grey."""
     return _save(_darts_cell_figure(genotype, title=title), path, crop=True)
-
-
-def parse_nb201(arch: str) -> list[list[tuple[str, int]]]:
-    """Split a NAS-Bench-201 string, ``|op~0|+|op~0|op~1|+...``, into one list of (op, input)
-    per node 1, 2, ...; ValueError naming the malformed part."""
-    if not isinstance(arch, str) or not arch.strip():
-        raise ValueError(f"arch: expected a NAS-Bench-201 string like '|nor_conv_3x3~0|+|skip_connect~0|none~1|', "
-                         f"got {arch!r}")
-    nodes = []
-    for g, group in enumerate(arch.strip().split("+")):
-        node = g + 1
-        if len(group) < 3 or not group.startswith("|") or not group.endswith("|"):
-            raise ValueError(f"arch: node {node}'s part {group!r} should read '|op~j|op~j|...|'")
-        inputs = []
-        for token in group[1:-1].split("|"):
-            op, sep, j = token.rpartition("~")
-            if not sep or not op or "~" in op or not op.strip() or not j.isdigit():
-                raise ValueError(f"arch: node {node}'s entry {token!r} (in {group!r}) should read 'op~j' "
-                                 "with an op name and an input index j")
-            if int(j) >= node:
-                raise ValueError(f"arch: node {node}'s entry {token!r} reads node {j}; node {node} can only read "
-                                 f"nodes 0..{node - 1}")
-            if int(j) in [i for _, i in inputs]:
-                raise ValueError(f"arch: node {node} reads node {j} twice ({group!r})")
-            inputs.append((op, int(j)))
-        nodes.append(inputs)
-    return nodes
 
 
 def _nb201_cell_figure(arch: str, *, title=""):

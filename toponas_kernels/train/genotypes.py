@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 
 from ..nas import spaces as S
+from ..nas.nb201_arch import parse_nb201
 from ..nas.networks import Genotype
 
 
@@ -127,8 +128,6 @@ def check_darts(genotype: Genotype, space: str = "darts", where: str = "genotype
 
 def check_nb201(arch: str, where: str = "genotype") -> str:
     """``arch`` stripped, after checking it is a 3-node NAS-Bench-201 cell of known operations."""
-    from ..report import parse_nb201
-
     try:
         nodes = parse_nb201(arch)
     except ValueError as exc:

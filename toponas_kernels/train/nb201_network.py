@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nas.networks import build_nb201_skeleton
 from ..nas.operations import chosen_module
-from ..report import parse_nb201
+from ..nas.nb201_arch import parse_nb201
 
 
 class NB201Cell(nn.Module):

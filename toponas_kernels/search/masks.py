@@ -42,8 +42,6 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write_json
-
 Masks = dict[str, Tensor]
 
 
@@ -227,10 +225,6 @@ def zero_shot_masks(
 
 
 # ---------------------------------------------------------------------------------- files
-def save_masks(path: str, masks: Masks, *, space: str, primitives: list[str], info: dict) -> None:
-    atomic_write_json(path, mask_record(masks, space=space, primitives=primitives, info=info))
-
-
 def mask_record(masks: Masks, *, space: str, primitives: list[str], info: dict) -> dict:
     return {
         "format": "toponas-mask/1",

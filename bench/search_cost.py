@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
-METHODS = ("darts", "darts2", "pc-darts", "beta-darts", "gdas", "rome")
+from toponas_kernels.search.config import METHODS  # noqa: E402
 
 
 def configurations(space: str, merges: list[str]) -> list[dict]:

@@ -400,6 +400,16 @@ def cmd_large(args) -> int:
     torch.manual_seed(0)
     rows, started = [], time.perf_counter()
     missing = [] if args.device == "cpu" or _lib.cuda_built() else ["cuda (not built)"]
+
+    def save() -> dict:  # after every case: a run cut by its time box keeps the cases it finished
+        numbers = dict(
+            device=args.device, shape=list(shape), k=k, backends=backends, missing_backends=missing,
+            cases=len(rows), failed=sum(not r["ok"] for r in rows), values=sum(r["values"] for r in rows),
+            seconds=round(time.perf_counter() - started, 2), rows=rows,
+        )
+        _write_json(Path(args.result), {"numbers": numbers})
+        return numbers
+
     for backend in backends:
         seen = set()
         for (be, dn), op, variant, thunk in large_cases(args.device, [backend], dtypes[backend], shape, k):
@@ -423,15 +433,11 @@ def cmd_large(args) -> int:
                 worst=worst["what"] if worst else None, error=error, seconds=round(time.perf_counter() - t0, 3),
             )
             rows.append(row)
-            print(f"{'ok  ' if row['ok'] else 'FAIL'} {be:7s} {row['dtype']:9s} {op:24s} {variant:24s} "
-                  f"err {row['max_err'] if row['max_err'] is not None else '-':<10.3g} tol {row['tol'] if row['tol'] is not None else '-':<9.3g} "
-                  f"({row['values']} values, {row['seconds']:.2f} s){'  ' + error if error else ''}", flush=True)
-    numbers = dict(
-        device=args.device, shape=list(shape), k=k, backends=backends, missing_backends=missing,
-        cases=len(rows), failed=sum(not r["ok"] for r in rows), values=sum(r["values"] for r in rows),
-        seconds=round(time.perf_counter() - started, 2), rows=rows,
-    )
-    _write_json(Path(args.result), {"numbers": numbers})
+            save()
+            print(f"{'ok  ' if row['ok'] else 'FAIL'} {be:7s} {dn:9s} {op:24s} {variant:24s} err {_fmt(row['max_err']):10s} "
+                  f"tol {_fmt(row['tol']):9s} ({row['values']} values, {row['seconds']:.2f} s){'  ' + error if error else ''}",
+                  flush=True)
+    numbers = save()
     ok = rows and all(r["ok"] for r in rows) and not missing
     print(f"large-shape check: {len(rows) - numbers['failed']}/{len(rows)} cases ok, {numbers['values']} values compared"
           + (f"; missing {missing}" if missing else ""))
@@ -515,7 +521,7 @@ def cmd_compile(args) -> int:
         ok = ok and row["ok"]
         results.append(row)
         print(json.dumps(row), flush=True)
-    _write_json(Path(args.result), {"numbers": dict(device=args.device, shape=[B, C, H, W], k=K, rows=results)})
+        _write_json(Path(args.result), {"numbers": dict(device=args.device, shape=[B, C, H, W], k=K, rows=results)})
     return 0 if ok and results else 1
 
 

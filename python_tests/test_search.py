@@ -3,6 +3,7 @@ computation against a direct computation of what its paper defines."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -516,6 +517,49 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert "Traceback" not in p.stderr
+
+
+def _choices(command: str) -> dict[str, tuple]:
+    from toponas_kernels import cli
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: tuple(a.choices) for a in sub.choices[command]._actions if a.choices is not None}
+
+
+@pytest.mark.parametrize("command", ["search", "plan"])
+def test_cli_choices_are_the_registries(command):
+    """The CLI offers exactly the methods of the registry, the modes of the TopoNAS module and the
+    merge forms of the merged-conv module, so a name added to one of them cannot be missed."""
+    from toponas_kernels.nas.forms import MERGE_CHOICES
+    from toponas_kernels.nas.mixed_op import FusedMixedOp
+    from toponas_kernels.nas.simplify import MODES
+    from toponas_kernels.nas.spaces import get_space
+    from toponas_kernels.search import METHOD_CLASSES, METHODS, TOPO_MODES
+
+    choices = _choices(command)
+    assert set(choices["method"]) == set(METHOD_CLASSES) == set(METHODS)
+    assert set(choices["topo"]) == set(MODES) == set(TOPO_MODES)
+    assert {"plain", "pms", "fms", "pms+fms", "topo"} <= set(MODES)
+    if command == "search":
+        assert set(choices["merge"]) == set(MERGE_CHOICES)
+    for name, cls in METHOD_CLASSES.items():  # the registry's keys are the classes' own names
+        assert cls.name == name
+    for mode in MODES:  # every mode the CLI offers builds a module
+        FusedMixedOp(4, 1, primitives=get_space("nb201"), mode=mode)
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_method_classes_own_sampler_exclusions_and_topology(space):
+    """The supernet of a run takes its sampler, excluded operations and topology logits from the
+    method class: softmax mixing for the DARTS family, Gumbel sampling for GDAS and ROME, and ROME
+    alone without 'none' and with topology betas (on the DARTS network)."""
+    for method in METHODS:
+        config = SearchConfig(space=space, method=method, dataset="synthetic", init_channels=4, layers=1, epochs=1)
+        model = search_runner.build_supernet(config.resolved(), 10, 3)
+        assert model.sampler == ("gumbel" if method in ("gdas", "rome") else "softmax"), method
+        assert model.exclude == (("none",) if method == "rome" else ()), method
+        topology = getattr(model, "topology", False)
+        assert topology == (method == "rome" and space == "darts"), method
 
 
 def test_cli_data_errors_are_one_line(tmp_path):

@@ -120,87 +120,131 @@ def _float_pair(text: str) -> tuple[float, float]:
     return a, b
 
 
+def _options() -> dict[str, dict]:
+    """Every option of ``search``, ``train`` and ``plan``, declared once: flag -> add_argument
+    keywords. A command takes the options it has by flag (``_add``), with its own help where the
+    meaning differs between commands."""
+    from .search.config import MASK_RULES, MERGES, METHODS, SPACES, TOPO_MODES
+
+    datasets = "cifar10, cifar100, imagenet16-120, fashion-mnist or synthetic"
+    return {
+        # what to search
+        "--space": dict(required=True, help=f"search space: {', '.join(SPACES)}, or module:NAME of a SearchSpace"),
+        "--network": dict(choices=("darts", "nb201"), default=None,
+                          help="supernet skeleton for a module:NAME space (default darts)"),
+        "--method": dict(required=True, choices=METHODS, metavar="METHOD", help=f"search method: {', '.join(METHODS)}"),
+        "--topo": dict(default="plain", choices=TOPO_MODES, metavar="MODE",
+                       help=f"TopoNAS mode: {', '.join(TOPO_MODES)} (default plain: the method as published); "
+                            "the mode= of the supernets and FusedMixedOp"),
+        "--no-kernel-norm": dict(dest="kernel_norm", action="store_false",
+                                 help="switch kernel normalization of merged kernels off (the paper's ablation)"),
+        "--merge": dict(default="auto", choices=MERGES,
+                        help="form of merged conv groups in --topo topo: auto (default: the cheaper exact form), dense, "
+                             "stacked (exact), separable (faster approximation, exact for one-hot weights)"),
+        "--recompute-cells": dict(action="store_true",
+                                  help="DARTS-space network: keep only each cell's inputs for backward and run the cells "
+                                       "again there (about half the peak memory of --topo topo again, steps 1.2-1.4x longer)"),
+        "--compile": dict(nargs="?", const=True, default=False, metavar="BACKEND",
+                          help="torch.compile each step's forward and loss (default backend inductor; recompilation capped "
+                               "for sampled sub-networks); see README on when it helps"),
+        "--mask": dict(default=None, help="Zero-One-Shot mask: random, zero-shot, or a mask.json/result.json to reuse"),
+        "--mask-level": dict(type=float, default=0.5, help="pruning level xi in (0, 1) (default 0.5)"),
+        "--mask-rule": dict(default="operations", choices=MASK_RULES,
+                            help="zero-shot stopping rule: share of operations kept (default) or Algorithm 1's literal "
+                                 "ratio of architectures"),
+        "--mask-batches": dict(type=int, default=3, help="zero-shot: batches of images for the ranking (default 3)"),
+        "--mask-batch-size": dict(type=int, default=128, help="zero-shot: images per batch (default 128)"),
+        "--mask-inits": dict(type=int, default=3, help="zero-shot: proxy initializations averaged (default 3)"),
+        # what to train
+        "--genotype": dict(required=True, help="result.json, Genotype(...) string, published name or NB201 string"),
+        # data
+        "--dataset": dict(required=True, help=datasets),
+        "--data-dir": dict(default=None, help="where the dataset's files are"),
+        "--train-portion": dict(type=float, default=0.5, help="share of the training set for the weights (default 0.5)"),
+        "--train-size": dict(type=int, default=None, help="use only the first N training images (quick runs)"),
+        "--test-size": dict(type=int, default=None, help="evaluate on the first N test images only (quick runs)"),
+        "--channels": dict(type=int, default=None, choices=(1, 3), help="fashion-mnist: 1 or 3 channels (default 3)"),
+        "--num-workers": dict(type=int, default=None, help="data loader workers (default 0 on CPU, 4 on GPU)"),
+        "--cutout": dict(type=int, default=None, help="cutout side (DARTS 16; 0: none)"),
+        # schedule
+        "--epochs": dict(type=int, required=True, help="search epochs"),
+        "--steps-per-epoch": dict(type=int, default=None, help="cut every epoch after N steps (smoke runs)"),
+        "--batch-size": dict(type=int, default=None),
+        "--lr": dict(type=float, default=None, help="weight learning rate (cosine schedule)"),
+        "--lr-min": dict(type=float, default=None),
+        "--momentum": dict(type=float, default=None),
+        "--nesterov": dict(action=argparse.BooleanOptionalAction, default=None),
+        "--weight-decay": dict(type=float, default=None),
+        "--grad-clip": dict(type=float, default=None),
+        "--arch-lr": dict(type=float, default=None),
+        "--arch-weight-decay": dict(type=float, default=None),
+        "--arch-betas": dict(type=_float_pair, default=None, help="Adam betas of the architecture step, e.g. 0.5,0.999"),
+        "--warmup-epochs": dict(type=int, default=None, help="epochs without architecture steps (pc-darts: 15)"),
+        "--partial-channels": dict(type=int, default=None, help="PC-DARTS' k (pc-darts: 4)"),
+        "--beta-lambda": dict(type=float, default=None, help="beta-darts: lambda per epoch (0.5)"),
+        "--tau-max": dict(type=float, default=None, help="gdas/rome: initial Gumbel temperature (10)"),
+        "--tau-min": dict(type=float, default=None, help="gdas/rome: final Gumbel temperature (0.1)"),
+        "--rome-samples": dict(type=int, default=None, help="rome: sub-networks per iteration (7)"),
+        "--init-channels": dict(type=int, default=None, help="supernet channels C (16)"),
+        "--layers": dict(type=int, default=None, help="DARTS: cells (8); NB201: cells per stage (5)"),
+        "--aux-weight": dict(type=float, default=None, help="auxiliary head loss weight (DARTS 0.4; 0: no head)"),
+        "--drop-path": dict(type=float, default=None, help="final drop-path probability, linear from 0 (DARTS 0.2)"),
+        # memory budget
+        "--memory-budget": dict(default=None, help="fit the search into this much memory, e.g. 6GiB (measures two small "
+                                                   "steps first)"),
+        "--fit-by": dict(default="batch", choices=("batch", "pc", "mask"),
+                         help="what to shrink when the search does not fit: batch size (default), partial-channel k, "
+                              "or mask level"),
+        # run
+        "--out": dict(required=True, help="folder for result.json, logs, pictures and the checkpoint"),
+        "--resume": dict(action="store_true", help="continue the search in --out from its last checkpoint"),
+        "--seed": dict(type=int, default=0),
+        "--deterministic": dict(action="store_true", help="deterministic GPU algorithms (same seed, same result)"),
+        "--device": dict(default="auto", help="auto (default), cpu, cuda or cuda:N"),
+        "--checkpoint-every": dict(type=int, default=0, help="also checkpoint every N steps (default: every epoch)"),
+        "--no-progress": dict(dest="progress", action="store_false", help="no progress bars"),
+        "--no-plots": dict(dest="plots", action="store_false", help="no arch_weights.png / cell.png at the end"),
+        "--threads": dict(type=int, default=None, help="CPU threads for torch (default: torch's choice)"),
+        "--json": dict(action="store_true", help="print the result as JSON on stdout"),
+        "--then-train": dict(action="store_true",
+                             help="retrain the derived cell from scratch afterwards (toponas train, into OUT/train)"),
+        "--train-epochs": dict(type=int, default=None,
+                               help="with --then-train: retraining epochs (default: the space's reference, DARTS 600, "
+                                    "NB201 200)"),
+        "--lookup": dict(default=None, metavar="TABLE",
+                         help="nb201: add the derived cell's NAS-Bench-201 accuracies (hp 200, every dataset) to "
+                              "result.json; 'analog-nasbench': CIFAR-10 test accuracy from that package's one 200-epoch "
+                              "retrain, not NB201's table"),
+    }
+
+
+def _add(group, options: dict[str, dict], *flags: str, **override) -> None:
+    """Add the options ``flags`` of the table to ``group``; ``override`` replaces keywords (of a
+    single flag), e.g. a command's own help."""
+    if override and len(flags) != 1:
+        raise TypeError("override: only with a single flag")
+    for flag in flags:
+        group.add_argument(flag, **{**options[flag], **override})
+
+
+_SCHEDULE = ("--epochs", "--steps-per-epoch", "--batch-size", "--lr", "--lr-min", "--momentum", "--nesterov",
+             "--weight-decay", "--grad-clip")
+
+
 def _add_search_args(p: argparse.ArgumentParser) -> None:
-    from .search.config import METHODS, SPACES, TOPO_MODES
-
-    g = p.add_argument_group("what to search")
-    g.add_argument("--space", required=True, help=f"search space: {', '.join(SPACES)}, or module:NAME of a SearchSpace")
-    g.add_argument("--network", choices=("darts", "nb201"), default=None,
-                   help="supernet skeleton for a module:NAME space (default darts)")
-    g.add_argument("--method", required=True, help=f"search method: {', '.join(METHODS)}")
-    g.add_argument("--topo", default="plain", help=f"TopoNAS mode: {', '.join(TOPO_MODES)} (default plain: the method as published)")
-    g.add_argument("--no-kernel-norm", dest="kernel_norm", action="store_false",
-                   help="switch kernel normalization of merged kernels off (the paper's ablation)")
-    g.add_argument("--merge", default="auto", choices=("auto", "dense", "stacked", "separable"),
-                   help="form of merged conv groups in --topo topo: auto (default: the cheaper exact form), dense, "
-                        "stacked (exact), separable (faster approximation, exact for one-hot weights)")
-    g.add_argument("--recompute-cells", action="store_true",
-                   help="DARTS-space network: keep only each cell's inputs for backward and run the cells again "
-                        "there (about half the peak memory of --topo topo again, steps 1.2-1.4x longer)")
-    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
-                   help="torch.compile each step's forward and loss (default backend inductor; recompilation capped "
-                        "for sampled sub-networks); see README on when it helps")
-    g.add_argument("--mask", default=None, help="Zero-One-Shot mask: random, zero-shot, or a mask.json/result.json to reuse")
-    g.add_argument("--mask-level", type=float, default=0.5, help="pruning level xi in (0, 1) (default 0.5)")
-    g.add_argument("--mask-rule", default="operations", choices=("operations", "architectures"),
-                   help="zero-shot stopping rule: share of operations kept (default) or Algorithm 1's literal ratio of architectures")
-    g.add_argument("--mask-batches", type=int, default=3, help="zero-shot: batches of images for the ranking (default 3)")
-    g.add_argument("--mask-batch-size", type=int, default=128, help="zero-shot: images per batch (default 128)")
-    g.add_argument("--mask-inits", type=int, default=3, help="zero-shot: proxy initializations averaged (default 3)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="cifar10, cifar100, imagenet16-120, fashion-mnist or synthetic")
-    g.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    g.add_argument("--train-portion", type=float, default=0.5, help="share of the training set for the weights (default 0.5)")
-    g.add_argument("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
-    g.add_argument("--channels", type=int, default=None, choices=(1, 3), help="fashion-mnist: 1 or 3 channels (default 3)")
-    g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 0 on CPU, 4 on GPU)")
-
-    g = p.add_argument_group("schedule (unset: the method's reference value)")
-    g.add_argument("--epochs", type=int, required=True, help="search epochs")
-    g.add_argument("--steps-per-epoch", type=int, default=None, help="cut every epoch after N steps (smoke runs)")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="weight learning rate (cosine schedule)")
-    g.add_argument("--lr-min", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--arch-lr", type=float, default=None)
-    g.add_argument("--arch-weight-decay", type=float, default=None)
-    g.add_argument("--arch-betas", type=_float_pair, default=None, help="Adam betas of the architecture step, e.g. 0.5,0.999")
-    g.add_argument("--warmup-epochs", type=int, default=None, help="epochs without architecture steps (pc-darts: 15)")
-    g.add_argument("--partial-channels", type=int, default=None, help="PC-DARTS' k (pc-darts: 4)")
-    g.add_argument("--beta-lambda", type=float, default=None, help="beta-darts: lambda per epoch (0.5)")
-    g.add_argument("--tau-max", type=float, default=None, help="gdas/rome: initial Gumbel temperature (10)")
-    g.add_argument("--tau-min", type=float, default=None, help="gdas/rome: final Gumbel temperature (0.1)")
-    g.add_argument("--rome-samples", type=int, default=None, help="rome: sub-networks per iteration (7)")
-    g.add_argument("--init-channels", type=int, default=None, help="supernet channels C (16)")
-    g.add_argument("--layers", type=int, default=None, help="DARTS: cells (8); NB201: cells per stage (5)")
-
-    g = p.add_argument_group("memory budget")
-    g.add_argument("--memory-budget", default=None, help="fit the search into this much memory, e.g. 6GiB (measures two small steps first)")
-    g.add_argument("--fit-by", default="batch", choices=("batch", "pc", "mask"),
-                   help="what to shrink when the search does not fit: batch size (default), partial-channel k, or mask level")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="folder for result.json, logs, pictures and the checkpoint")
-    g.add_argument("--resume", action="store_true", help="continue the search in --out from its last checkpoint")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (same seed, same result)")
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: every epoch)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--no-plots", dest="plots", action="store_false", help="no arch_weights.png / cell.png at the end")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    g.add_argument("--then-train", action="store_true",
-                   help="retrain the derived cell from scratch afterwards (toponas train, into OUT/train)")
-    g.add_argument("--train-epochs", type=int, default=None,
-                   help="with --then-train: retraining epochs (default: the space's reference, DARTS 600, NB201 200)")
-    g.add_argument("--lookup", default=None, metavar="TABLE",
-                   help="nb201: add the derived cell's NAS-Bench-201 accuracies (hp 200, every dataset) to result.json; "
-                        "'analog-nasbench': CIFAR-10 test accuracy from that package's one 200-epoch retrain, not NB201's table")
+    o = _options()
+    _add(p.add_argument_group("what to search"), o, "--space", "--network", "--method", "--topo", "--no-kernel-norm",
+         "--merge", "--recompute-cells", "--compile", "--mask", "--mask-level", "--mask-rule", "--mask-batches",
+         "--mask-batch-size", "--mask-inits")
+    _add(p.add_argument_group("data"), o, "--dataset", "--data-dir", "--train-portion", "--train-size", "--channels",
+         "--num-workers")
+    _add(p.add_argument_group("schedule (unset: the method's reference value)"), o, *_SCHEDULE, "--arch-lr",
+         "--arch-weight-decay", "--arch-betas", "--warmup-epochs", "--partial-channels", "--beta-lambda", "--tau-max",
+         "--tau-min", "--rome-samples", "--init-channels", "--layers")
+    _add(p.add_argument_group("memory budget"), o, "--memory-budget", "--fit-by")
+    _add(p.add_argument_group("run"), o, "--out", "--resume", "--seed", "--deterministic", "--device",
+         "--checkpoint-every", "--no-progress", "--no-plots", "--threads", "--json", "--then-train", "--train-epochs",
+         "--lookup")
 
 
 def _space_arg(text: str):
@@ -295,44 +339,32 @@ nesterov 0.1 cosine, wd 5e-4 (200 epochs). Search then train in one line:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    o = _options()
     g = p.add_argument_group("what to train")
-    g.add_argument("--genotype", required=True, help="result.json, Genotype(...) string, published name or NB201 string")
-    g.add_argument("--init-channels", type=int, default=None, help="C (DARTS 36, NB201 16)")
-    g.add_argument("--layers", type=int, default=None, help="DARTS: cells (20); NB201: cells per stage (5)")
+    _add(g, o, "--genotype")
+    _add(g, o, "--init-channels", help="C (DARTS 36, NB201 16)")
+    _add(g, o, "--layers", help="DARTS: cells (20); NB201: cells per stage (5)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="cifar10, cifar100, imagenet16-120, fashion-mnist or synthetic")
-    g.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    g.add_argument("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
-    g.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test images only (quick runs)")
-    g.add_argument("--channels", type=int, default=None, choices=(1, 3), help="fashion-mnist: 1 or 3 channels (default 3)")
-    g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 0)")
-    g.add_argument("--cutout", type=int, default=None, help="cutout side (DARTS 16; 0: none)")
+    _add(g, o, "--dataset", "--data-dir", "--train-size", "--test-size", "--channels")
+    _add(g, o, "--num-workers", help="data loader workers (default 0)")
+    _add(g, o, "--cutout")
 
     g = p.add_argument_group("schedule (unset: the space's reference value)")
-    g.add_argument("--epochs", type=int, required=True, help="training epochs (papers: DARTS 600, NB201 200)")
-    g.add_argument("--steps-per-epoch", type=int, default=None, help="cut every epoch after N steps (smoke runs)")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="initial learning rate (cosine schedule)")
-    g.add_argument("--lr-min", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (DARTS 5; 0: none)")
-    g.add_argument("--aux-weight", type=float, default=None, help="auxiliary head loss weight (DARTS 0.4; 0: no head)")
-    g.add_argument("--drop-path", type=float, default=None, help="final drop-path probability, linear from 0 (DARTS 0.2)")
+    _add(g, o, "--epochs", help="training epochs (papers: DARTS 600, NB201 200)")
+    _add(g, o, *(f for f in _SCHEDULE[1:] if f not in ("--lr", "--grad-clip")))
+    _add(g, o, "--lr", help="initial learning rate (cosine schedule)")
+    _add(g, o, "--grad-clip", help="gradient norm clip (DARTS 5; 0: none)")
+    _add(g, o, "--aux-weight", "--drop-path")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="folder for result.json, train_log.csv, curves.png and the checkpoint")
-    g.add_argument("--resume", action="store_true", help="continue the training in --out from its last checkpoint")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms")
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: every epoch)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--no-plots", dest="plots", action="store_false", help="no curves.png / cell.png at the end")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _add(g, o, "--out", help="folder for result.json, train_log.csv, curves.png and the checkpoint")
+    _add(g, o, "--resume", help="continue the training in --out from its last checkpoint")
+    _add(g, o, "--seed")
+    _add(g, o, "--deterministic", help="deterministic GPU algorithms")
+    _add(g, o, "--device", "--checkpoint-every", "--no-progress")
+    _add(g, o, "--no-plots", help="no curves.png / cell.png at the end")
+    _add(g, o, "--threads", "--json")
 
 
 def _cmd_train(args) -> int:
@@ -389,25 +421,17 @@ def _cmd_plan(args) -> int:
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    from .search.config import METHODS, SPACES, TOPO_MODES
-
-    p.add_argument("--space", required=True, help=f"search space: {', '.join(SPACES)}, or module:NAME")
-    p.add_argument("--network", choices=("darts", "nb201"), default=None)
-    p.add_argument("--method", required=True, help=f"search method: {', '.join(METHODS)}")
-    p.add_argument("--topo", default="plain", help=f"TopoNAS mode: {', '.join(TOPO_MODES)}")
-    p.add_argument("--no-kernel-norm", dest="kernel_norm", action="store_false")
-    p.add_argument("--mask", default=None, help="random or zero-shot (planned as a random mask of the same level)")
-    p.add_argument("--mask-level", type=float, default=0.5)
-    p.add_argument("--dataset", default="cifar10", help="only its image shape and classes are used (default cifar10)")
+    o = _options()
+    _add(p, o, "--space", "--network", "--method", "--topo", "--no-kernel-norm")
+    _add(p, o, "--mask", help="random or zero-shot (planned as a random mask of the same level)")
+    _add(p, o, "--mask-level")
+    _add(p, o, "--dataset", required=False, default="cifar10",
+         help="only its image shape and classes are used (default cifar10)")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None, help="batch size (default: the method's)")
-    p.add_argument("--partial-channels", type=int, default=None)
-    p.add_argument("--init-channels", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--memory-budget", default=None, help="also say what fits into this much memory, e.g. 6GiB")
-    p.add_argument("--fit-by", default="batch", choices=("batch", "pc", "mask"))
-    p.add_argument("--json", action="store_true")
+    _add(p, o, "--partial-channels", "--init-channels", "--layers", "--device", "--threads")
+    _add(p, o, "--memory-budget", help="also say what fits into this much memory, e.g. 6GiB")
+    _add(p, o, "--fit-by")
+    _add(p, o, "--json", help="print the prediction as JSON on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:

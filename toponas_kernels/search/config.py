@@ -47,7 +47,7 @@ class SearchConfig:
     dataset: str = "synthetic"
     out: str | None = None
     network: str | None = None  # "darts" or "nb201" macro for a user-declared SearchSpace
-    topo: str = "plain"
+    topo: str = "plain"  # TopoNAS mode, one of TOPO_MODES; the supernets and FusedMixedOp call it mode=
     kernel_norm: bool = True
     merge: str = "auto"  # how merged conv groups run: auto, dense, stacked (exact), separable (approximation)
     recompute_cells: bool = False  # DARTS network: keep only each cell's inputs, rerun cells in backward

@@ -40,15 +40,16 @@ def _record(out: Path) -> dict:
     return json.loads((out / "gpu_check.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
-    proc = _run(out)
-    return proc, out
+def test_dry_run(tmp_path):
+    """One dry run (a minute or more of CPU), checked three ways; one test, so that pytest-xdist
+    never runs it twice."""
+    proc = _run(tmp_path)
+    _check_every_phase(proc, tmp_path)
+    _check_large_shapes(tmp_path)
+    _check_compile_ops_search(tmp_path)
 
 
-def test_dry_run_records_every_phase(dry_run):
-    proc, out = dry_run
+def _check_every_phase(proc, out):
     rec = _record(out)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert rec["dry_run"] is True and rec["passed"] is True and rec["finished"]
@@ -73,8 +74,7 @@ def test_dry_run_records_every_phase(dry_run):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check_summary.md", "ops_quick.csv"]
 
 
-def test_dry_run_large_shape_check_compared_values(dry_run):
-    _, out = dry_run
+def _check_large_shapes(out):
     n = _record(out)["phases"]["large_shapes"]["numbers"]
     assert n["device"] == "cpu" and "cpp" in n["backends"] and n["failed"] == 0
     ops = {r["op"] for r in n["rows"]}
@@ -91,8 +91,7 @@ def test_dry_run_large_shape_check_compared_values(dry_run):
     assert n["values"] == sum(r["values"] for r in n["rows"]) > 10_000
 
 
-def test_dry_run_compile_ops_and_search_numbers(dry_run):
-    _, out = dry_run
+def _check_compile_ops_search(out):
     phases = _record(out)["phases"]
     (probe,) = phases["compile_probe"]["numbers"]["rows"]
     assert probe["ok"] and probe["graphs"] == 1 and probe["max_rel_diff_vs_eager"] <= 1e-4

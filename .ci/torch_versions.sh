@@ -118,6 +118,11 @@ for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
         print(dep)
 PY
 )
+  # Triton's CPU interpreter before 3.8 turns a one-element array into an int with int(), which
+  # numpy 2.4 refuses (every interpreted kernel with a range() over program ids fails there): the
+  # tests run Triton in that interpreter, so an older triton gets a numpy it can run with.
+  old_triton=$("$PYTHON" -c "import sys; print(1 if tuple(map(int, sys.argv[1].split('.')[:2])) < (3, 8) else 0)" "$trv")
+  [ "$old_triton" = 1 ] && deps+=('numpy<2.4')
   if ! PIP_CONSTRAINT=/dev/null nice -n "$NICE" "$py" -m pip install -q "torch==$tv" "triton==$trv" \
       "${deps[@]}" ninja 'setuptools>=77' wheel packaging pytest >>"$log" 2>&1; then
     echo "| $tv | $trv | - | - | install failed: $(cell "$(tail -1 "$log")") | - | - |" >>"$OUT"

@@ -539,7 +539,7 @@ def print_table(rows, header_lines, H) -> None:
 
 
 def target_lines(rows, device_type: str, H) -> list[str]:
-    """The issue's targets (stated for an H100/H200), checked against the fused rows."""
+    """The kernels' targets (stated for an H100/H200; bench/RESULTS.md), checked against the fused rows."""
     out = []
     where = "" if device_type == "cuda" else " (targets are for an H100/H200; shown for reference only)"
     for r in rows:

@@ -3,7 +3,7 @@
 // toponas::*_fused, one dispatcher call whose autograd node is a C++ Function, so neither the
 // forward nor the backward passes through Python. With Python's autograd.Function around the
 // kernels the host side cost about as much as the eager code they replace at small sizes
-// (issue 9, bench/ops.py's host_us column).
+// (bench/ops.py's host_us column).
 //
 // The forwards and backwards are the kernel ops themselves (toponas::*_kernel, CPU and CUDA),
 // reached through the dispatcher, so this file has no device code. The shuffles' backwards are

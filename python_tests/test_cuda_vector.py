@@ -1,4 +1,4 @@
-"""The CUDA mixed_sum kernels' 16-byte vector path (issue 9) against the reference, on a GPU.
+"""The CUDA mixed_sum kernels' 16-byte vector path against the reference, on a GPU.
 
 The vector path runs when every pointer is 16-byte aligned; the last n % V elements
 (V = 16 / element size) and any misaligned launch take the scalar path. Sizes here cover whole

@@ -258,7 +258,7 @@ def test_masked_softmax_strided_inputs(backend, device):
     (grad64,) = torch.autograd.grad(p64, x64, g)
     assert_close(p, p64, what=f"forward {backend}")
     assert_close(grad, grad64, what=f"grad {backend}")
-    # A column of a wider weight table as mixed_sum weights (the layout of issue 9).
+    # A column of a wider weight table as mixed_sum weights (the layout of a searcher's weight table).
     table = torch.randn(4, 3, dtype=torch.float64, device=device)
     ys = [torch.randn(6, dtype=torch.float64, device=device) for _ in range(4)]
     assert_close(ops.mixed_sum(ys, table[:, 1], backend=backend), R.mixed_sum_ref(ys, table[:, 1].contiguous()), what="column weights")

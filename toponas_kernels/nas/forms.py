@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops.merge import merge_kernels_backward
 from .simplify import Merged
 
 __all__ = ["FORMS", "MERGE_CHOICES", "EXACT_FORMS", "BYTE_WEIGHT", "FormCost", "check_merge", "form_costs", "choose_form",
-           "normalization_affine", "stacked_input", "separable_input"]
+           "normalization_affine", "stacked_input", "separable_input", "DenseGroup", "FactoredGroup", "group_for"]
 
 FORMS = ("dense", "stacked", "separable")
 MERGE_CHOICES = ("auto",) + FORMS
@@ -127,17 +128,41 @@ def normalization_affine(P: Tensor, D: Tensor, normalize: str, eps: float) -> tu
     pointwise kernel P [C_out, C, 1, 1] and the depthwise kernel D [C, 1, k, k] (never forming
     the C_out x C x k x k kernel). Statistics in float64 (they are C_out x C sized), so the
     ``E[W^2] - mean^2`` form loses nothing at float32."""
+    st = _statistics(P, D, normalize, eps)
+    return st["a"].to(P.dtype), (-st["mean"] * st["a"]).to(P.dtype)
+
+
+def _statistics(P: Tensor, D: Tensor, normalize: str, eps: float) -> dict:
     acc = torch.float64 if P.dtype != torch.float64 and P.device.type != "mps" else P.dtype
     p = P.flatten(1).to(acc)
     d = D.flatten(1).to(acc)
     count = p.shape[1] * d.shape[1]
-    mean = p @ d.sum(1) / count
-    sq = (p * p) @ (d * d).sum(1) / count
+    s1, s2 = d.sum(1), (d * d).sum(1)
+    mean = p @ s1 / count
+    sq = (p * p) @ s2 / count
     if normalize == "tensor":
         mean, sq = mean.mean().expand_as(mean), sq.mean().expand_as(sq)
     std = (sq - mean * mean).clamp_min(0).sqrt()
     a = 1.0 / (std + eps)
-    return a.to(P.dtype), (-mean * a).to(P.dtype)
+    return dict(p=p, d=d, s1=s1, s2=s2, count=count, mean=mean, std=std, a=a)
+
+
+def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, P: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of P and D for the gradients ``ga``, ``gb`` of ``normalization_affine``'s
+    ``(a, b)`` (``st``: its ``_statistics``). A constant channel (std 0) passes no gradient
+    through its std."""
+    p, d, mean, std, a, n = st["p"], st["d"], st["mean"], st["std"], st["a"], st["count"]
+    ga, gb = ga.to(a.dtype), gb.to(a.dtype)
+    g_mean = -a * gb
+    g_std = -(ga - mean * gb) * a * a  # b = -mean a; da/dstd = -a^2
+    g_sq = torch.where(std > 0, g_std / (2 * torch.where(std > 0, std, 1.0)), 0.0)
+    g_mean = g_mean - 2 * mean * g_sq
+    if normalize == "tensor":
+        g_mean = (g_mean.sum() / g_mean.shape[0]).expand_as(g_mean)
+        g_sq = (g_sq.sum() / g_sq.shape[0]).expand_as(g_sq)
+    gp = (g_mean[:, None] * st["s1"] + 2 * p * (g_sq[:, None] * st["s2"])) / n
+    gd = (p.t() @ g_mean)[:, None] / n + 2 * d * ((p * p).t() @ g_sq)[:, None] / n
+    return gp.view(P.shape).to(P.dtype), gd.view(D.shape).to(D.dtype)
 
 
 def _shift_channels(x: Tensor, node: Merged) -> Tensor:
@@ -202,47 +227,251 @@ def _pointwise(P: Tensor) -> Tensor:
 def stacked_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: str, eps: float) -> tuple[Tensor, Tensor]:
     """``(z, kernel)`` with ``conv2d(z, kernel) == sum_i c_i conv(x, Wn_i)`` exactly: z the
     stacked depthwise outputs (and the shift channels), kernel the 1x1 conv over them."""
+    return _stacked(node, x, coefs, tensors, normalize, eps)[:2]
+
+
+def _stacked(node, x, coefs, tensors, normalize, eps):
+    """``stacked_input``'s ``(z, kernel)`` and what its backward needs: ``(xl, c, stats)``."""
     x = _depthwise_layout(x)
-    zs, cols, shifts = [], [], []
+    zs, cols, shifts, stats = [], [], [], []
+    c = coefs.to(tensors[1].dtype)
     for i, p in enumerate(node.parts):
         D, P = tensors[2 * i], tensors[2 * i + 1]
         m = p.module
         zs.append(F.conv2d(x, D.to(x.dtype), None, m.stride, m.span // 2, m.dilation, x.shape[1]))
-        c = coefs[i].to(P.dtype)
         if normalize == "none":
-            cols.append(c * _pointwise(P))
+            cols.append(c[i] * _pointwise(P))
         else:
-            a, b = normalization_affine(P, D, normalize, eps)
-            cols.append((c * a)[:, None] * _pointwise(P))
-            shifts.append(c * b)
+            st = _statistics(P, D, normalize, eps)
+            a, b = st["a"].to(P.dtype), (-st["mean"] * st["a"]).to(P.dtype)
+            cols.append((c[i] * a)[:, None] * _pointwise(P))
+            shifts.append(c[i] * b)
+            stats.append((st, a, b))
     if shifts:
         zs.append(_shift_channels(x, node))
         cols.append(torch.stack(shifts, 1))
     kernel = torch.cat(cols, 1)
-    return torch.cat(zs, 1), kernel[:, :, None, None]
+    return torch.cat(zs, 1), kernel[:, :, None, None], x, c, stats
 
 
 def separable_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: str, eps: float) -> tuple[Tensor, Tensor]:
     """``(z, kernel)`` of the separable approximation: z the output of the one merged depthwise
     conv (and the shift channels), kernel the merged 1x1 conv."""
+    return _separable(node, x, coefs, tensors, normalize, eps)[:2]
+
+
+def _separable(node, x, coefs, tensors, normalize, eps):
+    """``separable_input``'s ``(z, kernel)`` and what its backward needs (a dict)."""
     Ds, Ps = list(tensors[0::2]), list(tensors[1::2])
     c = coefs.to(Ps[0].dtype)
     total = c.sum()
-    q = c / torch.where(total == 0, torch.ones_like(total), total)
+    safe = torch.where(total == 0, torch.ones_like(total), total)
+    q = c / safe
     dil = node.lattice_dilations()
     x = _depthwise_layout(x)
+    saved = dict(xl=x, c=c, q=q, total=total, safe=safe)
     if normalize != "none":
         # Each candidate's depthwise kernel enters the merged one at unit RMS, its scale moving
         # to the pointwise side: the sum then depends on P_i D_i only, as normalization means.
-        ab = [normalization_affine(P, Di, normalize, eps) for P, Di in zip(Ps, Ds)]
+        stats = [_statistics(P, Di, normalize, eps) for P, Di in zip(Ps, Ds)]
+        ab = [(st["a"].to(P.dtype), (-st["mean"] * st["a"]).to(P.dtype)) for st, P in zip(stats, Ps)]
         rms = [Di.pow(2).mean().sqrt() for Di in Ds]
         Ds = [Di / r for Di, r in zip(Ds, rms)]
         Ps = [(a * r)[:, None, None, None] * P for P, (a, _), r in zip(Ps, ab, rms)]
+        saved.update(stats=stats, ab=ab, rms=rms)
+    saved["Dn"] = Ds
     D = ops.merge_kernels(Ds, q.to(Ds[0].dtype), dil, "none")
+    saved["D"] = D
     z = F.conv2d(x, D.to(x.dtype), None, node.stride, node.size // 2, node.dilation, x.shape[1])
     pw = sum(ci * _pointwise(P) for ci, P in zip(c, Ps))
     if normalize == "none":
-        return z, pw[:, :, None, None]
+        return z, pw[:, :, None, None], saved
     shift = torch.stack([ci * b for ci, (_, b) in zip(c, ab)], 1)
     z = torch.cat([z, _shift_channels(x, node)], 1)
-    return z, torch.cat([pw, shift], 1)[:, :, None, None]
+    return z, torch.cat([pw, shift], 1)[:, :, None, None], saved
+
+
+def _shift_pattern(node: Merged, like: Tensor) -> Tensor:
+    """``[n, 1, size, size]``: 1 at the taps of each part (the shift channels as a conv)."""
+    size, half = node.size, node.size // 2
+    w = torch.zeros(len(node.parts), 1, size, size, dtype=like.dtype)
+    for i, p in enumerate(node.parts):
+        k, d = p.module.kernel, p.module.dilation
+        start = half - p.module.span // 2
+        w[i, 0, start : start + (k - 1) * d + 1 : d, start : start + (k - 1) * d + 1 : d] = 1.0
+    return w.to(like.device)
+
+
+def _shift_input_grad(node: Merged, g: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
+    """The gradient of x (``[B, 1, H, W]``, the same for every channel) of the shift channels
+    for their gradient ``g`` ``[B, n, H', W']``: the transposed box sums."""
+    s, half = node.stride, node.size // 2
+    extra = [x.shape[d] - 1 - (g.shape[d] - 1) * s for d in (2, 3)]
+    return F.conv_transpose2d(g, pattern.to(g.dtype), None, s, half, extra)
+
+
+# ----------------------------------------------------------------------------- groups
+# What ``nas/_autograd.merged_conv`` runs for a merged group: ``conv`` (stride, dilation, groups)
+# and a differentiable ``prepare(x, coefs, tensors) -> (z, kernel)``; the dense form also has
+# the analytic backward of its kernel (``build`` and ``kernel_grads``).
+class DenseGroup:
+    """The dense form of ``node``: the merged kernel from each part's kernel tensors (a dense
+    conv's weight, or a separable unit's depthwise D and pointwise P, whose dense kernel is
+    ``P * D^T``), through ``ops.merge_kernels``. Its backward is the conv's and the merge's
+    backward kernels and, per separable part, ``grad P = sum_kl grad W D^T`` and
+    ``grad D = (sum_o grad W P)^T``: a fixed few ops, no autograd graph."""
+
+    def __init__(self, node: Merged, sizes: list[int], normalize: str, eps: float, backend):
+        self.conv = (node.stride, node.dilation, node.groups)
+        self.dilations = node.lattice_dilations()
+        self.sizes, self.normalize, self.eps, self.backend = sizes, normalize, eps, backend
+
+    def build(self, coefs: Tensor, tensors) -> tuple[Tensor, tuple]:
+        kernels, depthwise, start = [], [], 0
+        for n in self.sizes:
+            if n == 2:
+                Dt = tensors[start].transpose(0, 1)  # [1, C, k, k]
+                kernels.append(tensors[start + 1] * Dt)
+                depthwise.append(Dt)
+            else:
+                kernels.append(tensors[start])
+                depthwise.append(None)
+            start += n
+        c = coefs if coefs.dtype == kernels[0].dtype else coefs.to(kernels[0].dtype)
+        merged = ops.merge_kernels(kernels, c, self.dilations, self.normalize, self.eps, backend=self.backend)
+        return merged, (kernels, depthwise, c)
+
+    def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
+        return x, self.build(coefs, tensors)[0]
+
+    def kernel_grads(self, grad: Tensor, coefs: Tensor, tensors, built) -> list[Tensor]:
+        """The gradients of the coefficients and of every kernel tensor for the gradient
+        ``grad`` of the merged kernel."""
+        kernels, depthwise, c = built
+        g = merge_kernels_backward(grad, kernels, c, self.dilations, self.normalize, self.eps, backend=self.backend)
+        out, start = [g[-1] if g[-1].dtype == coefs.dtype else g[-1].to(coefs.dtype)], 0
+        for i, n in enumerate(self.sizes):
+            if n == 2:
+                out.append((g[i] * tensors[start + 1]).sum(0, keepdim=True).transpose(0, 1))
+                out.append((g[i] * depthwise[i]).sum((2, 3), keepdim=True))
+            else:
+                out.append(g[i])
+            start += n
+        return out
+
+
+class FactoredGroup:
+    """The stacked or separable form of ``node`` (``stacked_input`` / ``separable_input``), with
+    the analytic backward of both (``backward``): rebuild z and the 1x1 kernel, then the convs'
+    backward kernels, the transposed box sums of the shift channels and the chain rule through
+    the coefficients, the normalization statistics (``_statistics_backward``) and, separable,
+    the RMS scaling and ``ops.merge_kernels``; a fixed set of ops per group, no autograd graph."""
+
+    conv = (1, 1, 1)
+
+    def __init__(self, node: Merged, form: str, normalize: str, eps: float):
+        self.node, self.form, self.normalize, self.eps = node, form, normalize, eps
+        self._build = stacked_input if form == "stacked" else separable_input
+        self._patterns: dict = {}
+
+    def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
+        return self._build(self.node, x, coefs, tensors, self.normalize, self.eps)
+
+    def _pattern(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        got = self._patterns.get(key)
+        if got is None:
+            got = self._patterns[key] = _shift_pattern(self.node, like)
+        return got
+
+    def backward(self, grad: Tensor, x: Tensor, coefs: Tensor, tensors, need_x: bool):
+        """``(grad x, [grad coefs, *grad tensors])`` of ``conv2d(*prepare(x, coefs, tensors))``
+        for the output gradient ``grad`` (no autocast: one dtype throughout)."""
+        if self.form == "stacked":
+            return self._backward_stacked(grad, x, coefs, tensors, need_x)
+        return self._backward_separable(grad, x, coefs, tensors, need_x)
+
+    def _backward_stacked(self, grad, x, coefs, tensors, need_x):
+        node, normalize = self.node, self.normalize
+        z, kernel, xl, c, stats = _stacked(node, x, coefs, tensors, normalize, self.eps)
+        gz, gk, _ = torch.ops.aten.convolution_backward(
+            grad, z, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        gk = gk.flatten(1)
+        C = x.shape[1]
+        gx, gc, gts = None, [], []
+        for i, p in enumerate(node.parts):
+            D, P = tensors[2 * i], tensors[2 * i + 1]
+            m = p.module
+            gxi, gD, _ = torch.ops.aten.convolution_backward(
+                gz[:, i * C : (i + 1) * C], xl, D, None, [m.stride] * 2, [m.span // 2] * 2, [m.dilation] * 2,
+                False, [0, 0], C, [need_x, True, False],
+            )
+            gx = gxi if gx is None else gx + gxi
+            G = gk[:, i * C : (i + 1) * C]
+            h = (G * _pointwise(P)).sum(1)
+            if normalize == "none":
+                gP = (c[i] * G).view(P.shape)
+                gc.append(h.sum())
+            else:
+                st, a, b = stats[i]
+                gs = gk[:, len(node.parts) * C + i]
+                gP = ((c[i] * a)[:, None] * G).view(P.shape)
+                gc.append((a * h).sum() + (b * gs).sum())
+                sP, sD = _statistics_backward(st, c[i] * h, c[i] * gs, normalize, P, D)
+                gP, gD = gP + sP, gD + sD
+            gts += [gD, gP]
+        if normalize != "none" and need_x:
+            gx = gx + _shift_input_grad(node, gz[:, len(node.parts) * C :], x, self._pattern(x))
+        return gx, [torch.stack(gc).to(coefs.dtype), *gts]
+
+    def _backward_separable(self, grad, x, coefs, tensors, need_x):
+        node, normalize = self.node, self.normalize
+        z, kernel, sv = _separable(node, x, coefs, tensors, normalize, self.eps)
+        gz, gk, _ = torch.ops.aten.convolution_backward(
+            grad, z, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        gk = gk.flatten(1)
+        C, n = x.shape[1], len(node.parts)
+        half = node.size // 2
+        gx, gDm, _ = torch.ops.aten.convolution_backward(
+            gz[:, :C], sv["xl"], sv["D"], None, [node.stride] * 2, [half] * 2,
+            [node.dilation] * 2, False, [0, 0], C, [need_x, True, False],
+        )
+        dil = node.lattice_dilations()
+        q, c = sv["q"], sv["c"]
+        g = merge_kernels_backward(gDm, sv["Dn"], q.to(sv["Dn"][0].dtype), dil, "none")
+        gDn, gq = g[:-1], g[-1].to(c.dtype)
+        gpw = gk[:, :C]
+        gc, gts = [], []
+        for i in range(n):
+            D, P = tensors[2 * i], tensors[2 * i + 1]
+            h = (gpw * _pointwise(P)).sum(1)  # [O]
+            if normalize == "none":
+                gts += [gDn[i], (c[i] * gpw).view(P.shape)]
+                gc.append(h.sum())
+                continue
+            st, (a, b), r = sv["stats"][i], sv["ab"][i], sv["rms"][i]
+            gs = gk[:, C + i]
+            t = a * r
+            gP = ((c[i] * t)[:, None] * gpw).view(P.shape)
+            gc.append((t * h).sum() + (b * gs).sum())
+            gt = c[i] * h
+            gr = (gt * a).sum() - (gDn[i] * D).sum() / (r * r)
+            gD = gDn[i] / r + gr * D / (D.numel() * r)
+            sP, sD = _statistics_backward(st, gt * r, c[i] * gs, normalize, P, D)
+            gts += [gD + sD, gP + sP]
+        # q = c / T (T = sum c, or 1 when it is 0)
+        gq_c = (gq - (gq * q).sum() * (sv["total"] != 0)) / sv["safe"]
+        gcoefs = torch.stack(gc) + gq_c
+        if normalize != "none" and need_x:
+            gx = gx + _shift_input_grad(node, gz[:, C:], x, self._pattern(x))
+        return gx, [gcoefs.to(coefs.dtype), *gts]
+
+
+def group_for(node: Merged, form: str, sizes: list[int], normalize: str, eps: float, backend):
+    """The group object of ``node`` in ``form``; ``sizes``: the number of kernel tensors of
+    each part (2 for a separable unit, 1 for a dense conv)."""
+    if form == "dense":
+        return DenseGroup(node, sizes, normalize, eps, backend)
+    return FactoredGroup(node, form, normalize, eps)

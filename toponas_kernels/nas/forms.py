@@ -128,41 +128,56 @@ def normalization_affine(P: Tensor, D: Tensor, normalize: str, eps: float) -> tu
     pointwise kernel P [C_out, C, 1, 1] and the depthwise kernel D [C, 1, k, k] (never forming
     the C_out x C x k x k kernel). Statistics in float64 (they are C_out x C sized), so the
     ``E[W^2] - mean^2`` form loses nothing at float32."""
-    st = _statistics(P, D, normalize, eps)
-    return st["a"].to(P.dtype), (-st["mean"] * st["a"]).to(P.dtype)
+    st = _statistics([P], [D], normalize, eps)
+    return st["a"][0], st["b"][0]
 
 
-def _statistics(P: Tensor, D: Tensor, normalize: str, eps: float) -> dict:
-    acc = torch.float64 if P.dtype != torch.float64 and P.device.type != "mps" else P.dtype
-    p = P.flatten(1).to(acc)
-    d = D.flatten(1).to(acc)
-    count = p.shape[1] * d.shape[1]
-    s1, s2 = d.sum(1), (d * d).sum(1)
-    mean = p @ s1 / count
-    sq = (p * p) @ s2 / count
+def _statistics(Ps, Ds, normalize: str, eps: float) -> dict:
+    """``normalization_affine`` of n parts at once (their P have one shape): ``a`` and ``b``
+    [n, C_out] in P's dtype, ``P`` the stacked pointwise kernels [n, C_out, C], and what the
+    backward needs. Per part ``mean = P @ mean_taps(D) / C`` and ``E[W^2] = P^2 @
+    mean_taps(D^2) / C``."""
+    P0 = Ps[0]
+    acc = torch.float64 if P0.dtype != torch.float64 and P0.device.type != "mps" else P0.dtype
+    Pst = torch.stack([P.flatten(1) for P in Ps])
+    p = Pst.to(acc)
+    ds = [D.flatten(1).to(acc) for D in Ds]
+    m1 = torch.stack([d.mean(1) for d in ds])  # [n, C]
+    m2 = torch.stack([(d * d).mean(1) for d in ds])
+    C = p.shape[2]
+    pp = p * p
+    mean = torch.bmm(p, m1.unsqueeze(2)).squeeze(2) / C  # [n, O]
+    sq = torch.bmm(pp, m2.unsqueeze(2)).squeeze(2) / C
     if normalize == "tensor":
-        mean, sq = mean.mean().expand_as(mean), sq.mean().expand_as(sq)
+        mean, sq = mean.mean(1, keepdim=True).expand_as(mean), sq.mean(1, keepdim=True).expand_as(sq)
     std = (sq - mean * mean).clamp_min(0).sqrt()
     a = 1.0 / (std + eps)
-    return dict(p=p, d=d, s1=s1, s2=s2, count=count, mean=mean, std=std, a=a)
+    return dict(P=Pst, p=p, pp=pp, ds=ds, m1=m1, m2=m2, mean=mean, std=std, a_acc=a,
+                a=a.to(P0.dtype), b=(-mean * a).to(P0.dtype))
 
 
-def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, P: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
-    """The gradients of P and D for the gradients ``ga``, ``gb`` of ``normalization_affine``'s
-    ``(a, b)`` (``st``: its ``_statistics``). A constant channel (std 0) passes no gradient
-    through its std."""
-    p, d, mean, std, a, n = st["p"], st["d"], st["mean"], st["std"], st["a"], st["count"]
+def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, Ds) -> tuple[Tensor, list[Tensor]]:
+    """The gradients of the stacked P [n, C_out, C] and of each D for the gradients ``ga``,
+    ``gb`` [n, C_out] of ``_statistics``' ``(a, b)``. A constant channel (std 0) passes no
+    gradient through its std."""
+    p, mean, std, a = st["p"], st["mean"], st["std"], st["a_acc"]
     ga, gb = ga.to(a.dtype), gb.to(a.dtype)
+    C = p.shape[2]
     g_mean = -a * gb
     g_std = -(ga - mean * gb) * a * a  # b = -mean a; da/dstd = -a^2
     g_sq = torch.where(std > 0, g_std / (2 * torch.where(std > 0, std, 1.0)), 0.0)
     g_mean = g_mean - 2 * mean * g_sq
     if normalize == "tensor":
-        g_mean = (g_mean.sum() / g_mean.shape[0]).expand_as(g_mean)
-        g_sq = (g_sq.sum() / g_sq.shape[0]).expand_as(g_sq)
-    gp = (g_mean[:, None] * st["s1"] + 2 * p * (g_sq[:, None] * st["s2"])) / n
-    gd = (p.t() @ g_mean)[:, None] / n + 2 * d * ((p * p).t() @ g_sq)[:, None] / n
-    return gp.view(P.shape).to(P.dtype), gd.view(D.shape).to(D.dtype)
+        g_mean = g_mean.mean(1, keepdim=True).expand_as(g_mean)
+        g_sq = g_sq.mean(1, keepdim=True).expand_as(g_sq)
+    gp = (g_mean.unsqueeze(2) * st["m1"].unsqueeze(1) + 2 * p * (g_sq.unsqueeze(2) * st["m2"].unsqueeze(1))) / C
+    g1 = torch.bmm(g_mean.unsqueeze(1), p).squeeze(1) / C  # [n, C]: gradient of mean_taps(D)
+    g2 = torch.bmm(g_sq.unsqueeze(1), st["pp"]).squeeze(1) / C
+    gds = []
+    for i, (d, D) in enumerate(zip(st["ds"], Ds)):
+        taps = d.shape[1]
+        gds.append(((g1[i].unsqueeze(1) + 2 * d * g2[i].unsqueeze(1)) / taps).view(D.shape).to(D.dtype))
+    return gp.to(st["P"].dtype), gds
 
 
 def _shift_channels(x: Tensor, node: Merged) -> Tensor:
@@ -233,24 +248,24 @@ def stacked_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: st
 def _stacked(node, x, coefs, tensors, normalize, eps):
     """``stacked_input``'s ``(z, kernel)`` and what its backward needs: ``(xl, c, stats)``."""
     x = _depthwise_layout(x)
-    zs, cols, shifts, stats = [], [], [], []
-    c = coefs.to(tensors[1].dtype)
-    for i, p in enumerate(node.parts):
-        D, P = tensors[2 * i], tensors[2 * i + 1]
-        m = p.module
-        zs.append(F.conv2d(x, D.to(x.dtype), None, m.stride, m.span // 2, m.dilation, x.shape[1]))
-        if normalize == "none":
-            cols.append(c[i] * _pointwise(P))
-        else:
-            st = _statistics(P, D, normalize, eps)
-            a, b = st["a"].to(P.dtype), (-st["mean"] * st["a"]).to(P.dtype)
-            cols.append((c[i] * a)[:, None] * _pointwise(P))
-            shifts.append(c[i] * b)
-            stats.append((st, a, b))
-    if shifts:
+    Ds, Ps = tensors[0::2], tensors[1::2]
+    zs = [
+        F.conv2d(x, D.to(x.dtype), None, p.module.stride, p.module.span // 2, p.module.dilation, x.shape[1])
+        for D, p in zip(Ds, node.parts)
+    ]
+    c = coefs.to(Ps[0].dtype)
+    if normalize == "none":
+        stats = None
+        Pst = torch.stack([P.flatten(1) for P in Ps])
+        cols = c[:, None, None] * Pst  # [n, O, C]
+    else:
+        stats = _statistics(Ps, Ds, normalize, eps)
+        cols = (c[:, None] * stats["a"]).unsqueeze(2) * stats["P"]
+    O, C = cols.shape[1], cols.shape[2]
+    kernel = cols.transpose(0, 1).reshape(O, -1)
+    if stats is not None:
         zs.append(_shift_channels(x, node))
-        cols.append(torch.stack(shifts, 1))
-    kernel = torch.cat(cols, 1)
+        kernel = torch.cat([kernel, (c[:, None] * stats["b"]).t()], 1)
     return torch.cat(zs, 1), kernel[:, :, None, None], x, c, stats
 
 
@@ -273,20 +288,21 @@ def _separable(node, x, coefs, tensors, normalize, eps):
     if normalize != "none":
         # Each candidate's depthwise kernel enters the merged one at unit RMS, its scale moving
         # to the pointwise side: the sum then depends on P_i D_i only, as normalization means.
-        stats = [_statistics(P, Di, normalize, eps) for P, Di in zip(Ps, Ds)]
-        ab = [(st["a"].to(P.dtype), (-st["mean"] * st["a"]).to(P.dtype)) for st, P in zip(stats, Ps)]
-        rms = [Di.pow(2).mean().sqrt() for Di in Ds]
-        Ds = [Di / r for Di, r in zip(Ds, rms)]
-        Ps = [(a * r)[:, None, None, None] * P for P, (a, _), r in zip(Ps, ab, rms)]
-        saved.update(stats=stats, ab=ab, rms=rms)
+        stats = _statistics(Ps, Ds, normalize, eps)
+        rms = torch.stack([Di.pow(2).mean() for Di in Ds]).sqrt()  # [n]
+        Ds = [Di / r for Di, r in zip(Ds, rms.unbind(0))]
+        scale = stats["a"] * rms[:, None]  # [n, O]: a_i r_i
+        pw = ((c[:, None] * scale).unsqueeze(2) * stats["P"]).sum(0)
+        saved.update(stats=stats, rms=rms, scale=scale)
+    else:
+        pw = (c[:, None, None] * torch.stack([P.flatten(1) for P in Ps])).sum(0)
     saved["Dn"] = Ds
     D = ops.merge_kernels(Ds, q.to(Ds[0].dtype), dil, "none")
     saved["D"] = D
     z = F.conv2d(x, D.to(x.dtype), None, node.stride, node.size // 2, node.dilation, x.shape[1])
-    pw = sum(ci * _pointwise(P) for ci, P in zip(c, Ps))
     if normalize == "none":
         return z, pw[:, :, None, None], saved
-    shift = torch.stack([ci * b for ci, (_, b) in zip(c, ab)], 1)
+    shift = (c[:, None] * stats["b"]).t()
     z = torch.cat([z, _shift_channels(x, node)], 1)
     return z, torch.cat([pw, shift], 1)[:, :, None, None], saved
 
@@ -398,32 +414,37 @@ class FactoredGroup:
             grad, z, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
         )
         gk = gk.flatten(1)
-        C = x.shape[1]
-        gx, gc, gts = None, [], []
-        for i, p in enumerate(node.parts):
-            D, P = tensors[2 * i], tensors[2 * i + 1]
+        C, n = x.shape[1], len(node.parts)
+        Ds, Ps = tensors[0::2], tensors[1::2]
+        gx, gDs = None, []
+        for i, (D, p) in enumerate(zip(Ds, node.parts)):
             m = p.module
             gxi, gD, _ = torch.ops.aten.convolution_backward(
                 gz[:, i * C : (i + 1) * C], xl, D, None, [m.stride] * 2, [m.span // 2] * 2, [m.dilation] * 2,
                 False, [0, 0], C, [need_x, True, False],
             )
             gx = gxi if gx is None else gx + gxi
-            G = gk[:, i * C : (i + 1) * C]
-            h = (G * _pointwise(P)).sum(1)
-            if normalize == "none":
-                gP = (c[i] * G).view(P.shape)
-                gc.append(h.sum())
-            else:
-                st, a, b = stats[i]
-                gs = gk[:, len(node.parts) * C + i]
-                gP = ((c[i] * a)[:, None] * G).view(P.shape)
-                gc.append((a * h).sum() + (b * gs).sum())
-                sP, sD = _statistics_backward(st, c[i] * h, c[i] * gs, normalize, P, D)
-                gP, gD = gP + sP, gD + sD
-            gts += [gD, gP]
-        if normalize != "none" and need_x:
-            gx = gx + _shift_input_grad(node, gz[:, len(node.parts) * C :], x, self._pattern(x))
-        return gx, [torch.stack(gc).to(coefs.dtype), *gts]
+            gDs.append(gD)
+        G = gk[:, : n * C].view(-1, n, C).transpose(0, 1)  # [n, O, C]
+        Pst = stats["P"] if stats is not None else torch.stack([P.flatten(1) for P in Ps])
+        h = (G * Pst).sum(2)  # [n, O]
+        if normalize == "none":
+            gP = c[:, None, None] * G
+            gc = h.sum(1)
+        else:
+            gs = gk[:, n * C :].t()  # [n, O]
+            a, b = stats["a"], stats["b"]
+            gP = (c[:, None] * a).unsqueeze(2) * G
+            gc = (a * h).sum(1) + (b * gs).sum(1)
+            sP, sD = _statistics_backward(stats, c[:, None] * h, c[:, None] * gs, normalize, Ds)
+            gP = gP + sP
+            gDs = [g + s for g, s in zip(gDs, sD)]
+            if need_x:
+                gx = gx + _shift_input_grad(node, gz[:, n * C :], x, self._pattern(x))
+        gts = []
+        for gD, gPi, P in zip(gDs, gP.unbind(0), Ps):
+            gts += [gD, gPi.view(P.shape)]
+        return gx, [gc.to(coefs.dtype), *gts]
 
     def _backward_separable(self, grad, x, coefs, tensors, need_x):
         node, normalize = self.node, self.normalize
@@ -438,35 +459,41 @@ class FactoredGroup:
             gz[:, :C], sv["xl"], sv["D"], None, [node.stride] * 2, [half] * 2,
             [node.dilation] * 2, False, [0, 0], C, [need_x, True, False],
         )
-        dil = node.lattice_dilations()
         q, c = sv["q"], sv["c"]
-        g = merge_kernels_backward(gDm, sv["Dn"], q.to(sv["Dn"][0].dtype), dil, "none")
+        g = merge_kernels_backward(gDm, sv["Dn"], q.to(sv["Dn"][0].dtype), node.lattice_dilations(), "none")
         gDn, gq = g[:-1], g[-1].to(c.dtype)
+        Ds, Ps = tensors[0::2], tensors[1::2]
         gpw = gk[:, :C]
-        gc, gts = [], []
-        for i in range(n):
-            D, P = tensors[2 * i], tensors[2 * i + 1]
-            h = (gpw * _pointwise(P)).sum(1)  # [O]
-            if normalize == "none":
-                gts += [gDn[i], (c[i] * gpw).view(P.shape)]
-                gc.append(h.sum())
-                continue
-            st, (a, b), r = sv["stats"][i], sv["ab"][i], sv["rms"][i]
-            gs = gk[:, C + i]
-            t = a * r
-            gP = ((c[i] * t)[:, None] * gpw).view(P.shape)
-            gc.append((t * h).sum() + (b * gs).sum())
-            gt = c[i] * h
-            gr = (gt * a).sum() - (gDn[i] * D).sum() / (r * r)
-            gD = gDn[i] / r + gr * D / (D.numel() * r)
-            sP, sD = _statistics_backward(st, gt * r, c[i] * gs, normalize, P, D)
-            gts += [gD + sD, gP + sP]
+        if normalize == "none":
+            Pst = torch.stack([P.flatten(1) for P in Ps])
+            gc = (gpw * Pst).sum((1, 2))
+            gP = c[:, None, None] * gpw
+            gDs = gDn
+        else:
+            stats, rms, scale = sv["stats"], sv["rms"], sv["scale"]
+            a, b = stats["a"], stats["b"]
+            gs = gk[:, C:].t()  # [n, O]
+            h = (gpw * stats["P"]).sum(2)  # [n, O]
+            gP = (c[:, None] * scale).unsqueeze(2) * gpw
+            gc = (scale * h).sum(1) + (b * gs).sum(1)
+            gt = c[:, None] * h  # gradient of a_i r_i
+            # D_i / r_i, r_i = sqrt(mean(D_i^2))
+            gDr = torch.stack([(gd * D).sum() for gd, D in zip(gDn, Ds)])
+            gr = (gt * a).sum(1) - gDr / (rms * rms)
+            sP, sD = _statistics_backward(stats, gt * rms[:, None], c[:, None] * gs, normalize, Ds)
+            gP = gP + sP
+            gDs = [
+                gd / r + gri * D / (D.numel() * r) + s
+                for gd, D, r, gri, s in zip(gDn, Ds, rms.unbind(0), gr.unbind(0), sD)
+            ]
+            if need_x:
+                gx = gx + _shift_input_grad(node, gz[:, C:], x, self._pattern(x))
         # q = c / T (T = sum c, or 1 when it is 0)
-        gq_c = (gq - (gq * q).sum() * (sv["total"] != 0)) / sv["safe"]
-        gcoefs = torch.stack(gc) + gq_c
-        if normalize != "none" and need_x:
-            gx = gx + _shift_input_grad(node, gz[:, C:], x, self._pattern(x))
-        return gx, [gcoefs.to(coefs.dtype), *gts]
+        gc = gc + (gq - (gq * q).sum() * (sv["total"] != 0)) / sv["safe"]
+        gts = []
+        for gD, gPi, P in zip(gDs, gP.unbind(0), Ps):
+            gts += [gD, gPi.view(P.shape)]
+        return gx, [gc.to(coefs.dtype), *gts]
 
 
 def group_for(node: Merged, form: str, sizes: list[int], normalize: str, eps: float, backend):

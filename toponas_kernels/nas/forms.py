@@ -182,48 +182,10 @@ def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, Ds) -
 
 def _shift_channels(x: Tensor, node: Merged) -> Tensor:
     """Per candidate, the box sum of the channel sum of x over its dilated k x k taps (stride
-    and 'same' padding of the group): [B, n, H', W']. Box sums from prefix sums along each axis
-    (one per dilation and axis, a handful of ops per candidate whatever k): a 1-channel conv
-    with a big kernel has a slow backward on a CPU, and summing k shifted slices per axis made
-    hundreds of tiny ops per merged conv (host-bound at small maps)."""
-    s, half = node.stride, node.size // 2
-    total = F.pad(x.sum(1, keepdim=True), (half,) * 4)
-    H, W = (x.shape[2] - 1) // s + 1, (x.shape[3] - 1) // s + 1
-    rows_prefix: dict[int, Tensor] = {}
-    out = []
-    for p in node.parts:
-        k, d = p.module.kernel, p.module.dilation
-        start = half - p.module.span // 2
-        if d not in rows_prefix:
-            rows_prefix[d] = _dilated_prefix(total, 2, d)
-        rows = _box(rows_prefix[d], 2, k, d, start, H, s)
-        out.append(_box(_dilated_prefix(rows, 3, d), 3, k, d, start, W, s))
-    return torch.cat(out, 1)
-
-
-def _dilated_prefix(t: Tensor, dim: int, d: int) -> Tensor:
-    """``P`` along ``dim`` with ``P[r + d] = sum_m t[r - m d]`` (the prefix sum within each residue
-    class mod d) and ``P[0:d] = 0``: d zeros in front, the end padded to a multiple of d, viewed
-    as [..., L / d, d] and summed cumulatively over L / d."""
-    L = t.shape[dim]
-    back = (-(L + d)) % d
-    pad = [0, 0] * (t.dim() - 1 - dim) + [d, back]
-    tp = F.pad(t, pad)
-    shape = list(tp.shape)
-    view = shape[:dim] + [shape[dim] // d, d] + shape[dim + 1 :]
-    return tp.view(view).cumsum(dim).view(shape)
-
-
-def _box(P: Tensor, dim: int, k: int, d: int, start: int, count: int, step: int) -> Tensor:
-    """``sum_{i<k} t[start + i d + j step]`` along ``dim`` for ``j < count``, from ``P =
-    _dilated_prefix(t, dim, d)``: two strided slices of P and a difference."""
-    hi = P.narrow(dim, start + k * d, (count - 1) * step + 1)
-    lo = P.narrow(dim, start, (count - 1) * step + 1)
-    if step > 1:
-        index = [slice(None)] * P.dim()
-        index[dim] = slice(None, None, step)
-        hi, lo = hi[tuple(index)], lo[tuple(index)]
-    return hi - lo
+    and 'same' padding of the group): [B, n, H', W'], as one conv of the channel sum with a 0/1
+    kernel per candidate (``_shift_pattern``): two ops whatever the number of candidates (its
+    gradient, ``_shift_input_grad``, is the transposed conv)."""
+    return F.conv2d(x.sum(1, keepdim=True), _shift_pattern(node, x), None, node.stride, node.size // 2)
 
 
 def _depthwise_layout(x: Tensor) -> Tensor:
@@ -307,15 +269,26 @@ def _separable(node, x, coefs, tensors, normalize, eps):
     return z, torch.cat([pw, shift], 1)[:, :, None, None], saved
 
 
+_PATTERNS: dict = {}
+
+
 def _shift_pattern(node: Merged, like: Tensor) -> Tensor:
-    """``[n, 1, size, size]``: 1 at the taps of each part (the shift channels as a conv)."""
+    """``[n, 1, size, size]``: 1 at the taps of each part (the shift channels as a conv), in
+    ``like``'s dtype and device; cached."""
+    key = (node, like.device, like.dtype)
+    got = None if torch.compiler.is_compiling() else _PATTERNS.get(key)
+    if got is not None:
+        return got
     size, half = node.size, node.size // 2
     w = torch.zeros(len(node.parts), 1, size, size, dtype=like.dtype)
     for i, p in enumerate(node.parts):
         k, d = p.module.kernel, p.module.dilation
         start = half - p.module.span // 2
         w[i, 0, start : start + (k - 1) * d + 1 : d, start : start + (k - 1) * d + 1 : d] = 1.0
-    return w.to(like.device)
+    w = w.to(like.device)
+    if not torch.compiler.is_compiling():
+        _PATTERNS[key] = w
+    return w
 
 
 def _shift_input_grad(node: Merged, g: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
@@ -388,17 +361,9 @@ class FactoredGroup:
     def __init__(self, node: Merged, form: str, normalize: str, eps: float):
         self.node, self.form, self.normalize, self.eps = node, form, normalize, eps
         self._build = stacked_input if form == "stacked" else separable_input
-        self._patterns: dict = {}
 
     def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
         return self._build(self.node, x, coefs, tensors, self.normalize, self.eps)
-
-    def _pattern(self, like: Tensor) -> Tensor:
-        key = (like.device, like.dtype)
-        got = self._patterns.get(key)
-        if got is None:
-            got = self._patterns[key] = _shift_pattern(self.node, like)
-        return got
 
     def backward(self, grad: Tensor, x: Tensor, coefs: Tensor, tensors, need_x: bool):
         """``(grad x, [grad coefs, *grad tensors])`` of ``conv2d(*prepare(x, coefs, tensors))``
@@ -440,7 +405,7 @@ class FactoredGroup:
             gP = gP + sP
             gDs = [g + s for g, s in zip(gDs, sD)]
             if need_x:
-                gx = gx + _shift_input_grad(node, gz[:, n * C :], x, self._pattern(x))
+                gx = gx + _shift_input_grad(node, gz[:, n * C :], x, _shift_pattern(node, x))
         gts = []
         for gD, gPi, P in zip(gDs, gP.unbind(0), Ps):
             gts += [gD, gPi.view(P.shape)]
@@ -487,7 +452,7 @@ class FactoredGroup:
                 for gd, D, r, gri, s in zip(gDn, Ds, rms.unbind(0), gr.unbind(0), sD)
             ]
             if need_x:
-                gx = gx + _shift_input_grad(node, gz[:, C:], x, self._pattern(x))
+                gx = gx + _shift_input_grad(node, gz[:, C:], x, _shift_pattern(node, x))
         # q = c / T (T = sum c, or 1 when it is 0)
         gc = gc + (gq - (gq * q).sum() * (sv["total"] != 0)) / sv["safe"]
         gts = []

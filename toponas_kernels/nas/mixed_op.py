@@ -51,6 +51,12 @@ DARTS edge at stride 1, in units of |x| (saved-tensor hooks;
 without merging adds a sum per stage), 12 in topo without recompute and 5 with it, and no
 kernel-sized tensor.
 
+Host work. The derived weights an edge applies (``coefficients.py``) come from one small
+computation per step for all edges of a cell type (the supernets pass each edge its share as
+``coefficients=``; a lone edge computes its own), and a merged conv's backward rebuilds its
+kernel and applies the conv's and the kernel's backward formulas directly (``forms.py``), in
+a fixed handful of ops per group, without an autograd graph over the kernel build.
+
 Parameters. All modes hold the same parameters: one ``OpChain`` per candidate in ``_ops`` (the
 name DARTS uses), in the order of the primitives. The rewritten modes run the modules of those
 chains: a shared module runs as the instance of its lowest-index (unmasked) candidate, so only

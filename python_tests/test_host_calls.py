@@ -94,7 +94,7 @@ def test_table_equals_the_per_sum_coefficients(space, recompute):
     got = Table(layouts, K).compute(torch.stack(rows))
     for op, w, m, c in zip(ops_, rows, masks, got):
         layout, expected = _reference(op, w, m)
-        assert c.signature is layout.signature and len(c.pieces) == len(expected)
+        assert c.signature == layout.signature and len(c.pieces) == len(expected)
         for a, b in zip(c.pieces, expected):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b.reshape(a.shape), atol=1e-15, rtol=1e-13)

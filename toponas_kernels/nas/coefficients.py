@@ -258,9 +258,9 @@ class Masses:
 _SIGNATURES: dict = {}
 
 
-def intern_signature(signature):
-    """One object per distinct signature, so that layouts compare with ``is``."""
-    return _SIGNATURES.setdefault(signature, signature)
+def intern_signature(signature) -> int:
+    """A small int per distinct signature, so that layouts compare cheaply (and traceably)."""
+    return _SIGNATURES.setdefault(signature, len(_SIGNATURES))
 
 
 def edge_coefficients(owner, edges, weights: Tensor, masks=None, edge_weights: Tensor | None = None) -> list | None:

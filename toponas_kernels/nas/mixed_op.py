@@ -256,7 +256,7 @@ class FusedMixedOp(nn.Module):
             s = self.stride
             return x[:, :, ::s, ::s].mul(0.0)
         layout = self._layout(plan)
-        if coefficients is None or coefficients.signature is not layout.signature:
+        if coefficients is None or coefficients.signature != layout.signature:
             coefficients = table_for(plan, [layout], len(active)).compute(weights.unsqueeze(0))[0]
         return self._choice(root, x, (layout, coefficients.pieces))
 

@@ -10,7 +10,7 @@ How the supernet captures. Under compilation the TopoNAS edges run their differe
 as it stands: a merged conv is ``ops.merge_kernels`` (a ``torch.library`` custom op with a fake
 and an autograd formula) then ``F.conv2d``, and the parameter-free tails and recomputed cells
 just run, so AOTAutograd's partitioner decides what backward keeps (eagerly the same code goes
-through ``mixed_op._MergedConv`` / ``_Recomputed``, whose Python backward dynamo cannot trace).
+through ``_autograd._MergedConv`` / ``_Recomputed``, whose Python backward dynamo cannot trace).
 The host-side decisions (each edge's simplified graph for its mask, the merge forms, the masks'
 host copies) are made eagerly before every step by ``prepare_host`` on every supernet in
 ``model``; the traced forward only reads them as Python values, which dynamo guards on. A

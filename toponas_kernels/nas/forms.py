@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops.merge import merge_kernels_backward
 from .simplify import Merged
 
 __all__ = ["FORMS", "MERGE_CHOICES", "EXACT_FORMS", "BYTE_WEIGHT", "FormCost", "check_merge", "form_costs", "choose_form",
-           "normalization_affine", "stacked_input", "separable_input"]
+           "normalization_affine", "stacked_input", "separable_input", "DenseGroup", "FactoredGroup", "group_for"]
 
 FORMS = ("dense", "stacked", "separable")
 MERGE_CHOICES = ("auto",) + FORMS
@@ -127,63 +128,64 @@ def normalization_affine(P: Tensor, D: Tensor, normalize: str, eps: float) -> tu
     pointwise kernel P [C_out, C, 1, 1] and the depthwise kernel D [C, 1, k, k] (never forming
     the C_out x C x k x k kernel). Statistics in float64 (they are C_out x C sized), so the
     ``E[W^2] - mean^2`` form loses nothing at float32."""
-    acc = torch.float64 if P.dtype != torch.float64 and P.device.type != "mps" else P.dtype
-    p = P.flatten(1).to(acc)
-    d = D.flatten(1).to(acc)
-    count = p.shape[1] * d.shape[1]
-    mean = p @ d.sum(1) / count
-    sq = (p * p) @ (d * d).sum(1) / count
+    st = _statistics([P], [D], normalize, eps)
+    return st["a"][0], st["b"][0]
+
+
+def _statistics(Ps, Ds, normalize: str, eps: float) -> dict:
+    """``normalization_affine`` of n parts at once (their P have one shape): ``a`` and ``b``
+    [n, C_out] in P's dtype, ``P`` the stacked pointwise kernels [n, C_out, C], and what the
+    backward needs. Per part ``mean = P @ mean_taps(D) / C`` and ``E[W^2] = P^2 @
+    mean_taps(D^2) / C``."""
+    P0 = Ps[0]
+    acc = torch.float64 if P0.dtype != torch.float64 and P0.device.type != "mps" else P0.dtype
+    Pst = torch.stack([P.flatten(1) for P in Ps])
+    p = Pst.to(acc)
+    ds = [D.flatten(1).to(acc) for D in Ds]
+    m1 = torch.stack([d.mean(1) for d in ds])  # [n, C]
+    m2 = torch.stack([(d * d).mean(1) for d in ds])
+    C = p.shape[2]
+    pp = p * p
+    mean = torch.bmm(p, m1.unsqueeze(2)).squeeze(2) / C  # [n, O]
+    sq = torch.bmm(pp, m2.unsqueeze(2)).squeeze(2) / C
     if normalize == "tensor":
-        mean, sq = mean.mean().expand_as(mean), sq.mean().expand_as(sq)
+        mean, sq = mean.mean(1, keepdim=True).expand_as(mean), sq.mean(1, keepdim=True).expand_as(sq)
     std = (sq - mean * mean).clamp_min(0).sqrt()
     a = 1.0 / (std + eps)
-    return a.to(P.dtype), (-mean * a).to(P.dtype)
+    return dict(P=Pst, p=p, pp=pp, ds=ds, m1=m1, m2=m2, mean=mean, std=std, a_acc=a,
+                a=a.to(P0.dtype), b=(-mean * a).to(P0.dtype))
+
+
+def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, Ds) -> tuple[Tensor, list[Tensor]]:
+    """The gradients of the stacked P [n, C_out, C] and of each D for the gradients ``ga``,
+    ``gb`` [n, C_out] of ``_statistics``' ``(a, b)``. A constant channel (std 0) passes no
+    gradient through its std."""
+    p, mean, std, a = st["p"], st["mean"], st["std"], st["a_acc"]
+    ga, gb = ga.to(a.dtype), gb.to(a.dtype)
+    C = p.shape[2]
+    g_mean = -a * gb
+    g_std = -(ga - mean * gb) * a * a  # b = -mean a; da/dstd = -a^2
+    g_sq = torch.where(std > 0, g_std / (2 * torch.where(std > 0, std, 1.0)), 0.0)
+    g_mean = g_mean - 2 * mean * g_sq
+    if normalize == "tensor":
+        g_mean = g_mean.mean(1, keepdim=True).expand_as(g_mean)
+        g_sq = g_sq.mean(1, keepdim=True).expand_as(g_sq)
+    gp = (g_mean.unsqueeze(2) * st["m1"].unsqueeze(1) + 2 * p * (g_sq.unsqueeze(2) * st["m2"].unsqueeze(1))) / C
+    g1 = torch.bmm(g_mean.unsqueeze(1), p).squeeze(1) / C  # [n, C]: gradient of mean_taps(D)
+    g2 = torch.bmm(g_sq.unsqueeze(1), st["pp"]).squeeze(1) / C
+    gds = []
+    for i, (d, D) in enumerate(zip(st["ds"], Ds)):
+        taps = d.shape[1]
+        gds.append(((g1[i].unsqueeze(1) + 2 * d * g2[i].unsqueeze(1)) / taps).view(D.shape).to(D.dtype))
+    return gp.to(st["P"].dtype), gds
 
 
 def _shift_channels(x: Tensor, node: Merged) -> Tensor:
     """Per candidate, the box sum of the channel sum of x over its dilated k x k taps (stride
-    and 'same' padding of the group): [B, n, H', W']. Box sums from prefix sums along each axis
-    (one per dilation and axis, a handful of ops per candidate whatever k): a 1-channel conv
-    with a big kernel has a slow backward on a CPU, and summing k shifted slices per axis made
-    hundreds of tiny ops per merged conv (host-bound at small maps)."""
-    s, half = node.stride, node.size // 2
-    total = F.pad(x.sum(1, keepdim=True), (half,) * 4)
-    H, W = (x.shape[2] - 1) // s + 1, (x.shape[3] - 1) // s + 1
-    rows_prefix: dict[int, Tensor] = {}
-    out = []
-    for p in node.parts:
-        k, d = p.module.kernel, p.module.dilation
-        start = half - p.module.span // 2
-        if d not in rows_prefix:
-            rows_prefix[d] = _dilated_prefix(total, 2, d)
-        rows = _box(rows_prefix[d], 2, k, d, start, H, s)
-        out.append(_box(_dilated_prefix(rows, 3, d), 3, k, d, start, W, s))
-    return torch.cat(out, 1)
-
-
-def _dilated_prefix(t: Tensor, dim: int, d: int) -> Tensor:
-    """``P`` along ``dim`` with ``P[r + d] = sum_m t[r - m d]`` (the prefix sum within each residue
-    class mod d) and ``P[0:d] = 0``: d zeros in front, the end padded to a multiple of d, viewed
-    as [..., L / d, d] and summed cumulatively over L / d."""
-    L = t.shape[dim]
-    back = (-(L + d)) % d
-    pad = [0, 0] * (t.dim() - 1 - dim) + [d, back]
-    tp = F.pad(t, pad)
-    shape = list(tp.shape)
-    view = shape[:dim] + [shape[dim] // d, d] + shape[dim + 1 :]
-    return tp.view(view).cumsum(dim).view(shape)
-
-
-def _box(P: Tensor, dim: int, k: int, d: int, start: int, count: int, step: int) -> Tensor:
-    """``sum_{i<k} t[start + i d + j step]`` along ``dim`` for ``j < count``, from ``P =
-    _dilated_prefix(t, dim, d)``: two strided slices of P and a difference."""
-    hi = P.narrow(dim, start + k * d, (count - 1) * step + 1)
-    lo = P.narrow(dim, start, (count - 1) * step + 1)
-    if step > 1:
-        index = [slice(None)] * P.dim()
-        index[dim] = slice(None, None, step)
-        hi, lo = hi[tuple(index)], lo[tuple(index)]
-    return hi - lo
+    and 'same' padding of the group): [B, n, H', W'], as one conv of the channel sum with a 0/1
+    kernel per candidate (``_shift_pattern``): two ops whatever the number of candidates (its
+    gradient, ``_shift_input_grad``, is the transposed conv)."""
+    return F.conv2d(x.sum(1, keepdim=True), _shift_pattern(node, x), None, node.stride, node.size // 2)
 
 
 def _depthwise_layout(x: Tensor) -> Tensor:
@@ -202,47 +204,266 @@ def _pointwise(P: Tensor) -> Tensor:
 def stacked_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: str, eps: float) -> tuple[Tensor, Tensor]:
     """``(z, kernel)`` with ``conv2d(z, kernel) == sum_i c_i conv(x, Wn_i)`` exactly: z the
     stacked depthwise outputs (and the shift channels), kernel the 1x1 conv over them."""
+    return _stacked(node, x, coefs, tensors, normalize, eps)[:2]
+
+
+def _stacked(node, x, coefs, tensors, normalize, eps):
+    """``stacked_input``'s ``(z, kernel)`` and what its backward needs: ``(xl, c, stats)``."""
     x = _depthwise_layout(x)
-    zs, cols, shifts = [], [], []
-    for i, p in enumerate(node.parts):
-        D, P = tensors[2 * i], tensors[2 * i + 1]
-        m = p.module
-        zs.append(F.conv2d(x, D.to(x.dtype), None, m.stride, m.span // 2, m.dilation, x.shape[1]))
-        c = coefs[i].to(P.dtype)
-        if normalize == "none":
-            cols.append(c * _pointwise(P))
-        else:
-            a, b = normalization_affine(P, D, normalize, eps)
-            cols.append((c * a)[:, None] * _pointwise(P))
-            shifts.append(c * b)
-    if shifts:
+    Ds, Ps = tensors[0::2], tensors[1::2]
+    zs = [
+        F.conv2d(x, D.to(x.dtype), None, p.module.stride, p.module.span // 2, p.module.dilation, x.shape[1])
+        for D, p in zip(Ds, node.parts)
+    ]
+    c = coefs.to(Ps[0].dtype)
+    if normalize == "none":
+        stats = None
+        Pst = torch.stack([P.flatten(1) for P in Ps])
+        cols = c[:, None, None] * Pst  # [n, O, C]
+    else:
+        stats = _statistics(Ps, Ds, normalize, eps)
+        cols = (c[:, None] * stats["a"]).unsqueeze(2) * stats["P"]
+    O, C = cols.shape[1], cols.shape[2]
+    kernel = cols.transpose(0, 1).reshape(O, -1)
+    if stats is not None:
         zs.append(_shift_channels(x, node))
-        cols.append(torch.stack(shifts, 1))
-    kernel = torch.cat(cols, 1)
-    return torch.cat(zs, 1), kernel[:, :, None, None]
+        kernel = torch.cat([kernel, (c[:, None] * stats["b"]).t()], 1)
+    return torch.cat(zs, 1), kernel[:, :, None, None], x, c, stats
 
 
 def separable_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: str, eps: float) -> tuple[Tensor, Tensor]:
     """``(z, kernel)`` of the separable approximation: z the output of the one merged depthwise
     conv (and the shift channels), kernel the merged 1x1 conv."""
+    return _separable(node, x, coefs, tensors, normalize, eps)[:2]
+
+
+def _separable(node, x, coefs, tensors, normalize, eps):
+    """``separable_input``'s ``(z, kernel)`` and what its backward needs (a dict)."""
     Ds, Ps = list(tensors[0::2]), list(tensors[1::2])
     c = coefs.to(Ps[0].dtype)
     total = c.sum()
-    q = c / torch.where(total == 0, torch.ones_like(total), total)
+    safe = torch.where(total == 0, torch.ones_like(total), total)
+    q = c / safe
     dil = node.lattice_dilations()
     x = _depthwise_layout(x)
+    saved = dict(xl=x, c=c, q=q, total=total, safe=safe)
     if normalize != "none":
         # Each candidate's depthwise kernel enters the merged one at unit RMS, its scale moving
         # to the pointwise side: the sum then depends on P_i D_i only, as normalization means.
-        ab = [normalization_affine(P, Di, normalize, eps) for P, Di in zip(Ps, Ds)]
-        rms = [Di.pow(2).mean().sqrt() for Di in Ds]
-        Ds = [Di / r for Di, r in zip(Ds, rms)]
-        Ps = [(a * r)[:, None, None, None] * P for P, (a, _), r in zip(Ps, ab, rms)]
+        stats = _statistics(Ps, Ds, normalize, eps)
+        rms = torch.stack([Di.pow(2).mean() for Di in Ds]).sqrt()  # [n]
+        Ds = [Di / r for Di, r in zip(Ds, rms.unbind(0))]
+        scale = stats["a"] * rms[:, None]  # [n, O]: a_i r_i
+        pw = ((c[:, None] * scale).unsqueeze(2) * stats["P"]).sum(0)
+        saved.update(stats=stats, rms=rms, scale=scale)
+    else:
+        pw = (c[:, None, None] * torch.stack([P.flatten(1) for P in Ps])).sum(0)
+    saved["Dn"] = Ds
     D = ops.merge_kernels(Ds, q.to(Ds[0].dtype), dil, "none")
+    saved["D"] = D
     z = F.conv2d(x, D.to(x.dtype), None, node.stride, node.size // 2, node.dilation, x.shape[1])
-    pw = sum(ci * _pointwise(P) for ci, P in zip(c, Ps))
     if normalize == "none":
-        return z, pw[:, :, None, None]
-    shift = torch.stack([ci * b for ci, (_, b) in zip(c, ab)], 1)
+        return z, pw[:, :, None, None], saved
+    shift = (c[:, None] * stats["b"]).t()
     z = torch.cat([z, _shift_channels(x, node)], 1)
-    return z, torch.cat([pw, shift], 1)[:, :, None, None]
+    return z, torch.cat([pw, shift], 1)[:, :, None, None], saved
+
+
+_PATTERNS: dict = {}
+
+
+def _shift_pattern(node: Merged, like: Tensor) -> Tensor:
+    """``[n, 1, size, size]``: 1 at the taps of each part (the shift channels as a conv), in
+    ``like``'s dtype and device; cached."""
+    key = (node, like.device, like.dtype)
+    got = None if torch.compiler.is_compiling() else _PATTERNS.get(key)
+    if got is not None:
+        return got
+    size, half = node.size, node.size // 2
+    w = torch.zeros(len(node.parts), 1, size, size, dtype=like.dtype)
+    for i, p in enumerate(node.parts):
+        k, d = p.module.kernel, p.module.dilation
+        start = half - p.module.span // 2
+        w[i, 0, start : start + (k - 1) * d + 1 : d, start : start + (k - 1) * d + 1 : d] = 1.0
+    w = w.to(like.device)
+    if not torch.compiler.is_compiling():
+        _PATTERNS[key] = w
+    return w
+
+
+def _shift_input_grad(node: Merged, g: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
+    """The gradient of x (``[B, 1, H, W]``, the same for every channel) of the shift channels
+    for their gradient ``g`` ``[B, n, H', W']``: the transposed box sums."""
+    s, half = node.stride, node.size // 2
+    extra = [x.shape[d] - 1 - (g.shape[d] - 1) * s for d in (2, 3)]
+    return F.conv_transpose2d(g, pattern.to(g.dtype), None, s, half, extra)
+
+
+# ----------------------------------------------------------------------------- groups
+# What ``nas/_autograd.merged_conv`` runs for a merged group: ``conv`` (stride, dilation, groups)
+# and a differentiable ``prepare(x, coefs, tensors) -> (z, kernel)``; the dense form also has
+# the analytic backward of its kernel (``build`` and ``kernel_grads``).
+class DenseGroup:
+    """The dense form of ``node``: the merged kernel from each part's kernel tensors (a dense
+    conv's weight, or a separable unit's depthwise D and pointwise P, whose dense kernel is
+    ``P * D^T``), through ``ops.merge_kernels``. Its backward is the conv's and the merge's
+    backward kernels and, per separable part, ``grad P = sum_kl grad W D^T`` and
+    ``grad D = (sum_o grad W P)^T``: a fixed few ops, no autograd graph."""
+
+    def __init__(self, node: Merged, sizes: list[int], normalize: str, eps: float, backend):
+        self.conv = (node.stride, node.dilation, node.groups)
+        self.dilations = node.lattice_dilations()
+        self.sizes, self.normalize, self.eps, self.backend = sizes, normalize, eps, backend
+
+    def build(self, coefs: Tensor, tensors) -> tuple[Tensor, tuple]:
+        kernels, depthwise, start = [], [], 0
+        for n in self.sizes:
+            if n == 2:
+                Dt = tensors[start].transpose(0, 1)  # [1, C, k, k]
+                kernels.append(tensors[start + 1] * Dt)
+                depthwise.append(Dt)
+            else:
+                kernels.append(tensors[start])
+                depthwise.append(None)
+            start += n
+        c = coefs if coefs.dtype == kernels[0].dtype else coefs.to(kernels[0].dtype)
+        merged = ops.merge_kernels(kernels, c, self.dilations, self.normalize, self.eps, backend=self.backend)
+        return merged, (kernels, depthwise, c)
+
+    def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
+        return x, self.build(coefs, tensors)[0]
+
+    def kernel_grads(self, grad: Tensor, coefs: Tensor, tensors, built) -> list[Tensor]:
+        """The gradients of the coefficients and of every kernel tensor for the gradient
+        ``grad`` of the merged kernel."""
+        kernels, depthwise, c = built
+        g = merge_kernels_backward(grad, kernels, c, self.dilations, self.normalize, self.eps, backend=self.backend)
+        out, start = [g[-1] if g[-1].dtype == coefs.dtype else g[-1].to(coefs.dtype)], 0
+        for i, n in enumerate(self.sizes):
+            if n == 2:
+                out.append((g[i] * tensors[start + 1]).sum(0, keepdim=True).transpose(0, 1))
+                out.append((g[i] * depthwise[i]).sum((2, 3), keepdim=True))
+            else:
+                out.append(g[i])
+            start += n
+        return out
+
+
+class FactoredGroup:
+    """The stacked or separable form of ``node`` (``stacked_input`` / ``separable_input``), with
+    the analytic backward of both (``backward``): rebuild z and the 1x1 kernel, then the convs'
+    backward kernels, the transposed box sums of the shift channels and the chain rule through
+    the coefficients, the normalization statistics (``_statistics_backward``) and, separable,
+    the RMS scaling and ``ops.merge_kernels``; a fixed set of ops per group, no autograd graph."""
+
+    conv = (1, 1, 1)
+
+    def __init__(self, node: Merged, form: str, normalize: str, eps: float):
+        self.node, self.form, self.normalize, self.eps = node, form, normalize, eps
+        self._build = stacked_input if form == "stacked" else separable_input
+
+    def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
+        return self._build(self.node, x, coefs, tensors, self.normalize, self.eps)
+
+    def backward(self, grad: Tensor, x: Tensor, coefs: Tensor, tensors, need_x: bool):
+        """``(grad x, [grad coefs, *grad tensors])`` of ``conv2d(*prepare(x, coefs, tensors))``
+        for the output gradient ``grad`` (no autocast: one dtype throughout)."""
+        if self.form == "stacked":
+            return self._backward_stacked(grad, x, coefs, tensors, need_x)
+        return self._backward_separable(grad, x, coefs, tensors, need_x)
+
+    def _backward_stacked(self, grad, x, coefs, tensors, need_x):
+        node, normalize = self.node, self.normalize
+        z, kernel, xl, c, stats = _stacked(node, x, coefs, tensors, normalize, self.eps)
+        gz, gk, _ = torch.ops.aten.convolution_backward(
+            grad, z, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        gk = gk.flatten(1)
+        C, n = x.shape[1], len(node.parts)
+        Ds, Ps = tensors[0::2], tensors[1::2]
+        gx, gDs = None, []
+        for i, (D, p) in enumerate(zip(Ds, node.parts)):
+            m = p.module
+            gxi, gD, _ = torch.ops.aten.convolution_backward(
+                gz[:, i * C : (i + 1) * C], xl, D, None, [m.stride] * 2, [m.span // 2] * 2, [m.dilation] * 2,
+                False, [0, 0], C, [need_x, True, False],
+            )
+            gx = gxi if gx is None else gx + gxi
+            gDs.append(gD)
+        G = gk[:, : n * C].view(-1, n, C).transpose(0, 1)  # [n, O, C]
+        Pst = stats["P"] if stats is not None else torch.stack([P.flatten(1) for P in Ps])
+        h = (G * Pst).sum(2)  # [n, O]
+        if normalize == "none":
+            gP = c[:, None, None] * G
+            gc = h.sum(1)
+        else:
+            gs = gk[:, n * C :].t()  # [n, O]
+            a, b = stats["a"], stats["b"]
+            gP = (c[:, None] * a).unsqueeze(2) * G
+            gc = (a * h).sum(1) + (b * gs).sum(1)
+            sP, sD = _statistics_backward(stats, c[:, None] * h, c[:, None] * gs, normalize, Ds)
+            gP = gP + sP
+            gDs = [g + s for g, s in zip(gDs, sD)]
+            if need_x:
+                gx = gx + _shift_input_grad(node, gz[:, n * C :], x, _shift_pattern(node, x))
+        gts = []
+        for gD, gPi, P in zip(gDs, gP.unbind(0), Ps):
+            gts += [gD, gPi.view(P.shape)]
+        return gx, [gc.to(coefs.dtype), *gts]
+
+    def _backward_separable(self, grad, x, coefs, tensors, need_x):
+        node, normalize = self.node, self.normalize
+        z, kernel, sv = _separable(node, x, coefs, tensors, normalize, self.eps)
+        gz, gk, _ = torch.ops.aten.convolution_backward(
+            grad, z, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        gk = gk.flatten(1)
+        C, n = x.shape[1], len(node.parts)
+        half = node.size // 2
+        gx, gDm, _ = torch.ops.aten.convolution_backward(
+            gz[:, :C], sv["xl"], sv["D"], None, [node.stride] * 2, [half] * 2,
+            [node.dilation] * 2, False, [0, 0], C, [need_x, True, False],
+        )
+        q, c = sv["q"], sv["c"]
+        g = merge_kernels_backward(gDm, sv["Dn"], q.to(sv["Dn"][0].dtype), node.lattice_dilations(), "none")
+        gDn, gq = g[:-1], g[-1].to(c.dtype)
+        Ds, Ps = tensors[0::2], tensors[1::2]
+        gpw = gk[:, :C]
+        if normalize == "none":
+            Pst = torch.stack([P.flatten(1) for P in Ps])
+            gc = (gpw * Pst).sum((1, 2))
+            gP = c[:, None, None] * gpw
+            gDs = gDn
+        else:
+            stats, rms, scale = sv["stats"], sv["rms"], sv["scale"]
+            a, b = stats["a"], stats["b"]
+            gs = gk[:, C:].t()  # [n, O]
+            h = (gpw * stats["P"]).sum(2)  # [n, O]
+            gP = (c[:, None] * scale).unsqueeze(2) * gpw
+            gc = (scale * h).sum(1) + (b * gs).sum(1)
+            gt = c[:, None] * h  # gradient of a_i r_i
+            # D_i / r_i, r_i = sqrt(mean(D_i^2))
+            gDr = torch.stack([(gd * D).sum() for gd, D in zip(gDn, Ds)])
+            gr = (gt * a).sum(1) - gDr / (rms * rms)
+            sP, sD = _statistics_backward(stats, gt * rms[:, None], c[:, None] * gs, normalize, Ds)
+            gP = gP + sP
+            gDs = [
+                gd / r + gri * D / (D.numel() * r) + s
+                for gd, D, r, gri, s in zip(gDn, Ds, rms.unbind(0), gr.unbind(0), sD)
+            ]
+            if need_x:
+                gx = gx + _shift_input_grad(node, gz[:, C:], x, _shift_pattern(node, x))
+        # q = c / T (T = sum c, or 1 when it is 0)
+        gc = gc + (gq - (gq * q).sum() * (sv["total"] != 0)) / sv["safe"]
+        gts = []
+        for gD, gPi, P in zip(gDs, gP.unbind(0), Ps):
+            gts += [gD, gPi.view(P.shape)]
+        return gx, [gc.to(coefs.dtype), *gts]
+
+
+def group_for(node: Merged, form: str, sizes: list[int], normalize: str, eps: float, backend):
+    """The group object of ``node`` in ``form``; ``sizes``: the number of kernel tensors of
+    each part (2 for a separable unit, 1 for a dense conv)."""
+    if form == "dense":
+        return DenseGroup(node, sizes, normalize, eps, backend)
+    return FactoredGroup(node, form, normalize, eps)

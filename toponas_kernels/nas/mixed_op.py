@@ -37,7 +37,7 @@ shifting its dense kernel (not to shifting only its depthwise kernel, which is n
 the dense kernel).
 
 Memory. Merged kernels and normalization statistics are never stored: a merged conv is one
-autograd Function (``_MergedConv``) that keeps the conv input, the coefficients and the
+autograd Function (``_autograd.merged_conv``) that keeps the conv input, the coefficients and the
 candidates' kernels (parameters) and rebuilds the merged kernel in backward, a few small
 kernel-sized ops instead of C_out x C_in x k x k tensors per merged conv for the whole step. A
 coefficient in front of a merged conv goes into its kernel (c * conv(h, K) = conv(h, c * K)),
@@ -45,11 +45,17 @@ also through nested sums, so sums of merged convs are plain additions that save 
 the sums with other branches go through ``mixed_sum``, which saves its inputs for the weight
 gradient. With ``recompute`` (topo's default) the parameter-free ends of the weighted branches
 (pools with their BN, identity, a group's trailing BN) keep nothing either: they run again in
-backward from their input, which is kept anyway (``_Recomputed``). Kept for backward by the
+backward from their input, which is kept anyway (``_autograd.recompute``). Kept for backward by the
 DARTS edge at stride 1, in units of |x| (saved-tensor hooks;
 ``test_memory_kept_for_backward_by_a_darts_edge``): 30 in plain, 24 in pms, 25 in pms+fms (FMS
 without merging adds a sum per stage), 12 in topo without recompute and 5 with it, and no
 kernel-sized tensor.
+
+Host work. The derived weights an edge applies (``coefficients.py``) come from one small
+computation per step for all edges of a cell type (the supernets pass each edge its share as
+``coefficients=``; a lone edge computes its own), and a merged conv's backward rebuilds its
+kernel and applies the conv's and the kernel's backward formulas directly (``forms.py``), in
+a fixed handful of ops per group, without an autograd graph over the kernel build.
 
 Parameters. All modes hold the same parameters: one ``OpChain`` per candidate in ``_ops`` (the
 name DARTS uses), in the order of the primitives. The rewritten modes run the modules of those
@@ -68,17 +74,18 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..backend import BACKENDS
 from . import forms as Fm
 from . import spaces as S
-from .operations import ConvUnit, OpChain, PoolBN, build_op, chosen_module
+from ._autograd import channels_last_on_cpu, merged_conv, recompute, recomputed
+from .coefficients import EdgeCoefficients, Layout, Masses, intern_signature, table_for
+from .operations import OpChain, PoolBN, build_op, chosen_module
 from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
 
-__all__ = ["FusedMixedOp", "recalibrate_bn"]
+__all__ = ["FusedMixedOp", "recalibrate_bn", "recompute"]
 
 _NORMALIZE = {True: "channel", False: "none", "channel": "channel", "tensor": "tensor", "none": "none"}
 
@@ -166,6 +173,7 @@ class FusedMixedOp(nn.Module):
         self.mp = nn.MaxPool2d(2, 2) if k > 1 and stride > 1 else None
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._forms: dict[tuple[Merged, str], tuple[str, str]] = {}
+        self._groups: dict[tuple[Merged, str], object] = {}
         self._loaded_from: tuple[str, str] | None = None
         self.register_load_state_dict_post_hook(_after_load)
 
@@ -187,6 +195,7 @@ class FusedMixedOp(nn.Module):
         mask: Tensor | Sequence[bool] | None = None,
         *,
         edge_weight: Tensor | None = None,
+        coefficients: EdgeCoefficients | None = None,
     ) -> Tensor:
         """``x`` [B, C, H, W]; ``weights`` [K], the edge's softmaxed (or Gumbel) row, used as
         given at the top level; ``mask`` [K] bool or None: masked candidates are left out of the
@@ -196,7 +205,12 @@ class FusedMixedOp(nn.Module):
         ``edge_weight``: a scalar tensor that multiplies the whole output (PC-DARTS edge
         normalization). It is folded into ``weights`` (the output is linear in them: the
         rewrites' inner weights are ratios) and into the partial-channel bypass, so the output
-        need not be kept for its gradient, as it would be by ``edge_weight * op(x, weights)``."""
+        need not be kept for its gradient, as it would be by ``edge_weight * op(x, weights)``.
+
+        ``coefficients``: this edge's derived weights for these weights (and ``edge_weight``),
+        computed once per step for many edges (``coefficient_layout``, ``coefficients.Table``;
+        the supernets do this); None computes them here. Ignored in plain mode, and when they
+        were computed for another graph."""
         if x.dim() != 4 or x.shape[1] != self.C:
             raise ValueError(f"x: expected [B, {self.C}, H, W], got {tuple(x.shape)}")
         weights = self._check_weights(weights, x.dtype)
@@ -207,21 +221,21 @@ class FusedMixedOp(nn.Module):
             edge_weight = edge_weight.reshape(()).to(x.dtype)
             weights = weights * edge_weight
         if self.partial_channels == 1:
-            return self._edge(x, weights, active)
+            return self._edge(x, weights, active, coefficients)
         if self.mp is not None and (x.shape[2] % 2 or x.shape[3] % 2):
             raise ValueError(
                 f"x: partial_channels on a stride-{self.stride} edge needs even H and W (the bypass "
                 f"is 2x2 max-pooled), got {tuple(x.shape[2:])}"
             )
         c = self.C // self.partial_channels
-        processed = self._edge(x[:, :c], weights, active)
+        processed = self._edge(x[:, :c], weights, active, coefficients)
         bypass = x[:, c:]
         if self.recompute and self.mp is not None:
             # Pooled again in backward: keeps no indices and no pooled copy for the edge weight.
             if edge_weight is None:
-                bypass = recompute(lambda b: _channels_last_on_cpu(self.mp, b), self.mp, bypass)
+                bypass = recompute(lambda b: channels_last_on_cpu(self.mp, b), self.mp, bypass)
             else:
-                bypass = recompute(lambda b, e: _channels_last_on_cpu(self.mp, b) * e, self.mp, bypass, edge_weight)
+                bypass = recompute(lambda b, e: channels_last_on_cpu(self.mp, b) * e, self.mp, bypass, edge_weight)
         else:
             if self.mp is not None:
                 bypass = self.mp(bypass)
@@ -229,7 +243,7 @@ class FusedMixedOp(nn.Module):
                 bypass = bypass * edge_weight
         return ops.partial_channel_shuffle(processed, bypass, self.partial_channels, backend=self.backend)
 
-    def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...]) -> Tensor:
+    def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...], coefficients: EdgeCoefficients | None) -> Tensor:
         if self.mode == "plain":
             idx = tuple(i for i, a in enumerate(active) if a)
             outputs = [self._ops[i](x) for i in idx]
@@ -241,22 +255,25 @@ class FusedMixedOp(nn.Module):
         if not root.branches:  # only zero candidates are active
             s = self.stride
             return x[:, :, ::s, ::s].mul(0.0)
-        return self._choice(root, x, _Masses(weights, plan))
+        layout = self._layout(plan)
+        if coefficients is None or coefficients.signature != layout.signature:
+            coefficients = table_for(plan, [layout], len(active)).compute(weights.unsqueeze(0))[0]
+        return self._choice(root, x, (layout, coefficients.pieces))
 
     # ------------------------------------------------------------------ graph execution
-    def _run(self, node, x: Tensor, masses: "_Masses") -> Tensor:
+    def _run(self, node, x: Tensor, coefs) -> Tensor:
         if isinstance(node, Leaf):
             module = self._module(node)
             if self.recompute and isinstance(module, PoolBN):
-                return _channels_last_on_cpu(module, x)
+                return channels_last_on_cpu(module, x)
             return module(x)
         if isinstance(node, Seq):
-            return self._run_items(node.items, x, masses)
+            return self._run_items(node.items, x, coefs)
         if isinstance(node, Choice):
-            return self._choice(node, x, masses)
+            return self._choice(node, x, coefs)
         raise TypeError(f"unexpected node {node!r}")
 
-    def _run_items(self, items, x: Tensor, masses: "_Masses | None") -> Tensor:
+    def _run_items(self, items, x: Tensor, coefs) -> Tensor:
         """The nodes ``items`` applied in order. A ReLU right after a BN (the sep-conv chain's
         middle) runs in place on the BN's output: BN's backward needs its input, not its output,
         so the pair makes one activation-sized tensor instead of two (one pass and one buffer
@@ -267,7 +284,7 @@ class FusedMixedOp(nn.Module):
             if after_bn and isinstance(module, nn.ReLU):
                 x = torch.relu_(x)
             else:
-                x = self._run(item, x, masses)
+                x = self._run(item, x, coefs)
             after_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         return x
 
@@ -276,33 +293,31 @@ class FusedMixedOp(nn.Module):
         cand, pos = leaf.owners[0]
         return self._ops[cand][pos]
 
-    def _choice(self, choice: Choice, x: Tensor, masses: "_Masses", scale: Tensor | None = None) -> Tensor:
-        """A weighted sum (times ``scale``, when given). Branches whose coefficient went into a
-        merged kernel (``_branch``) are added plainly, so nothing is saved for them; the others
-        go through ``mixed_sum`` with their derived coefficients (it saves its inputs for the
-        weight gradient)."""
-        coefs = masses.coefficients(choice)
-        weighted, w, applied, light, light_w = [], [], [], [], []
-        for branch, coef in zip(choice.branches, coefs):
-            if not branch.folded and masses.is_whole(choice, branch):
-                coef = None  # exactly 1
-            if scale is not None:
-                coef = scale if coef is None else coef * scale
-            if self.recompute and coef is not None and coef.dim() == 0:
-                head, tail = self._free_tail(branch.node)
-                if tail:
-                    light.append((tail, self._run_items(head, x, masses)))
-                    light_w.append(coef)
-                    continue
-            y, done = self._branch(branch, coef, x, masses)
-            if done:
-                applied.append(y)
+    def _choice(self, choice: Choice, x: Tensor, coefs) -> Tensor:
+        """A weighted sum, its coefficients ``coefs = (layout, pieces)`` (``coefficients.py``).
+        Branches whose coefficient went into a merged kernel (a merged conv, or a branch that
+        ends in a sum of merged convs: c * conv(h, K) = conv(h, c * K), exact) are added
+        plainly, so nothing is saved for them; the others go through ``mixed_sum`` with their
+        derived coefficients (it saves its inputs for the weight gradient), or, for
+        parameter-free tails with ``recompute``, through a recomputed ``mixed_sum``."""
+        layout, pieces = coefs
+        spec = layout.choices[id(choice)]
+        weighted, applied, light = [], [], []
+        for branch, (kind, piece, head, tail) in zip(choice.branches, spec.branches):
+            if kind == "light":
+                light.append((tail, self._run_items(head, x, coefs)))
+            elif kind == "merged":
+                applied.append(self._merged(branch.node, x, pieces[piece]))
+            elif kind == "whole":
+                applied.append(self._run(branch.node, x, coefs))
+            elif kind == "absorb":
+                items = branch.node.items
+                applied.append(self._choice(items[-1], self._run_items(items[:-1], x, coefs), coefs))
             else:
-                weighted.append(y)
-                w.append(coef)
-        out = ops.mixed_sum(*_promoted(weighted, torch.stack(w)), backend=self.backend) if weighted else None
+                weighted.append(self._run(branch.node, x, coefs))
+        out = ops.mixed_sum(*_promoted(weighted, pieces[spec.weighted]), backend=self.backend) if weighted else None
         if light:
-            applied.append(self._recomputed_sum(light, torch.stack(light_w)))
+            applied.append(self._recomputed_sum(light, pieces[spec.light]))
         for y in applied:
             out = y if out is None else out + y
         return out
@@ -342,7 +357,7 @@ class FusedMixedOp(nn.Module):
             return ops.mixed_sum(ys, w, backend=self.backend)
 
         inputs = [h for _, h in tails]
-        return _recomputed(run, bns, 1 + len(inputs), w, *inputs)
+        return recomputed(run, bns, 1 + len(inputs), w, *inputs)
 
     def _modules_of(self, node):
         if isinstance(node, Seq):
@@ -351,49 +366,18 @@ class FusedMixedOp(nn.Module):
         elif isinstance(node, Leaf):
             yield self._module(node)
 
-    def _branch(self, branch, coef: Tensor | None, x: Tensor, masses: "_Masses") -> tuple[Tensor, bool]:
-        """A branch's output, and whether its coefficient is already in it. ``coef``: a scalar,
-        None for exactly 1, or a merged conv's vector of coefficients. A merged conv takes its
-        coefficients into its kernel; so does a branch that ends in a sum of merged convs
-        (c * conv(h, K) = conv(h, c * K), exact), e.g. an FMS group whose second stage is
-        merged, or a group of ReLU-conv operations."""
-        if branch.folded:
-            return self._merged(branch.node, x, coef), True
-        if coef is None:
-            return self._run(branch.node, x, masses), True
-        items = branch.node.items if isinstance(branch.node, Seq) else [branch.node]
-        if items and isinstance(items[-1], Choice) and _absorbs(items[-1]):
-            return self._choice(items[-1], self._run_items(items[:-1], x, masses), masses, scale=coef), True
-        return self._run(branch.node, x, masses), False
-
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
         """The weighted sum of several conv units as one merged conv, in the form ``merge``
         picks for the group (``forms.py``)."""
         units = [self._module(p) for p in node.parts]
         tensors = [t for unit in units for t in unit.kernel_tensors()]
-        form = self.form_of(node, x.device.type)[0]
-        if form != "dense":
-            build = Fm.stacked_input if form == "stacked" else Fm.separable_input
-            normalize, eps = self.normalize, self.eps
-
-            def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
-                return build(node, h, c, ts, normalize, eps)
-
-            return _merged_conv(prepare, (1, 1, 1), x, coefs, *tensors)
-        dilations = node.lattice_dilations()
-        sizes = [len(unit.kernel_tensors()) for unit in units]
-
-        def make_kernel(c: Tensor, *tensors: Tensor) -> Tensor:
-            kernels, start = [], 0
-            for n in sizes:
-                kernels.append(ConvUnit.dense_from(tensors[start : start + n]))
-                start += n
-            return ops.merge_kernels(kernels, c.to(kernels[0].dtype), dilations, self.normalize, self.eps, backend=self.backend)
-
-        def prepare(h: Tensor, c: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
-            return h, make_kernel(c, *ts)
-
-        return _merged_conv(prepare, (node.stride, node.dilation, node.groups), x, coefs, *tensors)
+        key = (node, x.device.type)
+        group = self._groups.get(key)
+        if group is None:
+            sizes = [len(unit.kernel_tensors()) for unit in units]
+            form = self.form_of(node, x.device.type)[0]
+            group = self._groups[key] = Fm.group_for(node, form, sizes, self.normalize, self.eps, self.backend)
+        return merged_conv(group, x, coefs, *tensors)
 
     def form_of(self, node: Merged, device_type: str = "cpu") -> tuple[str, str]:
         """The form a merged group runs in on ``device_type``, and why (cached)."""
@@ -443,6 +427,25 @@ class FusedMixedOp(nn.Module):
             raise ValueError("mask: every candidate is masked; at least one must stay active")
         return active
 
+    def _layout(self, plan: "_Plan") -> Layout:
+        """The coefficient layout of ``plan``'s graph for this op (cached on the plan)."""
+        layout = plan.layout
+        if layout is None:
+            signature = intern_signature(
+                (tuple(self.space.chains(self.stride)), self.rewrites, plan.active, self.recompute, self.affine)
+            )
+            layout = plan.layout = Layout(plan.graph.root, signature, self.recompute, self._free_tail)
+        return layout
+
+    def coefficient_layout(self, mask=None) -> Layout | None:
+        """The layout of the derived weights this op consumes for ``mask`` (None in plain mode
+        or when only zero candidates are active): what a ``coefficients.Table`` for many edges
+        is built from."""
+        if self.mode == "plain":
+            return None
+        plan = self._plan(self._check_mask(mask))
+        return self._layout(plan) if plan.graph.root.branches else None
+
     def _plan(self, active: tuple[bool, ...]) -> "_Plan":
         plan = self._plans.get(active)
         if plan is None:
@@ -456,7 +459,7 @@ class FusedMixedOp(nn.Module):
                 names=self.primitives,
                 stride=self.stride,
             )
-            plan = self._plans[active] = _Plan(graph)
+            plan = self._plans[active] = _Plan(graph, active)
         return plan
 
     # ------------------------------------------------------------------ public helpers
@@ -471,7 +474,7 @@ class FusedMixedOp(nn.Module):
         they sum to 1; at the top to the sum of the non-zero candidates' weights."""
         weights = self._check_weights(weights)
         plan = self._plan(self._check_mask(mask))
-        masses = _Masses(weights, plan)
+        masses = Masses(weights)
         out = []
 
         def visit(node):
@@ -628,8 +631,9 @@ def recalibrate_bn(model: nn.Module, batches, *, forward=None) -> int:
 class _Plan:
     """A simplified graph, cached per mask."""
 
-    def __init__(self, graph: Graph):
-        self.graph = graph
+    def __init__(self, graph: Graph, active: tuple[bool, ...]):
+        self.graph, self.active = graph, active
+        self.layout: Layout | None = None
         self._index: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def index(self, members: tuple[int, ...], device: torch.device) -> Tensor:
@@ -642,203 +646,15 @@ class _Plan:
         return idx
 
 
-class _Masses:
-    """The derived weights of one forward (paper Eq. 6-10): ``W_S = sum_{i in S} w_i`` for the
-    sets the graph uses, and each branch's coefficient ``W_members`` (top) or
-    ``W_members / W_scope`` (inside a group). A group whose mass is exactly 0 divides by 1
-    instead, so its conditional weights are 0, not NaN."""
-
-    def __init__(self, weights: Tensor, plan: _Plan):
-        self.weights, self.plan = weights, plan
-        self._mass: dict[tuple[int, ...], Tensor] = {}
-
-    def mass(self, members: tuple[int, ...]) -> Tensor:
-        m = self._mass.get(members)
-        if m is None:
-            if len(members) == 1:
-                m = self.weights[members[0]]
-            else:
-                m = self.weights.index_select(0, self.plan.index(members, self.weights.device)).sum()
-            self._mass[members] = m
-        return m
-
-    def denominator(self, choice: Choice) -> Tensor | None:
-        if choice.top:
-            return None
-        m = self.mass(choice.scope)
-        return torch.where(m == 0, torch.ones_like(m), m)
-
-    def is_whole(self, choice: Choice, branch) -> bool:
-        """The branch carries the whole scope of a sub-sum: coefficient exactly 1."""
-        return not choice.top and branch.members == choice.scope
-
-    def coefficients(self, choice: Choice) -> list[Tensor]:
-        """Per branch: a scalar coefficient, or for a merged conv the vector of its parts'."""
-        denom = self.denominator(choice)
-        out = []
-        for b in choice.branches:
-            if b.folded:
-                c = torch.stack([self.mass((p.owners[0][0],)) for p in b.node.parts])
-            else:
-                c = self.mass(b.members)
-            out.append(c if denom is None else c / denom)
-        return out
-
-
-class _MergedConv(torch.autograd.Function):
-    """``conv2d(z, kernel)`` ('same' padding) with ``z, kernel = prepare(x, coefs, *tensors)`` and
-    ``conv = (stride, dilation, groups)`` (a merged kernel is stored on its group's lattice,
-    ``Merged.dilation``),
-    keeping only x, the coefficients and the candidates' parameters for backward. Dense form:
-    z is x and kernel the merged kernel; stacked and separable forms: z the depthwise outputs
-    and kernel the 1x1 conv over them (``forms.py``). Backward runs ``prepare`` again, which
-    costs a few small kernel-sized ops (and a depthwise pass) instead of keeping C_out x C_in x
-    k x k kernels or n x |x| depthwise outputs per merged conv for the whole step."""
-
-    @staticmethod
-    def run(prepare, conv, x, coefs, *tensors) -> tuple[Tensor, torch.dtype, int]:
-        """The conv, its dtype and padding. Under autocast the conv runs in the autocast dtype,
-        like F.conv2d would; kernels are merged in the parameters' dtype and cast."""
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
-            z, kernel = prepare(x.to(dtype), coefs, *tensors)
-            stride, dilation, groups = conv
-            padding = dilation * (kernel.shape[-1] // 2)
-            return F.conv2d(z, kernel.to(dtype), None, stride, padding, dilation, groups), dtype, padding
-
-    @staticmethod
-    def forward(ctx, prepare, conv, x, coefs, *tensors):
-        # Autograd is off here: nothing is kept but what is saved; backward repeats the casts.
-        y, dtype, padding = _MergedConv.run(prepare, conv, x, coefs, *tensors)
-        ctx.prepare, ctx.conv, ctx.padding, ctx.dtype = prepare, conv, padding, dtype
-        ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, *sources = ctx.saved_tensors
-        stride, dilation, groups = ctx.conv
-        need_x = ctx.needs_input_grad[2]
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            xg = x.detach().requires_grad_(need_x)
-            sources = [t.detach().requires_grad_() for t in sources]
-            z, kernel = ctx.prepare(xg.to(ctx.dtype), *sources)
-            kernel = kernel.to(ctx.dtype)
-        need_z = z.requires_grad
-        gz, gk, _ = torch.ops.aten.convolution_backward(
-            grad.to(ctx.dtype), z.detach(), kernel.detach(), None, [stride] * 2, [ctx.padding] * 2, [dilation] * 2,
-            False, [0, 0], groups, [need_z, True, False],
-        )
-        outs, gouts = [kernel], [gk]
-        if need_z:
-            outs.append(z)
-            gouts.append(gz)
-        inputs = ([xg] if need_x else []) + sources
-        grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True))
-        gx = grads.pop(0) if need_x else None
-        return (None, None, gx.to(x.dtype) if gx is not None else None, *grads)
-
-
-class _Recomputed(torch.autograd.Function):
-    """``run(*inputs)`` (one tensor out) keeping only the inputs for backward: forward runs
-    ``run`` without autograd; backward runs it again with autograd, under the forward's autocast
-    state, and takes its vector-Jacobian product for the inputs and ``params`` (the parameters
-    ``run`` reads). The running statistics of ``bns`` are put back after that, so they advance
-    once per step. ``run`` must give the same values again: no dropout, no sampling inside."""
-
-    @staticmethod
-    def forward(ctx, run, bns, n_inputs, *tensors):
-        dev = tensors[0].device.type
-        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
-        ctx.run, ctx.bns, ctx.n_inputs = run, bns, n_inputs
-        ctx.save_for_backward(*tensors)  # the inputs, and the parameters (kept anyway)
-        return run(*tensors[:n_inputs])  # autograd is off inside Function.forward: nothing is kept
-
-    @staticmethod
-    def backward(ctx, grad):
-        tensors, n = ctx.saved_tensors, ctx.n_inputs
-        need = ctx.needs_input_grad[3:]
-        stats = [(m, [b.clone() for b in m.buffers()]) for m in ctx.bns]
-        dev, dtype, enabled = ctx.autocast
-        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-            inputs = [t.detach().requires_grad_(nd) for t, nd in zip(tensors[:n], need)]
-            out = ctx.run(*inputs)
-        wrt = [t for t, nd in zip(inputs + list(tensors[n:]), need) if nd]
-        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True) if wrt and out.requires_grad else [None] * len(wrt))
-        # After the vector-Jacobian product: BN's backward checks the versions of these buffers.
-        with torch.no_grad():
-            for m, saved in stats:
-                for b, old in zip(m.buffers(), saved):
-                    b.copy_(old)
-        return (None, None, None, *(next(grads) if nd else None for nd in need))
-
-
-def _merged_conv(prepare, conv, x, coefs, *tensors) -> Tensor:
-    """A merged conv: eagerly ``_MergedConv``; under ``torch.compile`` the same computation
-    differentiated as it stands (the merged kernel through ``ops.merge_kernels``' autograd
-    formula, no Python backward for dynamo to stop at), what backward keeps or recomputes left
-    to AOTAutograd's partitioner."""
-    if torch.compiler.is_compiling():
-        return _MergedConv.run(prepare, conv, x, coefs, *tensors)[0]
-    return _MergedConv.apply(prepare, conv, x, coefs, *tensors)
-
-
-def _recomputed(run, bns, n_inputs: int, *tensors: Tensor) -> Tensor:
-    """``run(*tensors[:n_inputs])``, recomputed in backward (``_Recomputed``) when autograd
-    records it eagerly; without autograd, and under ``torch.compile`` (where the partitioner
-    decides what to keep), just run."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return run(*tensors[:n_inputs])
-    return _Recomputed.apply(run, bns, n_inputs, *tensors)
-
-
-def recompute(run, module: nn.Module, *inputs: Tensor) -> Tensor:
-    """``run(*inputs)``, where ``run`` uses the parameters and BNs of ``module``, keeping only
-    ``inputs`` for backward and running it again there (``_Recomputed``); without autograd, or
-    under ``torch.compile``, just ``run(*inputs)``."""
-    if not torch.is_grad_enabled():
-        return run(*inputs)
-    bns = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            raise ValueError(f"recompute: {type(m).__name__} in {type(module).__name__} would draw other values in backward")
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            bns.append(m)
-    return _recomputed(run, bns, len(inputs), *inputs, *module.parameters())
-
-
 def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
     """Outputs and weights in one dtype, the promotion of theirs: under autocast the candidates
     come out in mixed dtypes (convs in half, pools and BN in float), and DARTS' ``sum(w * op(x))``
     promotes. Without autocast nothing is cast."""
     dtype = w.dtype
     for y in outputs:
-        dtype = torch.promote_types(dtype, y.dtype)
+        if y.dtype != dtype:  # torch.promote_types is an op call, made only when it has work
+            dtype = torch.promote_types(dtype, y.dtype)
     return [y if y.dtype == dtype else y.to(dtype) for y in outputs], (w if w.dtype == dtype else w.to(dtype))
-
-
-def _channels_last_on_cpu(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` for a pooling module, run channels-last on a CPU, where 3x3 max pooling is
-    10-80x and average pooling 5-15x faster than in NCHW (bench/RESULTS.md); the same values
-    (up to the order of a window's sum), for two layout copies. Used where the pool is
-    recomputed in backward, so the channels-last copy is never kept (plain stays the DARTS
-    reference)."""
-    if x.device.type != "cpu":
-        return module(x)
-    return module(x.contiguous(memory_format=torch.channels_last)).contiguous()
-
-
-def _absorbs(choice: Choice) -> bool:
-    """Every branch of the sum is linear at its end in a merged conv, so a factor in front of
-    the sum can go into the merged kernels."""
-    for b in choice.branches:
-        if b.folded:
-            continue
-        items = b.node.items if isinstance(b.node, Seq) else [b.node]
-        if not (items and isinstance(items[-1], Choice) and _absorbs(items[-1])):
-            return False
-    return True
 
 
 def _is_int(value) -> bool:

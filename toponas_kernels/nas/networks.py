@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from .mixed_op import FusedMixedOp, recompute
+from ._autograd import recompute
+from .coefficients import edge_coefficients
+from .mixed_op import FusedMixedOp
 from .operations import FactorizedReduce, ReLUConvBN
 from .spaces import SearchSpace, get_space
 
@@ -141,10 +143,14 @@ class DartsCell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self.edges.append(FusedMixedOp(C, stride, primitives=space, **op_kwargs))
 
-    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None, recompute_preprocess=False):
+    def forward(self, s0, s1, weights, masks=None, edge_weights=None, edges_on=None, recompute_preprocess=False, coefficients=None):
         """``edges_on``: host list of bools, one per edge; an edge that is off does not run
         (ROME's sampled topology). ``recompute_preprocess``: the preprocessing keeps only its
-        input (the cell input) and runs again in backward."""
+        input (the cell input) and runs again in backward. ``coefficients``: the edges' derived
+        weights (``coefficients.edge_coefficients``), shared by the cells of one type; None
+        computes them here, once for the cell's edges."""
+        if coefficients is None:
+            coefficients = edge_coefficients(self, self.edges, weights, masks, edge_weights)
         if recompute_preprocess:
             states = [recompute(p, p, s) for p, s in ((self.preprocess0, s0), (self.preprocess1, s1))]
         else:
@@ -163,6 +169,7 @@ class DartsCell(nn.Module):
                     weights[e],
                     None if masks is None else masks[e],
                     edge_weight=None if edge_weights is None else edge_weights[e],
+                    coefficients=None if coefficients is None else coefficients[e],
                 )
                 node = out if node is None else node + out
             offset += len(states)
@@ -182,7 +189,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
     ``recompute`` (default off; any mode): the stem and every cell keep only their inputs for
     backward (the image; the two cell inputs, shared with the neighbouring cells) and run again
     in backward, one at a time, with the BN
-    running statistics put back so they advance once per step (``mixed_op.recompute``). Same
+    running statistics kept so they advance once per step (``_autograd.recompute``). Same
     values and gradients; what a cell's preprocessing, edges, bypass pools and concatenation
     keep lives only while that cell's backward runs, and there the preprocessing (ReLU, 1x1
     conv or FactorizedReduce, BN) keeps only the cell input, being recomputed once more. It is a
@@ -305,6 +312,14 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
             on_normal = on_reduce = None
         m_normal, m_reduce = self._host_masks([w_normal, w_reduce], ["mask_normal", "mask_reduce"])
         s0 = s1 = recompute(self.stem, self.stem, x) if self.recompute else self.stem(x)
+        # The derived weights of every edge, once per step per cell type (a recomputed cell
+        # derives its own from its weights input, so that their gradient reaches the alphas).
+        shared = {}
+        if not self.recompute:
+            for cell in self.cells:
+                if cell.reduction not in shared:
+                    w, m, e = (w_reduce, m_reduce, e_reduce) if cell.reduction else (w_normal, m_normal, e_normal)
+                    shared[cell.reduction] = edge_coefficients(self, cell.edges, w.to(s1.dtype), m, e)
         for cell in self.cells:
             if cell.reduction:
                 w, m, e, on = w_reduce, m_reduce, e_reduce, on_reduce
@@ -312,7 +327,7 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
                 w, m, e, on = w_normal, m_normal, e_normal, on_normal
             w = w.to(s1.dtype)
             if not self.recompute:
-                out = cell(s0, s1, w, m, e, on)
+                out = cell(s0, s1, w, m, e, on, coefficients=shared[cell.reduction])
             elif e is None:
                 out = recompute(lambda a, b, w, cell=cell, m=m, on=on: cell(a, b, w, m, None, on, True), cell, s0, s1, w)
             else:
@@ -438,13 +453,13 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
             if isinstance(cell, nn.ModuleList):
                 yield from zip(cell, rows)
 
-    def _cell(self, edges, x, weights, masks):
+    def _cell(self, edges, x, weights, masks, coefficients):
         nodes = [x]
         for i in range(1, 4):
             total = None
             for e, (dst, src) in enumerate(self.EDGES):
                 if dst == i:
-                    out = edges[e](nodes[src], weights[e], masks[e])
+                    out = edges[e](nodes[src], weights[e], masks[e], coefficients=None if coefficients is None else coefficients[e])
                     total = out if total is None else total + out
             nodes.append(total)
         return nodes[-1]
@@ -453,8 +468,11 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         weights = self.arch_weights()
         (masks,) = self._host_masks([weights], ["mask"])
         x = self.stem(x)
+        weights = weights.to(x.dtype)
+        first = next(cell for cell in self.cells if isinstance(cell, nn.ModuleList))
+        coefficients = edge_coefficients(self, first, weights, masks)  # once per step for every cell
         for cell in self.cells:
-            x = self._cell(cell, x, weights.to(x.dtype), masks) if isinstance(cell, nn.ModuleList) else cell(x)
+            x = self._cell(cell, x, weights, masks, coefficients) if isinstance(cell, nn.ModuleList) else cell(x)
         return self.classifier(self.global_pooling(self.lastact(x)).flatten(1))
 
     @torch.no_grad()

@@ -593,6 +593,19 @@ def _check_dilations(dilations, k_total: int) -> list[int]:
     return out
 
 
+def merge_kernels_backward(
+    grad: Tensor, kernels, weights: Tensor, dilations, normalize="channel", eps: float = 1e-5, *, backend: str | None = None
+) -> list[Tensor]:
+    """The gradients of ``merge_kernels(kernels, weights, dilations, normalize, eps)`` for the
+    gradient ``grad`` of the merged kernel, without autograd: K kernel gradients, then the
+    weights' gradient (the op's own backward kernels). For callers that rebuild a merged kernel
+    in their own backward (``nas/_autograd.py``); the arguments are those of a
+    ``merge_kernels`` call that succeeded, and are not checked again."""
+    mode = _check_normalize(normalize)
+    dils = _check_dilations(dilations, len(kernels))
+    return _merge_kernels_backward_impl(grad, list(kernels), weights, dils, mode, float(eps), _backend.resolve(backend, grad.device))
+
+
 def merge_kernels(
     kernels,
     weights: Tensor,

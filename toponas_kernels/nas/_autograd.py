@@ -1,0 +1,189 @@
+"""Memory-saving autograd for the TopoNAS edges and supernets: merged convs that rebuild their
+kernel in backward (``merged_conv``), and recomputation of parameter-free ends, cells and stems
+(``recompute``). Both keep only their inputs for backward and run again there.
+
+A merged conv group (``forms.py``) is an object with ``conv`` (stride, dilation, groups) and a
+differentiable ``prepare(x, coefs, tensors) -> (z, kernel)`` (the conv input and kernel). A
+group whose kernel has an analytic backward (the dense form: ``ops.merge_kernels`` and its
+backward formula) also has ``build(coefs, tensors)`` and ``kernel_grads(grad_kernel, coefs,
+tensors, built)``, and a group of the stacked or separable form ``backward(grad, x, coefs,
+tensors, need_x)``; its backward then runs a fixed set of ops (rebuild the kernel, the convs'
+backward, the kernel's backward) instead of running ``prepare`` again under autograd (which
+remains the path under autocast for the factored forms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["merged_conv", "recompute", "recomputed", "channels_last_on_cpu"]
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _MergedConv(torch.autograd.Function):
+    """``conv2d(z, kernel)`` ('same' padding) with ``z, kernel = group.prepare(x, coefs,
+    tensors)`` and ``group.conv = (stride, dilation, groups)`` (a merged kernel is stored on its
+    group's lattice, ``Merged.dilation``), keeping only x, the coefficients and the candidates'
+    parameters for backward. Dense form: z is x and kernel the merged kernel; stacked and
+    separable forms: z the depthwise outputs and kernel the 1x1 conv over them (``forms.py``).
+    Backward rebuilds the kernel (and z), which costs a few small kernel-sized ops (and a
+    depthwise pass) instead of keeping C_out x C_in x k x k kernels or n x |x| depthwise outputs
+    per merged conv for the whole step."""
+
+    @staticmethod
+    def run(group, x, coefs, tensors) -> tuple[Tensor, torch.dtype, int]:
+        """The conv, its dtype and padding. Under autocast the conv runs in the autocast dtype,
+        like F.conv2d would; kernels are merged in the parameters' dtype and cast."""
+        dtype = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            z, kernel = group.prepare(x.to(dtype), coefs, tensors)
+            stride, dilation, groups = group.conv
+            padding = dilation * (kernel.shape[-1] // 2)
+            return F.conv2d(z, kernel.to(dtype), None, stride, padding, dilation, groups), dtype, padding
+
+    @staticmethod
+    def forward(ctx, group, x, coefs, *tensors):
+        # Autograd is off here: nothing is kept but what is saved; backward repeats the casts.
+        y, dtype, padding = _MergedConv.run(group, x, coefs, tensors)
+        ctx.group, ctx.padding, ctx.dtype = group, padding, dtype
+        ctx.save_for_backward(x, coefs, *tensors)  # the candidates' kernels are parameters
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, coefs, *tensors = ctx.saved_tensors
+        group = ctx.group
+        stride, dilation, groups = group.conv
+        need_x = ctx.needs_input_grad[1]
+        conv_args = ([stride] * 2, [ctx.padding] * 2, [dilation] * 2, False, [0, 0], groups)
+        if hasattr(group, "backward") and ctx.dtype == x.dtype == grad.dtype and all(t.dtype == x.dtype for t in tensors):
+            with torch.autocast(x.device.type, enabled=False):
+                gx, grads = group.backward(grad, x, coefs, tensors, need_x)
+            return (None, gx, *grads)
+        if hasattr(group, "kernel_grads"):
+            with torch.autocast(x.device.type, enabled=False):
+                kernel, built = group.build(coefs, tensors)
+                xd = x if x.dtype == ctx.dtype else x.to(ctx.dtype)
+                gx, gk, _ = torch.ops.aten.convolution_backward(
+                    grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype), xd,
+                    kernel if kernel.dtype == ctx.dtype else kernel.to(ctx.dtype), None, *conv_args,
+                    [need_x, True, False],
+                )
+                grads = group.kernel_grads(gk if gk.dtype == kernel.dtype else gk.to(kernel.dtype), coefs, tensors, built)
+            gx = gx if gx is None or gx.dtype == x.dtype else gx.to(x.dtype)
+            return (None, gx, *grads)
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            xg = x.detach().requires_grad_(need_x)
+            sources = [t.detach().requires_grad_() for t in (coefs, *tensors)]
+            z, kernel = group.prepare(xg.to(ctx.dtype), sources[0], sources[1:])
+            kernel = kernel.to(ctx.dtype)
+        need_z = z.requires_grad
+        gz, gk, _ = torch.ops.aten.convolution_backward(
+            grad.to(ctx.dtype), z.detach(), kernel.detach(), None, *conv_args, [need_z, True, False],
+        )
+        outs, gouts = [kernel], [gk]
+        if need_z:
+            outs.append(z)
+            gouts.append(gz)
+        inputs = ([xg] if need_x else []) + sources
+        grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True))
+        gx = grads.pop(0) if need_x else None
+        return (None, gx.to(x.dtype) if gx is not None else None, *grads)
+
+
+def merged_conv(group, x: Tensor, coefs: Tensor, *tensors: Tensor) -> Tensor:
+    """A merged conv: eagerly ``_MergedConv``; under ``torch.compile`` the same computation
+    differentiated as it stands (the merged kernel through ``ops.merge_kernels``' autograd
+    formula, no Python backward for dynamo to stop at), what backward keeps or recomputes left
+    to AOTAutograd's partitioner."""
+    if torch.compiler.is_compiling():
+        return _MergedConv.run(group, x, coefs, tensors)[0]
+    return _MergedConv.apply(group, x, coefs, *tensors)
+
+
+class _NoStatistics:
+    """While it is active, the BNs ``bns`` run without reading or advancing their running
+    statistics (``track_running_stats`` off): in train mode the same batch statistics and
+    outputs; in eval mode the running statistics are still used (a BN reads them when not
+    training). Used where a forward runs again in backward, so the statistics advance once."""
+
+    def __init__(self, bns):
+        self.bns = [m for m in bns if m.track_running_stats]
+
+    def __enter__(self):
+        for m in self.bns:
+            m.track_running_stats = False
+
+    def __exit__(self, *exc):
+        for m in self.bns:
+            m.track_running_stats = True
+
+
+class _Recomputed(torch.autograd.Function):
+    """``run(*inputs)`` (one tensor out) keeping only the inputs for backward: forward runs
+    ``run`` without autograd; backward runs it again with autograd, under the forward's autocast
+    state and with the BNs ``bns`` not advancing their running statistics (so they advance once
+    per step), and takes its vector-Jacobian product for the inputs and ``params`` (the
+    parameters ``run`` reads). ``run`` must give the same values again: no dropout, no sampling
+    inside."""
+
+    @staticmethod
+    def forward(ctx, run, bns, n_inputs, *tensors):
+        dev = tensors[0].device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        ctx.run, ctx.bns, ctx.n_inputs = run, bns, n_inputs
+        ctx.save_for_backward(*tensors)  # the inputs, and the parameters (kept anyway)
+        return run(*tensors[:n_inputs])  # autograd is off inside Function.forward: nothing is kept
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors, n = ctx.saved_tensors, ctx.n_inputs
+        need = ctx.needs_input_grad[3:]
+        dev, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), _NoStatistics(ctx.bns):
+            inputs = [t.detach().requires_grad_(nd) for t, nd in zip(tensors[:n], need)]
+            out = ctx.run(*inputs)
+        wrt = [t for t, nd in zip(inputs + list(tensors[n:]), need) if nd]
+        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True) if wrt and out.requires_grad else [None] * len(wrt))
+        return (None, None, None, *(next(grads) if nd else None for nd in need))
+
+
+def recomputed(run, bns, n_inputs: int, *tensors: Tensor) -> Tensor:
+    """``run(*tensors[:n_inputs])``, recomputed in backward (``_Recomputed``) when autograd
+    records it eagerly; without autograd, and under ``torch.compile`` (where the partitioner
+    decides what to keep), just run."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return run(*tensors[:n_inputs])
+    return _Recomputed.apply(run, bns, n_inputs, *tensors)
+
+
+def recompute(run, module: nn.Module, *inputs: Tensor) -> Tensor:
+    """``run(*inputs)``, where ``run`` uses the parameters and BNs of ``module``, keeping only
+    ``inputs`` for backward and running it again there (``_Recomputed``); without autograd, or
+    under ``torch.compile``, just ``run(*inputs)``."""
+    if not torch.is_grad_enabled():
+        return run(*inputs)
+    bns = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            raise ValueError(f"recompute: {type(m).__name__} in {type(module).__name__} would draw other values in backward")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bns.append(m)
+    return recomputed(run, bns, len(inputs), *inputs, *module.parameters())
+
+
+def channels_last_on_cpu(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a pooling module, run channels-last on a CPU, where 3x3 max pooling is
+    10-80x and average pooling 5-15x faster than in NCHW (bench/RESULTS.md); the same values
+    (up to the order of a window's sum), for two layout copies. Used where the pool is
+    recomputed in backward, so the channels-last copy is never kept (plain stays the DARTS
+    reference)."""
+    if x.device.type != "cpu":
+        return module(x)
+    return module(x.contiguous(memory_format=torch.channels_last)).contiguous()

@@ -213,13 +213,19 @@ class Table:
 
 def table_for(owner, layouts: list[Layout], K: int) -> Table:
     """The ``Table`` of these layouts, cached on ``owner`` (any object with a ``__dict__``)."""
-    cache = owner.__dict__.setdefault("_coefficient_tables", {})
+    cache = owner.__dict__.get("_coefficient_tables")
     key = tuple(id(layout) for layout in layouts)
-    table = cache.get(key)
+    table = None if cache is None else cache.get(key)
     if table is None:
-        if len(cache) >= _TABLES_KEPT:
-            cache.clear()
-        table = cache[key] = Table(layouts, K)
+        table = Table(layouts, K)
+        # Traced code never writes to a cache (dynamo would have to rebuild the objects in
+        # bytecode): ``prepare_host`` fills it eagerly before a compiled step.
+        if not torch.compiler.is_compiling():
+            if cache is None:
+                cache = owner.__dict__["_coefficient_tables"] = {}
+            if len(cache) >= _TABLES_KEPT:
+                cache.clear()
+            cache[key] = table
     return table
 
 
@@ -261,6 +267,15 @@ _SIGNATURES: dict = {}
 def intern_signature(signature) -> int:
     """A small int per distinct signature, so that layouts compare cheaply (and traceably)."""
     return _SIGNATURES.setdefault(signature, len(_SIGNATURES))
+
+
+def warm_table(owner, edges, masks, K: int) -> None:
+    """Make, eagerly, the ``Table`` that ``edge_coefficients(owner, edges, ...)`` uses for the
+    host ``masks`` rows, so that a traced forward finds it and only reads it."""
+    layouts = [edge.coefficient_layout(None if masks is None else masks[e]) for e, edge in enumerate(edges)]
+    layouts = [layout for layout in layouts if layout is not None]
+    if layouts:
+        table_for(owner, layouts, K)
 
 
 def edge_coefficients(owner, edges, weights: Tensor, masks=None, edge_weights: Tensor | None = None) -> list | None:

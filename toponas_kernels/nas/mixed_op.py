@@ -369,15 +369,21 @@ class FusedMixedOp(nn.Module):
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
         """The weighted sum of several conv units as one merged conv, in the form ``merge``
         picks for the group (``forms.py``)."""
-        units = [self._module(p) for p in node.parts]
-        tensors = [t for unit in units for t in unit.kernel_tensors()]
-        key = (node, x.device.type)
+        tensors = [t for p in node.parts for t in self._module(p).kernel_tensors()]
+        return merged_conv(self._group(node, x.device.type), x, coefs, *tensors)
+
+    def _group(self, node: Merged, device_type: str):
+        """The ``forms`` group object that runs ``node`` on ``device_type`` (cached; made eagerly
+        by ``merge_forms``, so a traced forward only reads the cache and never writes to it)."""
+        key = (node, device_type)
         group = self._groups.get(key)
         if group is None:
-            sizes = [len(unit.kernel_tensors()) for unit in units]
-            form = self.form_of(node, x.device.type)[0]
-            group = self._groups[key] = Fm.group_for(node, form, sizes, self.normalize, self.eps, self.backend)
-        return merged_conv(group, x, coefs, *tensors)
+            sizes = [len(self._module(p).kernel_tensors()) for p in node.parts]
+            form = self.form_of(node, device_type)[0]
+            group = Fm.group_for(node, form, sizes, self.normalize, self.eps, self.backend)
+            if not torch.compiler.is_compiling():
+                self._groups[key] = group
+        return group
 
     def form_of(self, node: Merged, device_type: str = "cpu") -> tuple[str, str]:
         """The form a merged group runs in on ``device_type``, and why (cached)."""
@@ -395,6 +401,7 @@ class FusedMixedOp(nn.Module):
         def visit(node):
             if isinstance(node, Merged):
                 out.append((node, *self.form_of(node, device_type)))
+                self._group(node, device_type)
             elif isinstance(node, Seq):
                 for item in node.items:
                     visit(item)
@@ -431,6 +438,12 @@ class FusedMixedOp(nn.Module):
         """The coefficient layout of ``plan``'s graph for this op (cached on the plan)."""
         layout = plan.layout
         if layout is None:
+            if torch.compiler.is_compiling():  # a traced forward only reads what prepare_host made
+                raise RuntimeError(
+                    "FusedMixedOp: no coefficient layout for this mask under torch.compile; call "
+                    "op.coefficient_layout(mask) eagerly first, or the supernet's prepare_host(device_type) "
+                    "(nas.compile.compile_step does)"
+                )
             signature = intern_signature(
                 (tuple(self.space.chains(self.stride)), self.rewrites, plan.active, self.recompute, self.affine)
             )

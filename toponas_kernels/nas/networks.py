@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import ops
 from ._autograd import recompute
-from .coefficients import edge_coefficients
+from .coefficients import edge_coefficients, warm_table
 from .mixed_op import FusedMixedOp
 from .operations import FactorizedReduce, ReLUConvBN
 from .spaces import SearchSpace, get_space
@@ -108,6 +108,9 @@ class _ArchMixin:
                 rows = [row]
             for r in rows:
                 edge.merge_forms(r, device_type)
+                edge.coefficient_layout(r)
+        if self.sampler != "gumbel":  # a sampled sub-network's table is made when it is drawn
+            self._warm_coefficients()
         self._prepared = state
 
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -296,6 +299,19 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         weights = torch.cat([gumbel_top_k(betas[sl], 2, self.tau) for sl in self._node_slices()])
         return weights, (weights.detach() != 0).tolist()
 
+    def _warm_coefficients(self) -> None:
+        """The coefficient tables a softmax forward reads for the current masks: one per cell
+        type on the network, or one per cell when cells are recomputed (each derives its own)."""
+        K = len(self.space)
+        rows = {False: self._mask_rows("mask_normal"), True: self._mask_rows("mask_reduce")}
+        seen = set()
+        for cell in self.cells:
+            if self.recompute:
+                warm_table(cell, cell.edges, rows[cell.reduction], K)
+            elif cell.reduction not in seen:
+                seen.add(cell.reduction)
+                warm_table(self, cell.edges, rows[cell.reduction], K)
+
     def arch_weights(self):
         return (
             self._arch_rows(self.alphas_normal, self.mask_normal),
@@ -452,6 +468,11 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
         for cell in self.cells:
             if isinstance(cell, nn.ModuleList):
                 yield from zip(cell, rows)
+
+    def _warm_coefficients(self) -> None:
+        """The coefficient table a softmax forward reads for the current mask (one for all cells)."""
+        first = next(cell for cell in self.cells if isinstance(cell, nn.ModuleList))
+        warm_table(self, first, self._mask_rows("mask"), len(self.space))
 
     def _cell(self, edges, x, weights, masks, coefficients):
         nodes = [x]

@@ -269,31 +269,34 @@ def intern_signature(signature) -> int:
     return _SIGNATURES.setdefault(signature, len(_SIGNATURES))
 
 
+def _layouts(edges, masks) -> tuple[list, list[int]]:
+    """Each edge's coefficient layout for its host mask row, and the edges that take one."""
+    layouts = [edge.coefficient_layout(None if masks is None else masks[e]) for e, edge in enumerate(edges)]
+    return layouts, [e for e, layout in enumerate(layouts) if layout is not None]
+
+
 def warm_table(owner, edges, masks, K: int) -> None:
     """Make, eagerly, the ``Table`` that ``edge_coefficients(owner, edges, ...)`` uses for the
     host ``masks`` rows, so that a traced forward finds it and only reads it."""
-    layouts = [edge.coefficient_layout(None if masks is None else masks[e]) for e, edge in enumerate(edges)]
-    layouts = [layout for layout in layouts if layout is not None]
-    if layouts:
-        table_for(owner, layouts, K)
+    layouts, rows = _layouts(edges, masks)
+    if rows:
+        table_for(owner, [layouts[e] for e in rows], K)
 
 
-def edge_coefficients(owner, edges, weights: Tensor, masks=None, edge_weights: Tensor | None = None) -> list | None:
+def edge_coefficients(owner, edges, weights: Tensor, masks=None, edge_weights: Tensor | None = None) -> list:
     """The derived weights of ``edges`` (``FusedMixedOp``s; row e of ``weights`` [E, K] and of
     the host ``masks`` is edge e's, ``edge_weights`` [E] their PC-DARTS edge weights) as one
-    ``Table`` computation: a list with each edge's ``EdgeCoefficients`` (None for an edge that
-    takes none: plain mode, or only zero candidates active), or None when no edge takes any.
-    Any other edge with the same graph (the same edge of another cell of the same type) may
-    consume an edge's entry."""
-    layouts = [edge.coefficient_layout(None if masks is None else masks[e]) for e, edge in enumerate(edges)]
-    rows = [e for e, layout in enumerate(layouts) if layout is not None]
+    ``Table`` computation: a list with each edge's ``EdgeCoefficients``, None for an edge that
+    takes none (plain mode, or only zero candidates active). Any other edge with the same graph
+    (the same edge of another cell of the same type) may consume an edge's entry."""
+    layouts, rows = _layouts(edges, masks)
+    out = [None] * len(layouts)
     if not rows:
-        return None
+        return out
     w = weights if edge_weights is None else weights * edge_weights.to(weights.dtype)[:, None]
     if len(rows) < len(layouts):
         w = w[rows]
     got = table_for(owner, [layouts[e] for e in rows], weights.shape[1]).compute(w)
-    out = [None] * len(layouts)
     for e, c in zip(rows, got):
         out[e] = c
     return out

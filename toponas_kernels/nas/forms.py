@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops.merge import merge_kernels_backward
+from .operations import ConvUnit
 from .simplify import Merged
 
 __all__ = ["FORMS", "MERGE_CHOICES", "EXACT_FORMS", "BYTE_WEIGHT", "FormCost", "check_merge", "form_costs", "choose_form",
@@ -197,10 +198,6 @@ def _depthwise_layout(x: Tensor) -> Tensor:
     return x
 
 
-def _pointwise(P: Tensor) -> Tensor:
-    return P.flatten(1)
-
-
 def stacked_input(node: Merged, x: Tensor, coefs: Tensor, tensors, normalize: str, eps: float) -> tuple[Tensor, Tensor]:
     """``(z, kernel)`` with ``conv2d(z, kernel) == sum_i c_i conv(x, Wn_i)`` exactly: z the
     stacked depthwise outputs (and the shift channels), kernel the 1x1 conv over them."""
@@ -316,19 +313,13 @@ class DenseGroup:
         self.sizes, self.normalize, self.eps, self.backend = sizes, normalize, eps, backend
 
     def build(self, coefs: Tensor, tensors) -> tuple[Tensor, tuple]:
-        kernels, depthwise, start = [], [], 0
+        kernels, start = [], 0
         for n in self.sizes:
-            if n == 2:
-                Dt = tensors[start].transpose(0, 1)  # [1, C, k, k]
-                kernels.append(tensors[start + 1] * Dt)
-                depthwise.append(Dt)
-            else:
-                kernels.append(tensors[start])
-                depthwise.append(None)
+            kernels.append(ConvUnit.dense_from(tensors[start : start + n]))
             start += n
         c = coefs if coefs.dtype == kernels[0].dtype else coefs.to(kernels[0].dtype)
         merged = ops.merge_kernels(kernels, c, self.dilations, self.normalize, self.eps, backend=self.backend)
-        return merged, (kernels, depthwise, c)
+        return merged, (kernels, c)
 
     def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
         return x, self.build(coefs, tensors)[0]
@@ -336,13 +327,13 @@ class DenseGroup:
     def kernel_grads(self, grad: Tensor, coefs: Tensor, tensors, built) -> list[Tensor]:
         """The gradients of the coefficients and of every kernel tensor for the gradient
         ``grad`` of the merged kernel."""
-        kernels, depthwise, c = built
+        kernels, c = built
         g = merge_kernels_backward(grad, kernels, c, self.dilations, self.normalize, self.eps, backend=self.backend)
         out, start = [g[-1] if g[-1].dtype == coefs.dtype else g[-1].to(coefs.dtype)], 0
         for i, n in enumerate(self.sizes):
             if n == 2:
                 out.append((g[i] * tensors[start + 1]).sum(0, keepdim=True).transpose(0, 1))
-                out.append((g[i] * depthwise[i]).sum((2, 3), keepdim=True))
+                out.append((g[i] * tensors[start].transpose(0, 1)).sum((2, 3), keepdim=True))
             else:
                 out.append(g[i])
             start += n

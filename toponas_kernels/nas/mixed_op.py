@@ -219,16 +219,15 @@ class FusedMixedOp(nn.Module):
             if not isinstance(edge_weight, Tensor) or edge_weight.numel() != 1:
                 raise ValueError(f"edge_weight: expected a scalar tensor, got {_shape(edge_weight) if isinstance(edge_weight, Tensor) else type(edge_weight).__name__}")
             edge_weight = edge_weight.reshape(()).to(x.dtype)
-            weights = weights * edge_weight
         if self.partial_channels == 1:
-            return self._edge(x, weights, active, coefficients)
+            return self._edge(x, weights, active, coefficients, edge_weight)
         if self.mp is not None and (x.shape[2] % 2 or x.shape[3] % 2):
             raise ValueError(
                 f"x: partial_channels on a stride-{self.stride} edge needs even H and W (the bypass "
                 f"is 2x2 max-pooled), got {tuple(x.shape[2:])}"
             )
         c = self.C // self.partial_channels
-        processed = self._edge(x[:, :c], weights, active, coefficients)
+        processed = self._edge(x[:, :c], weights, active, coefficients, edge_weight)
         bypass = x[:, c:]
         if self.recompute and self.mp is not None:
             # Pooled again in backward: keeps no indices and no pooled copy for the edge weight.
@@ -243,8 +242,13 @@ class FusedMixedOp(nn.Module):
                 bypass = bypass * edge_weight
         return ops.partial_channel_shuffle(processed, bypass, self.partial_channels, backend=self.backend)
 
-    def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...], coefficients: EdgeCoefficients | None) -> Tensor:
+    def _edge(self, x: Tensor, weights: Tensor, active: tuple[bool, ...], coefficients: EdgeCoefficients | None,
+              edge_weight: Tensor | None) -> Tensor:
+        """The edge; ``edge_weight`` scales ``weights`` where they are read (precomputed
+        ``coefficients`` carry it already, so the common path multiplies nothing)."""
         if self.mode == "plain":
+            if edge_weight is not None:
+                weights = weights * edge_weight
             idx = tuple(i for i, a in enumerate(active) if a)
             outputs = [self._ops[i](x) for i in idx]
             # A cached index tensor: weights[list] would copy a new index to the device per call.
@@ -257,7 +261,8 @@ class FusedMixedOp(nn.Module):
             return x[:, :, ::s, ::s].mul(0.0)
         layout = self._layout(plan)
         if coefficients is None or coefficients.signature != layout.signature:
-            coefficients = table_for(plan, [layout], len(active)).compute(weights.unsqueeze(0))[0]
+            w = weights if edge_weight is None else weights * edge_weight
+            coefficients = table_for(plan, [layout], len(active)).compute(w.unsqueeze(0))[0]
         return self._choice(root, x, (layout, coefficients.pieces))
 
     # ------------------------------------------------------------------ graph execution

@@ -172,7 +172,7 @@ class DartsCell(nn.Module):
                     weights[e],
                     None if masks is None else masks[e],
                     edge_weight=None if edge_weights is None else edge_weights[e],
-                    coefficients=None if coefficients is None else coefficients[e],
+                    coefficients=coefficients[e],
                 )
                 node = out if node is None else node + out
             offset += len(states)
@@ -331,11 +331,6 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
         # The derived weights of every edge, once per step per cell type (a recomputed cell
         # derives its own from its weights input, so that their gradient reaches the alphas).
         shared = {}
-        if not self.recompute:
-            for cell in self.cells:
-                if cell.reduction not in shared:
-                    w, m, e = (w_reduce, m_reduce, e_reduce) if cell.reduction else (w_normal, m_normal, e_normal)
-                    shared[cell.reduction] = edge_coefficients(self, cell.edges, w.to(s1.dtype), m, e)
         for cell in self.cells:
             if cell.reduction:
                 w, m, e, on = w_reduce, m_reduce, e_reduce, on_reduce
@@ -343,6 +338,8 @@ class DartsSearchNetwork(nn.Module, _ArchMixin):
                 w, m, e, on = w_normal, m_normal, e_normal, on_normal
             w = w.to(s1.dtype)
             if not self.recompute:
+                if cell.reduction not in shared:
+                    shared[cell.reduction] = edge_coefficients(self, cell.edges, w, m, e)
                 out = cell(s0, s1, w, m, e, on, coefficients=shared[cell.reduction])
             elif e is None:
                 out = recompute(lambda a, b, w, cell=cell, m=m, on=on: cell(a, b, w, m, None, on, True), cell, s0, s1, w)
@@ -480,7 +477,7 @@ class NB201SearchNetwork(nn.Module, _ArchMixin):
             total = None
             for e, (dst, src) in enumerate(self.EDGES):
                 if dst == i:
-                    out = edges[e](nodes[src], weights[e], masks[e], coefficients=None if coefficients is None else coefficients[e])
+                    out = edges[e](nodes[src], weights[e], masks[e], coefficients=coefficients[e])
                     total = out if total is None else total + out
             nodes.append(total)
         return nodes[-1]

@@ -2,27 +2,20 @@
 computation (``nas/coefficients.py``) equal to the per-sum definition, and a topo edge makes a
 bounded number of op calls (a count through the dispatcher: deterministic, unlike a time)."""
 
-import collections
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from toponas_kernels.nas import FusedMixedOp
 from toponas_kernels.nas.coefficients import Masses, Table
 from toponas_kernels.nas.simplify import Choice, Seq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import _harness as H  # noqa: E402  (the benchmarks' op counter)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _reference(op, weights, mask):
@@ -105,10 +98,9 @@ def _edge_calls(op, C):
     x = torch.randn(2, C, 8, 8, requires_grad=True)
     alpha = torch.randn(len(op.primitives), requires_grad=True)
     op(x, torch.softmax(alpha, 0)).sum().backward()  # warm-up: plans, layouts, forms
-    count = _Count()
-    with count:
+    with H.OpCounter() as count:
         op(x, torch.softmax(alpha, 0)).sum().backward()
-    return sum(count.calls.values())
+    return count.total
 
 
 def test_a_dense_topo_edge_makes_few_op_calls():

@@ -54,6 +54,7 @@ CUDA_BUILT: bool = HAS_CPP and torch._C._dispatch_has_kernel_for_dispatch_key("t
 # Triton is optional: without it the triton backend is unavailable, nothing else changes.
 try:
     import triton  # noqa: F401
+    import triton.language  # noqa: F401  (what the kernels are written in: both or neither)
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the installation

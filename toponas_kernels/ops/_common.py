@@ -13,16 +13,15 @@ from .. import _lib
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Triton is optional: without it the triton backend is unavailable, nothing else changes.
-try:
+# Triton is optional (``_lib.HAS_TRITON``, decided once): without it the triton backend is
+# unavailable, nothing else changes.
+HAS_TRITON = _lib.HAS_TRITON
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the installation
+else:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
-    HAS_TRITON = False
 
 INTERPRET = _lib.TRITON_INTERPRET
 HAS_CPP = _lib.HAS_CPP

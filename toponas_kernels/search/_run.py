@@ -113,6 +113,15 @@ def genotype_record(genotype):
     }
 
 
+def draw_cell(genotype, path: str, title: str) -> str:
+    """The derived cell as a picture: an NB201 string or a DARTS Genotype (``report``)."""
+    from .. import report
+
+    if isinstance(genotype, str):
+        return report.draw_nb201_cell(genotype, path, title=title)
+    return report.draw_darts_cell(genotype_record(genotype), path, title=title)
+
+
 def genotype_text(genotype) -> str:
     if isinstance(genotype, str):
         return genotype

@@ -26,7 +26,7 @@ from .._io import atomic_write_json
 from ..nas import spaces as S
 from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
 from . import masks as M
-from ._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
+from ._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, draw_cell, genotype_record, genotype_text, git_commit,
                    load_checkpoint, resolve_device, rng_state, save_checkpoint, say, seed_everything, set_rng_state,
                    tensorboard_writer, tqdm_class)
 from .config import RESUME_KEYS, ConfigError, SearchConfig
@@ -464,6 +464,5 @@ def _pictures(cfg, model, run_state, genotype, out, log) -> None:
     report.draw_pictures([
         lambda: report.plot_arch_weights(run_state["history"], names, os.path.join(out, "arch_weights.png"),
                                          title=f"{cfg.method} on {cfg.space_name()} ({cfg.dataset})"),
-        (lambda: report.draw_nb201_cell(genotype, cell, title=title)) if isinstance(genotype, str) else
-        (lambda: report.draw_darts_cell(genotype_record(genotype), cell, title=title)),
+        lambda: draw_cell(genotype, cell, title),
     ], log)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import _version
 from .._io import atomic_write_json
-from ..search._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, genotype_record, genotype_text, git_commit,
+from ..search._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, draw_cell, genotype_record, genotype_text, git_commit,
                            load_checkpoint, resolve_device, rng_state, save_checkpoint, say, seed_everything,
                            set_rng_state, tensorboard_writer, tqdm_class)
 from ..search.config import ConfigError
@@ -420,6 +420,5 @@ def _pictures(cfg, arch, rows, out, log) -> None:
         lambda: report.plot_curves(rows, os.path.join(out, "curves.png"), title=title,
                                    groups={"loss": ["train_loss", "test_loss"], "accuracy (%)": ["train_acc", "test_acc"],
                                            "lr": ["lr"]}),
-        (lambda: report.draw_nb201_cell(arch.genotype, cell, title=title)) if arch.macro == "nb201" else
-        (lambda: report.draw_darts_cell(genotype_record(arch.genotype), cell, title=title)),
+        lambda: draw_cell(arch.genotype, cell, title),
     ], log)

@@ -280,9 +280,12 @@ def large_cases(device: str, backends: list[str], dtypes: list, shape: tuple[int
     def randn(*size, dtype):
         return torch.randn(*size, generator=gen, device=device, dtype=torch.float64).to(dtype)
 
-    # K candidates for merge_kernels: sizes and dilations of the DARTS convs and beyond (kmax 9)
-    sizes = [1, 3, 5, 3, 5, 7, 3, 5][:k] if k <= 8 else ([1, 3, 5, 7] * k)[:k]
-    dilations = [1, 1, 1, 2, 2, 1, 3, 2][:k] if k <= 8 else ([1, 2] * k)[:k]
+    # K (at most 8) candidates for merge_kernels: sizes and dilations of the DARTS convs and a
+    # few more (merged size 9)
+    if not 1 <= k <= 8:
+        raise ValueError(f"k: expected 1 to 8 merge candidates, got {k}")
+    sizes = [1, 3, 5, 3, 5, 7, 3, 5][:k]
+    dilations = [1, 1, 1, 2, 2, 1, 3, 2][:k]
     kmax = R.merged_size(sizes, dilations)
     cases = []
     for backend in backends:
@@ -647,8 +650,6 @@ def cmd_record(args) -> int:
     if args.reason and "reason" not in entry:
         entry["reason"] = args.reason
     rec["phases"][args.phase] = entry
-    if args.finish:
-        rec["finished"] = _now()
     if args.elapsed is not None:
         rec["elapsed_s"] = round(args.elapsed, 1)
     counts: dict = {}
@@ -799,7 +800,6 @@ def main(argv=None) -> int:
     s.add_argument("--log")
     s.add_argument("--result")
     s.add_argument("--elapsed", type=float)
-    s.add_argument("--finish", action="store_true")
     s = sub.add_parser("finish", help="stamp the end, print the summary; exit 1 unless every phase passed or was skipped")
     s.add_argument("--out", required=True)
     s.add_argument("--elapsed", type=float, default=0.0)

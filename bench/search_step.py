@@ -461,7 +461,7 @@ COUNT_COLUMNS = (("op_calls_forward", "forward"), ("op_calls_backward", "backwar
                  ("op_calls_all", "profiler"), ("op_calls_step", "step"), ("op_calls_all_step", "profiler step"))
 
 
-def print_counts(rows, base, out=sys.stdout) -> None:
+def print_counts(rows, base, out=None) -> None:
     """Op calls: dispatcher counts of forward, backward and both, the profiler's count of both,
     and the same two for a whole search step; the totals with their ratio to ``base``."""
     print("\nop calls (dispatcher; profiler: nested calls included)", file=out)

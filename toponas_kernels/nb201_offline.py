@@ -35,6 +35,7 @@ CIFAR-10 cell is among the table's top three.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 import pickle
@@ -169,14 +170,20 @@ def is_offline(table) -> bool:
 
 
 _TABLES: dict[tuple, dict[tuple[int, ...], float]] = {}
+_STATS: dict[tuple, dict] = {}
+
+
+def _file_key(path: str) -> tuple:
+    """A table file as a cache key: a file rewritten on disk is read again."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
 
 
 def load_table(table: str = TABLE) -> dict[tuple[int, ...], float]:
     """{code: CIFAR-10 test accuracy in percent} for every cell the table holds (all 15,625 in the
     package's file), read once per process (a file rewritten on disk is read again)."""
     path = data_file(table)
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    key = _file_key(path)
     if key not in _TABLES:
         _TABLES[key] = _read(path)
     return _TABLES[key]
@@ -207,15 +214,20 @@ def _read(path: str) -> dict[tuple[int, ...], float]:
 
 # ---------------------------------------------------------------------------------- answers
 def table_stats(table: str = TABLE) -> dict:
-    """The table's best cell and the distribution of a cell drawn uniformly at random."""
-    scores = load_table(table)
-    best = max(scores, key=lambda c: (scores[c], c))
-    values = list(scores.values())
-    return {
-        "cells": len(scores),
-        "best": {"arch": decode(best), "test_accuracy": scores[best]},
-        "random_cell": {"mean": statistics.fmean(values), "median": statistics.median(values)},
-    }
+    """The table's best cell and the distribution of a cell drawn uniformly at random (computed
+    once per table file)."""
+    path = data_file(table)
+    key = _file_key(path)
+    if key not in _STATS:
+        scores = load_table(path)
+        best = max(scores, key=lambda c: (scores[c], c))
+        values = list(scores.values())
+        _STATS[key] = {
+            "cells": len(scores),
+            "best": {"arch": decode(best), "test_accuracy": scores[best]},
+            "random_cell": {"mean": statistics.fmean(values), "median": statistics.median(values)},
+        }
+    return copy.deepcopy(_STATS[key])
 
 
 def offline_lookup(arch: str, table: str = TABLE, dataset: str | None = None, hp="200") -> dict:
@@ -229,16 +241,17 @@ def offline_lookup(arch: str, table: str = TABLE, dataset: str | None = None, hp
     if str(hp) != "200":
         raise OfflineTableError(f"hp: the {TABLE} table has 200-epoch runs only ('200'), got {hp!r}")
     code = encode(arch)
-    scores = load_table(table)
+    path = data_file(table)  # found once: the package's file list is read for the name
+    scores = load_table(path)
     if code not in scores:
-        raise OfflineTableError(f"arch {decode(code)} is not in table {data_file(table)} ({len(scores)} cells)")
-    stats = table_stats(table)
+        raise OfflineTableError(f"arch {decode(code)} is not in table {path} ({len(scores)} cells)")
+    stats = table_stats(path)
     best = stats["best"]
     return {
         "arch": decode(code),
         "dataset": "cifar10",
         "hp": "200",
-        "table": os.path.abspath(data_file(table)),
+        "table": os.path.abspath(path),
         "api": TABLE,
         "label": LABEL,
         "index": None,

@@ -5,12 +5,15 @@
 # (several GB of downloads and one CUDA build per pair); the last results are kept in
 # docs/TORCH_VERSIONS.md.
 #
-#   bash .ci/torch_versions.sh [--pairs 2.11.0:3.6.0,2.15.0:3.9.0] [--dir DIR] [--out FILE] [--ref REF]
+#   bash .ci/torch_versions.sh [--pairs 2.11.0:3.6.0,2.15.0:3.9.0] [--dir DIR] [--out FILE] [--ref REF] [--no-cuda]
 #
 # --dir   where the venvs, source copies and logs go (env TOPONAS_TORCH_VERSIONS_DIR, default /tmp);
 #         a venv DIR/toponas-torch-<torch> that exists is reused (pip then installs nothing new)
 # --out   the results file (default DIR/toponas-torch-versions.md), one Markdown table row per pair
 # --ref   the commit to test (default HEAD; uncommitted changes are not tested)
+# --no-cuda  build CPU + Triton only (TOPONAS_NO_CUDA=1) even where the CUDA kernels would compile:
+#         the tests are the same (nothing CUDA runs here), the build minutes instead of most of an
+#         hour; use it when csrc/ has not changed since the last run that compiled the CUDA kernels
 # env     MAX_JOBS (default 1) and NICE (default 15) for the build and the tests; CUDA_HOME
 #         (default /usr/local/cuda); PYTHON (default python3) makes the venvs.
 #
@@ -35,13 +38,15 @@ DIR=${TOPONAS_TORCH_VERSIONS_DIR:-/tmp}
 PAIRS="2.11.0:3.6.0,2.15.0:3.9.0"
 OUT=""
 REF=HEAD
+NO_CUDA=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --pairs) PAIRS=${2:?--pairs needs a value like 2.11.0:3.6.0,2.15.0:3.9.0}; shift 2 ;;
     --dir) DIR=${2:?--dir needs a directory}; shift 2 ;;
     --out) OUT=${2:?--out needs a file}; shift 2 ;;
     --ref) REF=${2:?--ref needs a commit}; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-cuda) NO_CUDA=1; shift ;;
+    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "torch_versions.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -135,7 +140,7 @@ PY
   rm -rf "$src" && mkdir -p "$src"
   git -C "$REPO" archive --format=tar "$COMMIT" | tar -x -C "$src"
   build_env=(MAX_JOBS="$MAX_JOBS")
-  if [ -n "$torch_cuda" ] && [ "${torch_cuda%%.*}" = "$nvcc_major" ]; then
+  if [ "$NO_CUDA" = 0 ] && [ -n "$torch_cuda" ] && [ "${torch_cuda%%.*}" = "$nvcc_major" ]; then
     build_env+=(CUDA_HOME="$CUDA_HOME_DEFAULT" TORCH_CUDA_ARCH_LIST="8.0;9.0")
   else
     build_env+=(TOPONAS_NO_CUDA=1)

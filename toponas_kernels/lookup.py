@@ -45,6 +45,8 @@ import os
 import warnings
 
 from . import nb201_offline as offline
+from .nas.nb201_arch import canonical_nb201
+from .nas.spaces import NB201_PRIMITIVES
 
 __all__ = ["DATASETS", "HPS", "SPLITS", "LookupTableError", "check_table", "lookup", "lookup_all", "table_api"]
 
@@ -73,8 +75,8 @@ class LookupTableError(ValueError):
 def _canonical_arch(arch: str) -> str:
     """The table's spelling of ``arch``: 3 nodes, node i reading nodes 0..i-1 in that order."""
     try:
-        return offline.decode(offline.encode(arch))
-    except offline.OfflineTableError as exc:
+        return canonical_nb201(arch, NB201_PRIMITIVES)
+    except ValueError as exc:
         raise LookupTableError(str(exc)) from None
 
 

@@ -1,61 +1,263 @@
-"""Search quality at a scale a CPU can run: search on NAS-Bench-201 with Fashion-MNIST, retrain
-each derived cell briefly, and compare methods with and without TopoNAS over seeds.
+"""Search quality on NAS-Bench-201, scored against ground truth: every search's derived cell looked
+up in a table of cells trained from scratch, not retrained here.
 
-    python bench/search_quality.py [--seeds 0,1,2] [--search-epochs 5] [--train-epochs 3] [--quick]
-    python bench/search_quality.py --space darts --channels 4 --layers 3 --retrain-layers 3 ...
+    python bench/search_quality.py                       # run what is missing, then print the table
+    python bench/search_quality.py --search-only         # the searches alone (resumable; run it in the background)
+    python bench/search_quality.py --score-only [--table NAS-Bench-201-v1_1-096897.pth]
+    python bench/search_quality.py --retrain ...         # the older protocol: search with `toponas search`
+                                                         # at 32x32, retrain each cell briefly (below)
 
-For darts, pc-darts, gdas and rome, each with ``--topo plain`` and ``--topo topo``, plus darts
-with TopoNAS without kernel normalization (the TopoNAS paper's Table V ablation) and, where the
-searcher has ``--merge``, darts with TopoNAS in the separable merge: ``toponas search`` on the
-NB201 space (same data, batch and schedule for every method), then ``toponas train`` of the
-derived cell. ``--space darts`` instead compares darts plain, darts with TopoNAS (exact merge)
-and darts with TopoNAS in the separable merge on the DARTS space, where the separable form
-changes something (NB201's convs are ReLU-Conv-BN, no depthwise + pointwise pairs). Reports
-mean and standard deviation of the retrained test accuracy, the share of parameter-free
-operations (skip_connect, none, avg_pool_3x3, max_pool_3x3) in the derived cells (collapse),
-and the search cost, as one table in ``bench/RESULTS.md`` with device, commit, date and every
-setting.
+For darts, darts2, pc-darts, beta-darts, gdas and rome, each with ``--topo plain`` and ``--topo
+topo``, over ``--seeds``: one search at the budget of ``_quality_search.Budget`` (its docstring
+says what is reduced and how each method's schedule is scaled: at least 1,000 architecture steps,
+GDAS/ROME's tau annealed to its end, ROME's K = 7 samples per step). Every finished search is one
+row of ``--rows`` (a JSON list, rewritten atomically after each run); a rerun skips the runs whose
+method, mode, seed and budget are already there, so a killed job continues where it stopped. The
+queue is seed-major (every method's seed 0 before any seed 1) with darts2, the most expensive and
+exempt from the quality targets, last.
 
-This is NOT the papers' protocol (CIFAR-10/100 and ImageNet16-120 with the NAS-Bench-201 table
-look-up; CIFAR-10 on the DARTS space with 600-epoch retraining). For that, with a GPU and the
-data, run for each method::
+Scored (``score``): the derived cell's CIFAR-10 test accuracy after 200 epochs in ``--table``:
+``analog-nasbench`` by default (the offline table: one 200-epoch retrain per cell, CIFAR-10 only,
+NOT NAS-Bench-201's table; every output says so), or a NAS-Bench-201 / NATS-tss table file, read
+through its own package (``toponas_kernels.lookup``). Per search: every seed, mean and standard
+deviation, the share of parameter-free operations and the cells whose output is cut off by
+``none``; beside them the same table's random-cell mean and median, random search at the same
+cost, and the method's published NB201 CIFAR-10 test accuracy (``PUBLISHED``).
+
+Random search at the same cost is the expected best of N cells drawn uniformly, ranked by their
+ground truth (an oracle ranking: an upper bound on what a real random search with a proxy ranking
+reaches), where N is the number of cells a proxy ranking could train in the search's measured
+wall-clock: each proxy trains one cell alone, at the search's size and data, for one search
+epoch's steps, and its cost is measured here (``proxy_seconds``). The expectation is exact
+(computed from the table's sorted accuracies), not sampled.
+
+The older protocol (``--retrain``: ``toponas search`` on 32x32 Fashion-MNIST, then ``toponas
+train`` of the derived cell for a few epochs, test accuracy of the retrained cell) is kept; its
+finished runs live in ``--work`` (default ``bench/quality_runs``, not tracked). For the papers'
+protocol (CIFAR-10 search, NB201 look-up), with a GPU and the data, run for each method::
 
     toponas search --space nb201 --method M [--topo topo] --dataset cifar10 --data-dir DATA --epochs 50 \\
                    --out runs/M --lookup NAS-Bench-201-v1_1-096897.pth          # gdas: --epochs 250
-    toponas search --space darts --method M [--topo topo] --dataset cifar10 --data-dir DATA --epochs 50 \\
-                   --out runs/M-darts --then-train --train-epochs 600
-
-The defaults are sized for about 90 minutes on one CPU core (30 runs of about 3 minutes): a
-small NB201 supernet (C 8, 1 cell per stage) searched for 5 epochs on 1,024 images, and the
-derived cell retrained at the same size for 3 epochs on 4,000 images. Larger settings
-(``--channels 16 --layers 5 --retrain-channels 16 --retrain-layers 5``, the NB201 sizes) cost
-about 10x per step on a CPU.
-
-Every finished run is kept in ``--work`` (default ``bench/quality_runs``, not tracked) and skipped
-when the script is started again, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
-from search_cost import record, searcher_flags  # noqa: E402
 
 PARAMETER_FREE = ("skip_connect", "none", "avg_pool_3x3", "max_pool_3x3")
-
-
 SPACE_NAMES = {"nb201": "NAS-Bench-201", "darts": "DARTS"}
+METHODS = ("gdas", "pc-darts", "beta-darts", "darts", "rome", "darts2")  # the queue's order
+TOPOS = ("plain", "topo")
+DEFAULT_ROWS = H.REPO / "bench" / "search_quality_nb201_rows.json"
+
+# Published NAS-Bench-201 CIFAR-10 test accuracy (%, 200-epoch table) of each method's searched
+# cell, with where it is published.
+PUBLISHED = {
+    "darts": (54.30, "NAS-Bench-201 paper (Dong & Yang, ICLR 2020), Table 5, DARTS-V1"),
+    "darts2": (54.30, "NAS-Bench-201 paper, Table 5, DARTS-V2"),
+    "gdas": (93.61, "NAS-Bench-201 paper, Table 5"),
+    "beta-darts": (94.36, "beta-DARTS paper (Ye et al., CVPR 2022), Table 1"),
+    "pc-darts": (93.41, "as reproduced in the DARTS- paper (Chu et al., ICLR 2021), NAS-Bench-201 table"),
+    "rome": (None, "not found in a source available here"),
+}
 
 
+# ====================================================================================== rows
+def budget_dict(budget) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(budget)
+
+
+def run_key(method: str, topo: str, seed: int, budget: dict) -> str:
+    return json.dumps([method, topo, int(seed), budget], sort_keys=True)
+
+
+def load_rows(path) -> list[dict]:
+    """The finished runs recorded in ``path`` ([] when it does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"--rows {path}: expected a JSON list of runs, got {type(rows).__name__}")
+    return rows
+
+
+def add_row(path, row: dict) -> None:
+    """Append ``row`` to the list in ``path``, atomically (a killed process leaves the old file or
+    the new one, never half of one)."""
+    from toponas_kernels._io import atomic_write_json
+
+    rows = load_rows(path)
+    key = run_key(row["method"], row["topo"], row["seed"], row["budget"])
+    rows = [r for r in rows if run_key(r["method"], r["topo"], r["seed"], r["budget"]) != key] + [row]
+    atomic_write_json(path, rows, indent=1)
+
+
+def queue(methods, topos, seeds) -> list[tuple[str, str, int]]:
+    """Seed-major: every (method, mode) at seed 0 before any at seed 1; darts2 after the rest."""
+    first = [m for m in methods if m != "darts2"]
+    out = [(m, t, s) for s in seeds for m in first for t in topos]
+    if "darts2" in methods:
+        out += [("darts2", t, s) for s in seeds for t in topos]
+    return out
+
+
+def run_searches(budget, methods, topos, seeds, rows_path, *, log=print, stop_at: float | None = None) -> list[dict]:
+    """Run every (method, mode, seed) of the queue that ``rows_path`` does not hold yet, recording
+    each as it finishes. ``stop_at``: a ``time.time()`` after which no new run starts."""
+    import torch
+
+    import _quality_search as Q
+
+    bd = budget_dict(budget)
+    done = {run_key(r["method"], r["topo"], r["seed"], r["budget"]) for r in load_rows(rows_path)}
+    info = H.run_info(torch.device("cpu"), ignore=(str(rows_path),))
+    for method, topo, seed in queue(methods, topos, seeds):
+        if run_key(method, topo, seed, bd) in done:
+            continue
+        if stop_at is not None and time.time() > stop_at:
+            log("stop time reached; the remaining runs are left for a later start")
+            break
+        log(f"{method} / {topo}, seed {seed}: searching")
+        r = Q.search(method, topo, seed, budget)
+        row = {"method": method, "topo": topo, "seed": seed, "budget": bd, **r,
+               "device": info["device"], "commit": info["commit"], "torch": info["torch"],
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        add_row(rows_path, row)
+        log(f"{method} / {topo}, seed {seed}: {r['genotype']} ({r['seconds']:.0f} s, {r['arch_steps']} architecture steps)")
+    return load_rows(rows_path)
+
+
+def proxy_seconds(budget, cells: int = 3, seed: int = 0) -> float:
+    """Seconds one proxy ranking costs: a random cell trained alone (a one-hot supernet: only its
+    operations run) at the search's size and data for one search epoch's weight steps; the median
+    over ``cells`` random cells."""
+    import torch
+
+    import _quality_search as Q
+    from toponas_kernels.search import METHOD_CLASSES
+
+    x, y = Q.load_images(budget)
+    g = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(cells):
+        model = Q.build("darts", "plain", budget, in_channels=x.shape[1])
+        choice = torch.randint(len(model.space.names), (model.mask.shape[0],), generator=g)
+        mask = torch.zeros_like(model.mask)
+        mask[torch.arange(mask.shape[0]), choice] = True
+        model.mask.copy_(mask)
+        m = METHOD_CLASSES["darts"](model, epochs=1, space="nb201")
+        it = Q.Batches(x, y, budget.batch, seed)
+        t = time.perf_counter()
+        for _ in range(budget.steps()):
+            m.weight_step(*next(it))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ====================================================================================== scoring
+def collapse(arch) -> float:
+    """Share of parameter-free operations in a cell: an NB201 string, or a DARTS genotype as
+    result.json records it ({"normal": [[op, input], ...], "reduce": [...], ...})."""
+    if isinstance(arch, dict):
+        ops = [op for key in ("normal", "reduce") for op, _ in arch[key]]
+    else:
+        ops = [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
+    return sum(op in PARAMETER_FREE for op in ops) / len(ops)
+
+
+def ground_truth(table: str = "analog-nasbench") -> tuple[dict, str]:
+    """({table code: CIFAR-10 test accuracy}, label) for every NB201 cell. The offline table by
+    default; a NAS-Bench-201 / NATS-tss table is looked up cell by cell (``dataset='cifar10'``,
+    hp 200) through its own package."""
+    from toponas_kernels import nb201_offline as O
+
+    if O.is_offline(table):
+        return dict(O.load_table(table)), O.LABEL
+    from itertools import product
+
+    from toponas_kernels.lookup import lookup
+
+    scores = {}
+    for code in product(range(len(O.OPS)), repeat=len(O.EDGES)):
+        scores[code] = float(lookup(O.decode(code), table, dataset="cifar10", hp="200")["test_accuracy"])
+    return scores, f"{os.path.basename(os.fspath(table))}: NAS-Bench-201 CIFAR-10 test accuracy, hp 200 (mean over its trials)"
+
+
+def expected_best_of(values, n: int) -> float:
+    """E[max of n draws, uniform with replacement, from ``values``], exactly:
+    sum_k v_(k) [(k/M)^n - ((k-1)/M)^n] over the sorted values."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    v = sorted(values)
+    M = len(v)
+    if M == 0:
+        raise ValueError("values: empty")
+    return sum(x * ((k / M) ** n - ((k - 1) / M) ** n) for k, x in enumerate(v, 1))
+
+
+def score(rows: list[dict], truth: dict, *, proxy_s: float | None = None) -> dict:
+    """The quality table's numbers: per (method, mode) the seeds' accuracies (by seed), mean,
+    standard deviation, parameter-free share, cut-off cells, search seconds, and random search
+    at the same cost; plus the random-cell mean and median of ``truth``."""
+    from toponas_kernels import nb201_offline as O
+
+    values = list(truth.values())
+    out = {"random": {"mean": statistics.fmean(values), "median": statistics.median(values),
+                      "best": max(values), "cells": len(values)},
+           "proxy_seconds": proxy_s, "searches": []}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for topo in dict.fromkeys(r["topo"] for r in rows if r["method"] == method):
+            rs = sorted((r for r in rows if r["method"] == method and r["topo"] == topo), key=lambda r: r["seed"])
+            acc = [truth[O.encode(r["genotype"])] for r in rs]
+            seconds = statistics.fmean(r["seconds"] for r in rs)
+            n = max(1, int(seconds // proxy_s)) if proxy_s else None
+            out["searches"].append({
+                "method": method, "topo": topo, "seeds": [r["seed"] for r in rs], "accuracy": acc,
+                "cells": [r["genotype"] for r in rs],
+                "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "collapse": statistics.fmean(collapse(r["genotype"]) for r in rs),
+                "cut_off": sum(O.output_cut_off(r["genotype"]) for r in rs),
+                "seconds": seconds, "arch_steps": rs[0]["arch_steps"],
+                "random_search_n": n, "random_search": expected_best_of(values, n) if n else None,
+                "published": PUBLISHED.get(method, (None, ""))[0],
+            })
+    return out
+
+
+def score_table(scored: dict) -> str:
+    """The Markdown table of ``score``'s numbers."""
+    rnd = scored["random"]
+    lines = ["| search | seeds | accuracy per seed | mean ± std | parameter-free ops | cut off | search s | "
+             "random search, same cost (N) | published |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in scored["searches"]:
+        per = " / ".join(f"{a:.1f}" for a in s["accuracy"])
+        rs = f"{s['random_search']:.2f} ({s['random_search_n']})" if s["random_search"] is not None else "-"
+        pub = f"{s['published']:.2f}" if s["published"] is not None else "-"
+        name = f"{s['method']} / {'TopoNAS' if s['topo'] == 'topo' else 'plain'}"
+        lines.append(f"| {name} | {','.join(map(str, s['seeds']))} | {per} | {s['mean']:.2f} ± {s['std']:.2f} "
+                     f"| {100 * s['collapse']:.0f}% | {s['cut_off']} | {s['seconds']:.0f} | {rs} | {pub} |")
+    lines.append(f"| random cell | - | - | mean {rnd['mean']:.2f}, median {rnd['median']:.2f} | - | - | - | - | "
+                 f"best {rnd['best']:.2f} |")
+    return "\n".join(lines)
+
+
+# ====================================================================================== retraining (--retrain)
 def configurations(merge: bool, space: str = "nb201") -> list[dict]:
     if space == "darts":  # the separable merge's cost in quality: NB201 has no depthwise + pointwise convs
         out = [{"method": "darts", "topo": "plain"}, {"method": "darts", "topo": "topo"}]
@@ -76,16 +278,6 @@ def label(c: dict) -> str:
     if c.get("merge"):
         parts.append(f"merge {c['merge']}")
     return " / ".join(parts)
-
-
-def collapse(arch) -> float:
-    """Share of parameter-free operations in a cell: an NB201 string, or a DARTS genotype as
-    result.json records it ({"normal": [[op, input], ...], "reduce": [...], ...})."""
-    if isinstance(arch, dict):
-        ops = [op for key in ("normal", "reduce") for op, _ in arch[key]]
-    else:
-        ops = [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
-    return sum(op in PARAMETER_FREE for op in ops) / len(ops)
 
 
 def _cli(args: list[str]) -> dict:
@@ -151,30 +343,8 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--space", default="nb201", choices=("nb201", "darts"),
-                    help="nb201 (every method) or darts (darts plain, TopoNAS exact and separable merge)")
-    ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--search-epochs", type=int, default=5)
-    ap.add_argument("--train-epochs", type=int, default=3)
-    ap.add_argument("--train-size", type=int, default=1024, help="training images of the search (half each for weights and architecture)")
-    ap.add_argument("--batch", type=int, default=32, help="search batch size")
-    ap.add_argument("--channels", type=int, default=8, help="search supernet channels C (NB201: 16)")
-    ap.add_argument("--layers", type=int, default=1, help="search supernet cells per stage (NB201: 5)")
-    ap.add_argument("--retrain-size", type=int, default=4000, help="training images of the retraining")
-    ap.add_argument("--retrain-batch", type=int, default=64)
-    ap.add_argument("--retrain-channels", type=int, default=8, help="retraining network channels (NB201: 16)")
-    ap.add_argument("--retrain-layers", type=int, default=1, help="retraining network cells per stage (NB201: 5)")
-    ap.add_argument("--test-size", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", default=str(H.REPO / "bench" / "quality_runs"))
-    ap.add_argument("--only", default=None, help="comma-separated methods")
-    ap.add_argument("--quick", action="store_true", help="synthetic data, tiny supernet, 1 epoch each, darts only (smoke test)")
-    ap.add_argument("--no-record", dest="record", action="store_false")
-    ap.add_argument("--results", default=str(H.REPO / "bench" / "RESULTS.md"))
-    args = ap.parse_args(argv)
+def main_retrain(args) -> int:
+    """The older protocol: ``toponas search`` and ``toponas train`` per run (``--retrain``)."""
     if args.quick:
         args.dataset, args.search_epochs, args.train_epochs = "synthetic", 1, 1
         args.train_size, args.retrain_size, args.test_size, args.batch = 32, 64, 32, 16
@@ -182,6 +352,8 @@ def main(argv=None) -> int:
         args.only = args.only or "darts"
         if args.space == "darts":  # a DARTS network needs 3 cells for its two reduction cells
             args.layers = args.retrain_layers = 3
+    from search_cost import record, searcher_flags
+
     H.child_package_source(out=sys.stderr)
     configs = configurations("--merge" in searcher_flags(), args.space)
     if args.only:
@@ -216,6 +388,128 @@ def main(argv=None) -> int:
     if args.record:
         record(md, f"quality-{args.dataset}" if args.space == "nb201" else f"quality-{args.space}-{args.dataset}", "cpu", Path(args.results))
     print(md)
+    return 0
+
+
+
+
+def proxy_file(rows_path) -> Path:
+    rows_path = Path(rows_path)
+    return rows_path.with_name(rows_path.stem.replace("_rows", "") + "_proxy.json")
+
+
+def measured_proxy(budget, rows_path, *, measure: bool, log=print) -> float | None:
+    """The proxy ranking's seconds for ``budget``: read from the file beside the rows, or measured
+    (and recorded there) when ``measure``."""
+    from toponas_kernels._io import atomic_write_json
+
+    path = proxy_file(rows_path)
+    known = json.loads(path.read_text()) if path.exists() else []
+    bd = budget_dict(budget)
+    for entry in known:
+        if entry["budget"] == bd:
+            return entry["seconds"]
+    if not measure:
+        return None
+    seconds = proxy_seconds(budget)
+    log(f"proxy ranking: {seconds:.2f} s per cell ({budget.steps()} weight steps)")
+    atomic_write_json(path, known + [{"budget": bd, "seconds": seconds,
+                                       "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}], indent=1)
+    return seconds
+
+
+def _stop_time(text: str | None) -> float | None:
+    """'HH:MM' (UTC, today) -> a time.time(); None -> None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise SystemExit(f"--stop-at: expected HH:MM (UTC), got {text!r}")
+    now = time.gmtime()
+    day = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, 0, 0, 0, 0, 0, 0)) - time.timezone
+    return day + 3600 * int(m.group(1)) + 60 * int(m.group(2))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    ap.add_argument("--topos", default="plain,topo")
+    ap.add_argument("--rows", default=str(DEFAULT_ROWS), help="the JSON list of finished runs (resume)")
+    ap.add_argument("--table", default="analog-nasbench",
+                    help="ground truth: analog-nasbench (offline, default) or a NAS-Bench-201 / NATS-tss table file")
+    ap.add_argument("--search-only", action="store_true", help="run the missing searches, score nothing")
+    ap.add_argument("--score-only", action="store_true", help="score the recorded runs, search nothing")
+    ap.add_argument("--stop-at", default=None, metavar="HH:MM", help="start no new search after this time (UTC)")
+    ap.add_argument("--json", action="store_true", help="print the scores as JSON after the table")
+    ap.add_argument("--threads", type=int, default=1)
+    b = ap.add_argument_group("budget (see _quality_search.Budget)")
+    b.add_argument("--epochs", type=int, default=32, help="architecture-step epochs (pc-darts adds its warm-up)")
+    b.add_argument("--train-size", type=int, default=1024, help="images: half weights, half architecture")
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--channels", type=int, default=8, help="supernet C (NB201: 16)")
+    b.add_argument("--layers", type=int, default=1, help="cells per stage (NB201: 5)")
+    b.add_argument("--image-size", type=int, default=16, help="images average-pooled from 32x32 to this size")
+    b.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or synthetic")
+    r = ap.add_argument_group("the older protocol (--retrain)")
+    r.add_argument("--retrain", action="store_true", help="search with `toponas search`, retrain each cell with `toponas train`")
+    r.add_argument("--space", default="nb201", choices=("nb201", "darts"))
+    r.add_argument("--search-epochs", type=int, default=5)
+    r.add_argument("--train-epochs", type=int, default=3)
+    r.add_argument("--retrain-size", type=int, default=4000)
+    r.add_argument("--retrain-batch", type=int, default=64)
+    r.add_argument("--retrain-channels", type=int, default=8)
+    r.add_argument("--retrain-layers", type=int, default=1)
+    r.add_argument("--test-size", type=int, default=2000)
+    r.add_argument("--work", default=str(H.REPO / "bench" / "quality_runs"))
+    r.add_argument("--only", default=None, help="comma-separated methods")
+    r.add_argument("--quick", action="store_true", help="synthetic data, tiny supernet, 1 epoch each, darts only (smoke test)")
+    r.add_argument("--no-record", dest="record", action="store_false")
+    r.add_argument("--results", default=str(H.REPO / "bench" / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    if args.retrain:
+        if args.batch == 16:
+            args.batch = 32  # the older protocol's search batch
+        return main_retrain(args)
+    if args.search_only and args.score_only:
+        raise SystemExit("--search-only and --score-only: choose one")
+    import torch
+
+    import _quality_search as Q
+
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {', '.join(bad)}; known: {', '.join(METHODS)}")
+    topos = [t for t in args.topos.split(",") if t]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    budget = Q.Budget(epochs=args.epochs, train_size=args.train_size, batch=args.batch, channels=args.channels,
+                      layers=args.layers, image_size=args.image_size, dataset=args.dataset)
+    try:
+        budget.check()
+    except ValueError as e:
+        raise SystemExit(f"budget: {e}") from None
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if not args.score_only:
+        measured_proxy(budget, args.rows, measure=True, log=log)
+        run_searches(budget, methods, topos, seeds, args.rows, log=log, stop_at=_stop_time(args.stop_at))
+    if args.search_only:
+        return 0
+    bd = budget_dict(budget)
+    rows = [r for r in load_rows(args.rows) if r["budget"] == bd and r["method"] in methods and r["topo"] in topos
+            and r["seed"] in seeds]
+    if not rows:
+        raise SystemExit(f"--rows {args.rows}: no finished run at this budget yet")
+    truth, label_ = ground_truth(args.table)
+    scored = score(rows, truth, proxy_s=measured_proxy(budget, args.rows, measure=False))
+    print(f"Ground truth: {label_}.\n")
+    print(score_table(scored))
+    if args.json:
+        print(json.dumps(scored))
     return 0
 
 

@@ -131,6 +131,15 @@ class Batches:
         return self.x[idx], self.y[idx]
 
 
+@torch.no_grad()
+def _weights(model, digits: int) -> list[list[float]]:
+    """softmax(alphas) per edge over the operations the method can choose (rows: edges in the
+    supernet's order ``NB201SearchNetwork.EDGES``; columns: ``model.space.names``)."""
+    keep = model.mask & torch.tensor([name not in model.exclude for name in model.space.names])
+    weights = torch.softmax(model.alphas.detach().masked_fill(~keep, -math.inf), -1)
+    return [[round(float(v), digits) for v in row] for row in weights]
+
+
 def search(method: str, topo: str, seed: int, budget: Budget, *, on_step=None, log=None) -> dict:
     """Run one search; returns its record (derived cell, cost, schedule ends, final weights).
     ``on_step(step, model, method_obj, train_batch, val_batch)`` is called before every step
@@ -149,7 +158,7 @@ def search(method: str, topo: str, seed: int, budget: Budget, *, on_step=None, l
     val_it = Batches(x[va], y[va], budget.batch, seed + 7919)
     steps = budget.steps()
     arch_steps = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     last, trace = {}, []
     for epoch in range(plan["epochs"]):
         m.begin_epoch(epoch)
@@ -171,19 +180,18 @@ def search(method: str, topo: str, seed: int, budget: Budget, *, on_step=None, l
                 last[f"{half_name}_acc"] = 100 * sums[f"{half_name}_correct"] / c
                 last[f"{half_name}_loss"] = sums[f"{half_name}_loss_sum"] / c
         trace.append({"epoch": epoch + 1, "genotype": model.genotype(),
-                      **{k: round(v, 4) for k, v in sched.items() if isinstance(v, float)}})
+                      **{k: round(v, 4) for k, v in sched.items() if isinstance(v, float)},
+                      "weights": _weights(model, 3)})
         if log is not None:
             log(f"{method}/{topo} seed {seed}: epoch {epoch + 1}/{plan['epochs']} {model.genotype()} "
                 f"{ {k: round(v, 3) if isinstance(v, float) else v for k, v in last.items()} }")
-    seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        keep = model.mask & torch.tensor([name not in model.exclude for name in model.space.names])
-        weights = torch.softmax(model.alphas.detach().masked_fill(~keep, -math.inf), -1)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {
         "genotype": model.genotype(),
-        "arch_weights": [[round(float(v), 5) for v in row] for row in weights],
+        "arch_weights": _weights(model, 5),
         "ops": list(model.space.names),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # this process's CPU time: the cost on a shared machine
         "steps": plan["epochs"] * steps,
         "arch_steps": arch_steps,
         "epochs": plan["epochs"],

@@ -107,10 +107,10 @@ def _kendall(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(gp: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor) -> dict:
     """The agreement measures of the module docstring for two gradients of the alphas; ``keep``
     marks the operations the method can choose. Edges where either gradient is (close to) zero, below
-    1e-6 of the whole gradient's norm (a saturated Gumbel softmax), are left out of the per-edge measures (``edges`` counts those kept)."""
+    1e-3 of the whole gradient's norm (a saturated Gumbel softmax), are left out of the per-edge measures (``edges`` counts those kept)."""
     cos = float(torch.nn.functional.cosine_similarity(gp.flatten(), gt.flatten(), dim=0))
     edge_cos, top, kend, sign = [], [], [], []
-    floor = 1e-6 * float(max(gp.norm(), gt.norm()))
+    floor = 1e-3 * float(max(gp.norm(), gt.norm()))
     for e in range(gp.shape[0]):
         k = keep[e]
         p, t = gp[e][k], gt[e][k]

@@ -14,6 +14,8 @@ in training mode, from copies (the search's own supernet and RNG streams are unt
 sampler draws the same sample in both). Recorded per measurement:
 
 * ``cosine``: of the two gradients of the loss with respect to all architecture parameters;
+* ``cumulative_cosine``: the cosine of the two gradients summed over the measurements so far
+  (the direction the architecture drifts in over the search, single batches' noise averaged);
 * ``edge_cosine``: its mean over the edges (rows of alphas);
 * ``top_agree``: the share of edges on which both gradients favour the same operation (the most
   negative entry: the operation a descent step raises most);
@@ -90,7 +92,7 @@ def arch_grad(model, method_obj, x, y, seed: int) -> tuple[torch.Tensor, torch.T
             g_total = g_total.detach().double()
     finally:
         torch.set_rng_state(state)
-    return g.detach().double(), g_total, float(loss)
+    return g.detach().double(), g_total, float(loss.detach())
 
 
 def _kendall(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,7 +109,8 @@ def _kendall(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(gp: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor) -> dict:
     """The agreement measures of the module docstring for two gradients of the alphas; ``keep``
     marks the operations the method can choose. Edges where either gradient is (close to) zero, below
-    1e-3 of the whole gradient's norm (a saturated Gumbel softmax), are left out of the per-edge measures (``edges`` counts those kept)."""
+    1e-3 of the whole gradient's norm (a saturated Gumbel softmax), are left out of the per-edge
+    measures (``edges`` counts those kept)."""
     cos = float(torch.nn.functional.cosine_similarity(gp.flatten(), gt.flatten(), dim=0))
     edge_cos, top, kend, sign = [], [], [], []
     floor = 1e-3 * float(max(gp.norm(), gt.norm()))
@@ -127,7 +130,7 @@ def compare(gp: torch.Tensor, gt: torch.Tensor, keep: torch.Tensor) -> dict:
 
 def run(method: str, seed: int, budget: Q.Budget, every: int, log=print) -> dict:
     measurements = []
-    twin_holder = {}
+    twin_holder, sums = {}, {}
 
     def on_step(step, model, m, train_batch, val_batch):
         if step % every:
@@ -145,8 +148,13 @@ def run(method: str, seed: int, budget: Q.Budget, every: int, log=print) -> dict
         gp, gp_total, lp = arch_grad(plain, m, x, y, seed * 100003 + step)
         gt, gt_total, lt = arch_grad(twin, m, x, y, seed * 100003 + step)
         keep = plain.mask & torch.tensor([n not in plain.exclude for n in plain.space.names])
+        sums["plain"] = sums.get("plain", 0) + gp
+        sums["topo"] = sums.get("topo", 0) + gt
         row = {"step": step, "epoch": step // budget.steps() + 1, "loss_plain": lp, "loss_topo": lt,
-               **compare(gp, gt, keep), "genotype": model.genotype()}
+               **compare(gp, gt, keep),
+               "cumulative_cosine": float(torch.nn.functional.cosine_similarity(
+                   sums["plain"].flatten(), sums["topo"].flatten(), dim=0)),
+               "grad_plain": gp.tolist(), "grad_topo": gt.tolist(), "genotype": model.genotype()}
         if gp_total is not None:  # the method's architecture loss (regularizer included)
             row["cosine_with_regularizer"] = float(torch.nn.functional.cosine_similarity(
                 gp_total.flatten(), gt_total.flatten(), dim=0))
@@ -161,12 +169,12 @@ def run(method: str, seed: int, budget: Q.Budget, every: int, log=print) -> dict
 
 def table(record: dict) -> str:
     reg = any("cosine_with_regularizer" in r for r in record["measurements"])
-    lines = ["| step | epoch | cosine | " + ("with regularizer | " if reg else "") + "mean edge cosine (edges) | "
+    lines = ["| step | epoch | cosine | cumulative | " + ("with regularizer | " if reg else "") + "mean edge cosine (edges) | "
              "favoured op agrees | Kendall tau | signs agree | loss plain / topo |",
-             "|---|---|---|" + ("---|" if reg else "") + "---|---|---|---|---|"]
+             "|---|---|---|---|" + ("---|" if reg else "") + "---|---|---|---|---|"]
     for r in record["measurements"]:
         extra = f"{r.get('cosine_with_regularizer', float('nan')):+.3f} | " if reg else ""
-        lines.append(f"| {r['step']} | {r['epoch']} | {r['cosine']:+.3f} | {extra}{r['edge_cosine']:+.3f} ({r['edges']}) "
+        lines.append(f"| {r['step']} | {r['epoch']} | {r['cosine']:+.3f} | {r['cumulative_cosine']:+.3f} | {extra}{r['edge_cosine']:+.3f} ({r['edges']}) "
                      f"| {r['top_agree']:.2f} | {r['kendall']:+.2f} | {r['sign_agree']:.2f} | {r['loss_plain']:.3f} / {r['loss_topo']:.3f} |")
     return "\n".join(lines)
 

@@ -237,8 +237,43 @@ def score(rows: list[dict], truth: dict, *, proxy_s: float | None = None) -> dic
                 "seconds": seconds, "arch_steps": rs[0]["arch_steps"],
                 "random_search_n": n, "random_search": expected_best_of(values, n) if n else None,
                 "published": PUBLISHED.get(method, (None, ""))[0],
+                "max_weight": statistics.fmean(statistics.fmean(max(row) for row in r["arch_weights"])
+                                               for r in rs if "arch_weights" in r) if all("arch_weights" in r for r in rs) else None,
+                "trajectory": _trajectory(rs, truth),
             })
     return out
+
+
+def _trajectory(rs: list[dict], truth: dict) -> list[tuple[int, float]]:
+    """(epoch, mean ground truth over the seeds of the cell derived at the end of that epoch),
+    for the epochs every run's trace holds."""
+    from toponas_kernels import nb201_offline as O
+
+    traces = [r.get("trace") or [] for r in rs]
+    if not all(traces):
+        return []
+    n = min(len(t) for t in traces)
+    return [(traces[0][e]["epoch"], statistics.fmean(truth[O.encode(t[e]["genotype"])] for t in traces))
+            for e in range(n)]
+
+
+def trajectory_table(scored: dict, points: int = 4) -> str:
+    """The ground truth of the cell each search would have derived at ``points`` evenly spaced
+    epochs (mean over its seeds), and how far the architecture weights moved from uniform (the
+    mean over edges of the largest operation weight at the end)."""
+    rows = [s for s in scored["searches"] if s["trajectory"]]
+    if not rows:
+        return ""
+    lines = ["| search | " + " | ".join(f"{q}/{points} of the epochs" for q in range(1, points + 1))
+             + " | largest op weight at the end (uniform: 1/ops) |",
+             "|---|" + "---|" * (points + 1)]
+    for s in rows:
+        tr = s["trajectory"]
+        picks = [tr[max(0, round(q * len(tr) / points) - 1)] for q in range(1, points + 1)]
+        cells = " | ".join(f"{acc:.1f} (epoch {ep})" for ep, acc in picks)
+        mw = f"{s['max_weight']:.3f}" if s["max_weight"] is not None else "-"
+        lines.append(f"| {s['method']} / {'TopoNAS' if s['topo'] == 'topo' else 'plain'} | {cells} | {mw} |")
+    return "\n".join(lines)
 
 
 def score_table(scored: dict) -> str:
@@ -510,6 +545,10 @@ def main(argv=None) -> int:
     scored = score(rows, truth, proxy_s=measured_proxy(budget, args.rows, measure=False))
     print(f"Ground truth: {label_}.\n")
     print(score_table(scored))
+    traj = trajectory_table(scored)
+    if traj:
+        print("\nThe cell each search derives along the way, scored the same way (mean over its seeds):\n")
+        print(traj)
     if args.json:
         print(json.dumps(scored))
     return 0

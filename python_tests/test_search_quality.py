@@ -60,9 +60,25 @@ def test_score_reads_each_cell_from_the_table():
     # 10 s of search at 2 s per proxy-ranked cell: best of 5
     assert plain["random_search_n"] == 5 and topo["random_search_n"] == 2
     assert plain["random_search"] == pytest.approx(SQ.expected_best_of(values, 5))
+    assert plain["trajectory"] == [] and plain["max_weight"] is None  # rows without a trace
     md = SQ.score_table(scored)
     assert "| gdas / plain | 0,1,2 | 80.0 / 10.0 / 50.0 | 46.67 ± 35.12 | 67% | 1 |" in md
     assert "| gdas / TopoNAS | 0 | 50.0 |" in md and "random cell" in md
+
+
+def test_trajectory_scores_the_cell_of_every_epoch():
+    truth = _truth()
+    uniform = [[0.2] * 5] * 6
+    decided = [[0.6, 0.1, 0.1, 0.1, 0.1]] * 6
+    rows = [dict(_row("darts", "plain", s, CONV3), arch_weights=w,
+                 trace=[{"epoch": 1, "genotype": CUT}, {"epoch": 2, "genotype": SKIPS}, {"epoch": 3, "genotype": CONV3},
+                        {"epoch": 4, "genotype": first}])
+            for s, (w, first) in enumerate([(uniform, CONV3), (decided, SKIPS)])]
+    (s,) = SQ.score(rows, truth)["searches"]
+    assert s["trajectory"] == [(1, 10.0), (2, 50.0), (3, 80.0), (4, 65.0)]
+    assert s["max_weight"] == pytest.approx(0.4)
+    md = SQ.trajectory_table(SQ.score(rows, truth), points=2)
+    assert "| darts / plain | 50.0 (epoch 2) | 65.0 (epoch 4) | 0.400 |" in md
 
 
 def test_expected_best_of_matches_enumeration():

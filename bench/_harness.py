@@ -22,7 +22,6 @@ Timing (``time_fn``):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as _dt
 import fcntl
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from toponas_kernels.memory import quiet_stderr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -389,55 +390,17 @@ def gbps(nbytes: float, ms: float) -> float:
 # ----------------------------------------------------------------------------- memory
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence C++-level stderr (kineto prints GPU probing errors on a CPU machine)."""
-    try:
-        fd = os.dup(2)
-    except OSError:  # pragma: no cover
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
 def peak_memory(fn, device: torch.device) -> int | None:
     """Peak bytes allocated by one call of ``fn`` (its result included) above what was allocated
-    before it.
+    before it: ``toponas_kernels.memory_meter`` (GPU: the ``max_memory_allocated`` delta; CPU: the
+    CPU allocator's events as ``torch.profiler`` records them, every ATen tensor). None if it
+    cannot be measured."""
+    from toponas_kernels import measure_memory
 
-    GPU: ``torch.cuda.max_memory_allocated`` delta. CPU: the running sum of the allocation and free
-    events that ``torch.profiler`` records for the CPU allocator (every ATen tensor; memory that a
-    kernel takes outside ATen, e.g. numpy arrays of the Triton interpreter, is not seen).
-    None if it cannot be measured."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        res = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del res
-        return int(peak)
     try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with _quiet_stderr():
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                res = fn()
-                del res
-            events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    except Exception:
+        return measure_memory(fn, device, saved=False).peak_bytes
+    except RuntimeError:
         return None
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()  # allocations positive, frees negative
-        peak = max(peak, cur)
-    return int(peak)
 
 
 # ----------------------------------------------------------------------------- host work: op calls
@@ -483,7 +446,7 @@ def count_profiler_ops(fn) -> int:
     a plain DARTS forward + backward's events and 1.7 % of a separable topo one's."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr():
+    with quiet_stderr():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         # the raw events: building FunctionEvent trees for a million calls would take gigabytes

@@ -11,16 +11,15 @@ data) of the space's supernet, in a fresh process:
 
 Fields of the JSON line (one per measurement):
 
-* ``peak_bytes``: GPU: ``torch.cuda.max_memory_allocated`` during the first step minus what was
-  allocated just before it (model, optimizer-free, inputs), so it holds the activations, the
-  saved tensors, the temporaries and the parameter gradients of the step. CPU: growth of the
-  process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) over the first
-  step, measured in a fresh process.
-* ``saved_bytes``: bytes of the tensors autograd saves for backward during one forward, seen
-  through ``torch.autograd.graph.saved_tensors_hooks``. Each storage is counted once at its
-  full size (a view saves its whole storage alive; two views of one storage count once), and
-  parameters and buffers are left out (they live anyway: reported as ``saved_param_bytes``).
-  Every saved tensor stays referenced until backward, so no address is reused while counting.
+* ``peak_bytes``: the first step of a fresh process under ``toponas_kernels.memory_meter``: the
+  most bytes allocated at once above what was allocated just before it (model, optimizer-free,
+  inputs), so it holds the activations, the saved tensors, the temporaries and the parameter
+  gradients of the step. GPU: ``torch.cuda.max_memory_allocated``; CPU: the CPU allocator's
+  events as ``torch.profiler`` records them (every ATen tensor, exact and the same on every run).
+* ``saved_bytes``: bytes of the tensors autograd saves for backward during one forward
+  (``memory_meter``'s ``saved_bytes``): each storage counted once at its full size (a view saves
+  its whole storage alive; two views of one storage count once), and parameters and buffers left
+  out (they live anyway: reported as ``saved_param_bytes``).
 * ``saved_by_module`` (with ``--saved-by-module``): ``saved_bytes`` split by part of the
   network and innermost module type (``saved_by_module()``), e.g. "normal preprocess1 / ReLU".
 * ``step_seconds``: median of ``--repeats`` timed steps after one warm-up step.
@@ -60,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -70,6 +68,7 @@ from pathlib import Path
 import torch
 
 import _harness as H  # bench/ is sys.path[0] when this file runs as a script
+from toponas_kernels import memory_meter
 from toponas_kernels.nas.forms import MERGE_CHOICES
 
 HERE = Path(__file__).resolve().parent
@@ -80,19 +79,6 @@ BUSY_SHARE = 0.10
 
 
 # ----------------------------------------------------------------------------- the child
-def _status_bytes(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def build_model(args):
     from toponas_kernels.nas.networks import DartsSearchNetwork, NB201SearchNetwork
     from toponas_kernels.nas.spaces import exaggerated_space
@@ -132,24 +118,12 @@ def _apply_random_masks(model, fraction):
 
 
 def count_saved_bytes(model, x, y):
-    """Bytes saved for backward by one forward: each storage once, parameters apart."""
-    param_ptrs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[int, int] = {}
-    keep = []
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.nbytes() > 0 and t.device.type != "meta":
-            seen[storage.data_ptr()] = storage.nbytes()
-            keep.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes saved for backward by one forward, each storage once, and the parameters' and
+    buffers' apart (``memory_meter``)."""
+    with memory_meter(x.device, params=model, peak=False) as meter:
         loss = torch.nn.functional.cross_entropy(model(x), y)
-    saved = sum(n for p, n in seen.items() if p not in param_ptrs)
-    params = sum(n for p, n in seen.items() if p in param_ptrs)
-    del loss, keep
-    return saved, params
+    del loss
+    return meter.saved_bytes, meter.saved_param_bytes
 
 
 def saved_by_module(model, x, y) -> dict[str, int]:
@@ -267,22 +241,9 @@ def child(args) -> dict:
         return {**record, **host_work(args, model, forward_loss, compiled, x, y), **info}
 
     # Memory: the first step of a fresh process.
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with memory_meter(device, saved=False) as meter:
         step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        import gc
-
-        gc.collect()
-        before = _status_bytes("VmRSS")
-        if not _reset_peak_rss():
-            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
-        step()
-        peak = _status_bytes("VmHWM") - before
+    peak = meter.peak_bytes
     saved, saved_params = count_saved_bytes(model, x, y)
     by_module = saved_by_module(model, x, y) if args.saved_by_module else None
     times = []

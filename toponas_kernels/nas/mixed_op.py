@@ -70,6 +70,7 @@ normalization vs. any other mode) resets the statistics with a warning, and ``re
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 
@@ -84,6 +85,7 @@ from ._autograd import channels_last_on_cpu, merged_conv, recompute, recomputed
 from .coefficients import EdgeCoefficients, Layout, Masses, intern_signature, table_for
 from .operations import OpChain, PoolBN, build_op, chosen_module
 from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
+from .wrap import Opaque, report_once
 
 __all__ = ["FusedMixedOp", "recalibrate_bn", "recompute"]
 
@@ -99,13 +101,22 @@ class FusedMixedOp(nn.Module):
         primitives: operation names of ``space`` (default: all of it, e.g. DARTS' 8 PRIMITIVES
             in their usual order), or a ``SearchSpace``, or a built-in space's name.
         space: the space the names come from (``"darts"``, ``"nb201"``, ``"exaggerated"`` or a
-            ``SearchSpace``). Ignored when ``primitives`` is a space.
+            ``SearchSpace``). Ignored when ``primitives`` is a space. None (default): the
+            built-in space that has every name of ``primitives`` (DARTS first; DARTS when
+            ``primitives`` is None), e.g. NAS-Bench-201's names need no ``space=``.
         mode: ``"plain"``, ``"pms"``, ``"fms"``, ``"pms+fms"`` or ``"topo"`` (module docstring).
         normalize: kernel normalization of merged kernels in ``"topo"``: True (= ``"channel"``),
             False (= ``"none"``), ``"channel"`` or ``"tensor"``.
         partial_channels: PC-DARTS' k: only the first C/k channels go through the edge, the rest
             bypass it (2x2 max-pooled on stride-2 edges), then channel shuffle with k groups.
         affine: BN affine parameters (False in search, as DARTS).
+        track_running_stats: the BNs keep running statistics (True, as DARTS; xautodl's NB201
+            search uses False: BN always normalizes with the batch's statistics, keeps no buffers).
+        bias: the convs carry a bias (xautodl builds its convs with ``bias = not affine``); the
+            pointwise conv of a separable unit, both convs of FactorizedReduce. A merged conv
+            adds its candidates' biases weighted by their coefficients (a conv is affine in
+            (kernel, bias): exact); kernel normalization standardizes the kernels only, not
+            the biases. Before a train-mode BN a bias is cancelled by the BN anyway.
         eps: kernel normalization epsilon.
         backend: kernel backend for ``toponas_kernels.ops`` (None: automatic).
         merge: how ``"topo"`` evaluates each merged conv group (``forms.py``): ``"auto"`` (the
@@ -127,21 +138,20 @@ class FusedMixedOp(nn.Module):
         stride: int = 1,
         *,
         primitives: Sequence[str] | S.SearchSpace | str | None = None,
-        space: S.SearchSpace | str = "darts",
+        space: S.SearchSpace | str | None = None,
         mode: str = "topo",
         normalize: bool | str = True,
         partial_channels: int | None = None,
         affine: bool = False,
+        track_running_stats: bool = True,
+        bias: bool = False,
         eps: float = 1e-5,
         backend: str | None = None,
         recompute: bool | None = None,
         merge: str = "auto",
     ):
         super().__init__()
-        self.rewrites = rewrites_for(mode)
-        self.merge = Fm.check_merge(merge)
-        if normalize not in _NORMALIZE:
-            raise ValueError(f"normalize: expected True, False, 'channel', 'tensor' or 'none', got {normalize!r}")
+        _check_options(mode, normalize, eps, backend, recompute, merge)
         k = 1 if partial_channels is None else partial_channels
         if not _is_int(k) or k < 1:
             raise ValueError(f"partial_channels: expected a positive int, got {partial_channels!r}")
@@ -151,31 +161,108 @@ class FusedMixedOp(nn.Module):
             raise ValueError(f"partial_channels: C = {C} is not divisible by partial_channels = {k}")
         if not _is_int(stride) or stride not in (1, 2):
             raise ValueError(f"stride: expected 1 (normal edge) or 2 (reduction edge), got {stride!r}")
-        if not isinstance(affine, bool):
-            raise ValueError(f"affine: expected True or False, got {affine!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
-            raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
-        if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in ("auto", *BACKENDS)):
-            raise ValueError(f"backend: expected None or one of {('auto', *BACKENDS)}, got {backend!r}")
-        if recompute is not None and not isinstance(recompute, bool):
-            raise ValueError(f"recompute: expected None, True or False, got {recompute!r}")
+        for name, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected True or False, got {value!r}")
 
         if isinstance(primitives, (S.SearchSpace, str)):
-            self.space = S.get_space(primitives)
+            space = S.get_space(primitives)
         else:
-            base = S.get_space(space)
-            self.space = base if primitives is None else base.subset(primitives, argument="primitives")
+            base = S.get_space(_space_for(primitives) if space is None else space)
+            space = base if primitives is None else base.subset(primitives, argument="primitives")
+        ops = nn.ModuleList(build_op(op, C // k, stride, affine, track_running_stats, bias) for op in space)
+        self._setup(space, ops, [list(op) for op in ops], C, stride, mode, normalize, k, affine, eps, backend,
+                    recompute, merge)
+
+    def _setup(self, space, ops, parts, C, stride, mode, normalize, k, affine, eps, backend, recompute, merge):
+        self.rewrites = rewrites_for(mode)
+        self.merge = merge
+        self.space = space
         self.C, self.stride, self.mode, self.partial_channels = C, stride, mode, k
         self.normalize = _NORMALIZE[normalize]
         self.affine, self.eps, self.backend = affine, eps, backend
         self.recompute = (mode == "topo") if recompute is None else bool(recompute)
-        self._ops = nn.ModuleList(build_op(op, C // k, stride, affine) for op in self.space)
+        self._ops = ops
+        # The module each chain position runs (a plain list, not registered: for the built-in
+        # candidates the OpChain's children, for wrapped ones views of the user's modules).
+        self._parts = parts
+        self.unrecognized: list[tuple[str, str]] = []
+        self._wrapped = False
         self.mp = nn.MaxPool2d(2, 2) if k > 1 and stride > 1 else None
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._forms: dict[tuple[Merged, str], tuple[str, str]] = {}
         self._groups: dict[tuple[Merged, str], object] = {}
         self._loaded_from: tuple[str, str] | None = None
         self.register_load_state_dict_post_hook(_after_load)
+
+    @classmethod
+    def wrap(
+        cls,
+        candidates,
+        *,
+        mode: str = "topo",
+        primitives: Sequence[str] | None = None,
+        C: int | None = None,
+        stride: int | None = None,
+        normalize: bool | str = True,
+        eps: float = 1e-5,
+        backend: str | None = None,
+        recompute: bool | None = None,
+        merge: str = "auto",
+        _report: bool = True,
+    ) -> "FusedMixedOp":
+        """An edge over the user's own candidate modules (``docs/DROPIN.md``).
+
+        ``candidates``: a list or ``nn.ModuleList`` of modules, or an ``nn.ModuleDict`` (its
+        values in order; its keys name them), in the order of the architecture weights. The
+        op holds those modules (registered under ``_ops``, in order), not copies: their
+        parameters and buffers are the op's, an optimizer built before the wrap keeps training
+        them, and ``forward(x, weights)`` in ``"plain"`` mode is ``sum(w_i * op_i(x))``.
+
+        Each candidate is recognized by structure (``nas.wrap``: conv chains, separable and
+        dilated convs, pools with or without BN, identity, zero, factorized reduce), and the
+        rewritten modes share and merge those; a candidate that is not recognized runs as it is
+        in every mode (exact, left out of the rewrites), is listed in ``op.unrecognized`` and
+        reported once in a warning.
+
+        ``primitives``: names for the candidates (default: the ModuleDict's keys, else the
+        built-in name whose chain a candidate has, e.g. ``sep_conv_3x3``, else its class name).
+        ``C`` and ``stride``: default from the recognized convs, BNs, pools and zeros. Other
+        options as for the constructor (BN and conv options are the user's modules' own).
+        """
+        from . import wrap as W
+
+        _check_options(mode, normalize, eps, backend, recompute, merge)
+        if isinstance(candidates, nn.ModuleDict):
+            if primitives is None:
+                primitives = list(candidates.keys())
+            modules = list(candidates.values())
+        elif isinstance(candidates, (list, tuple, nn.ModuleList)):
+            modules = list(candidates)
+        else:
+            raise ValueError(f"candidates: expected a list, ModuleList or ModuleDict of modules, got {type(candidates).__name__}")
+        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise ValueError("candidates: expected one or more nn.Module candidates")
+        if primitives is not None:
+            primitives = list(primitives)
+            if len(primitives) != len(modules) or len(set(primitives)) != len(primitives) or not all(isinstance(n, str) for n in primitives):
+                raise ValueError(f"primitives: expected {len(modules)} distinct names, one per candidate, got {primitives!r}")
+        if C is not None and (not _is_int(C) or C < 1):
+            raise ValueError(f"C: expected None or a positive int, got {C!r}")
+        if stride is not None and (not _is_int(stride) or stride not in (1, 2)):
+            raise ValueError(f"stride: expected None, 1 or 2, got {stride!r}")
+        edge = W.recognize_edge(modules, primitives, C, stride)
+        ops = candidates if isinstance(candidates, nn.ModuleList) else nn.ModuleList(modules)
+        bns = [m for op in modules for m in op.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        op = cls.__new__(cls)
+        nn.Module.__init__(op)
+        op._setup(edge.space, ops, edge.parts, edge.C, edge.stride, mode, normalize, 1,
+                  bool(bns) and all(b.affine for b in bns), eps, backend, recompute, merge)
+        op._wrapped = True
+        op.unrecognized = edge.opaque
+        if edge.opaque and _report:
+            W.report_once(W.opaque_message(edge.opaque))
+        return op
 
     @property
     def primitives(self) -> tuple[str, ...]:
@@ -211,8 +298,8 @@ class FusedMixedOp(nn.Module):
         computed once per step for many edges (``coefficient_layout``, ``coefficients.Table``;
         the supernets do this); None computes them here. Ignored in plain mode, and when they
         were computed for another graph."""
-        if x.dim() != 4 or x.shape[1] != self.C:
-            raise ValueError(f"x: expected [B, {self.C}, H, W], got {tuple(x.shape)}")
+        if x.dim() != 4 or (self.C is not None and x.shape[1] != self.C):
+            raise ValueError(f"x: expected [B, {self.C or 'C'}, H, W], got {tuple(x.shape)}")
         weights = self._check_weights(weights, x.dtype)
         active = self._check_mask(mask)
         if edge_weight is not None:
@@ -296,7 +383,7 @@ class FusedMixedOp(nn.Module):
     def _module(self, leaf: Leaf) -> nn.Module:
         """The module a leaf runs: the instance of its first owner (candidate, position)."""
         cand, pos = leaf.owners[0]
-        return self._ops[cand][pos]
+        return self._parts[cand][pos]
 
     def _choice(self, choice: Choice, x: Tensor, coefs) -> Tensor:
         """A weighted sum, its coefficients ``coefs = (layout, pieces)`` (``coefficients.py``).
@@ -342,7 +429,8 @@ class FusedMixedOp(nn.Module):
         if isinstance(node, Seq):
             return all(self._parameter_free(item) for item in node.items)
         if isinstance(node, Leaf):
-            return next(self._module(node).parameters(), None) is None
+            # An unrecognized candidate may be anything (random, stateful): never run twice.
+            return not isinstance(node.module, Opaque) and next(self._module(node).parameters(), None) is None
         return False
 
     def _recomputed_sum(self, tails: list[tuple[list, Tensor]], w: Tensor) -> Tensor:
@@ -374,8 +462,14 @@ class FusedMixedOp(nn.Module):
     def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
         """The weighted sum of several conv units as one merged conv, in the form ``merge``
         picks for the group (``forms.py``)."""
-        tensors = [t for p in node.parts for t in self._module(p).kernel_tensors()]
-        return merged_conv(self._group(node, x.device.type), x, coefs, *tensors)
+        units = [self._module(p) for p in node.parts]
+        tensors = [t for u in units for t in u.kernel_tensors()]
+        y = merged_conv(self._group(node, x.device.type), x, coefs, *tensors)
+        biases = [u.bias_tensor() for u in units]
+        if any(b is not None for b in biases):  # conv(x, sum c_i K_i) + sum c_i b_i: exact
+            stacked = torch.stack([torch.zeros_like(y[0, :, 0, 0]) if b is None else b.to(y.dtype) for b in biases])
+            y = y + (coefs.to(y.dtype) @ stacked).view(1, -1, 1, 1)
+        return y
 
     def _group(self, node: Merged, device_type: str):
         """The ``forms`` group object that runs ``node`` on ``device_type`` (cached; made eagerly
@@ -523,6 +617,12 @@ class FusedMixedOp(nn.Module):
         if not candidates:
             raise ValueError("exclude: every candidate is excluded or masked")
         best = max(candidates, key=lambda i: float(weights[i]))
+        if self._wrapped:  # the user's candidate, copied and re-initialized
+            module = copy.deepcopy(self._ops[best])
+            for m in module.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            return module
         return chosen_module(self.primitives[best], self.C, self.stride, affine, self.space)
 
     # ------------------------------------------------------------------ state across modes
@@ -541,27 +641,34 @@ class FusedMixedOp(nn.Module):
         self._loaded_from = _stats_key(_MODE_NAMES[mode], _NORM_NAMES[norm])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if self._wrapped:  # the user's unwrapped candidate list: "<i>.<name>" -> "_ops.<i>.<name>"
+            for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()]:
+                state_dict[prefix + "_ops." + k[len(prefix):]] = state_dict.pop(k)
         key = prefix + "_extra_state"
         had = key in state_dict
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if not had and key in missing_keys:  # a state saved before the mode was recorded: mode unknown
             missing_keys.remove(key)
 
-    def _reset_bn_statistics(self, source: str) -> None:
+    def _reset_bn_statistics(self, load=None) -> None:
         """BN running statistics gathered in another mode do not fit this one (a merged,
-        normalized conv has outputs of another scale than the candidates' convs): reset them."""
+        normalized conv has outputs of another scale than the candidates' convs): reset them.
+        ``load``: an object that is the same for every edge of one ``load_state_dict`` call (its
+        list of missing keys), so that the call warns once for the whole model."""
         reset = 0
         for m in self._ops.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
                 m.reset_running_stats()
                 reset += 1
-        if reset:
+        if reset and (load is None or _LAST_LOAD[0] is not load):
+            if load is not None:
+                _LAST_LOAD[0] = load
+            # One message for every edge and source (so a model warns once, not once per edge).
             warnings.warn(
-                f"FusedMixedOp: loaded a state saved with {source} into mode {self.mode!r} with "
-                f"kernel normalization {self._stats_key()!r}; its BN running "
-                "statistics do not fit this mode and were reset. Re-estimate them with "
+                "FusedMixedOp: loaded a state saved with another kernel normalization (another mode); "
+                "the BN running statistics do not fit and were reset. Re-estimate them with "
                 "toponas_kernels.nas.recalibrate_bn(model, batches) before evaluating.",
-                stacklevel=3,
+                stacklevel=3 if load is None else 5,
             )
 
     def load_plain_state(self, other: nn.Module) -> None:
@@ -585,7 +692,7 @@ class FusedMixedOp(nn.Module):
                     d.copy_(s)
         source_key = other._stats_key() if isinstance(other, FusedMixedOp) else _stats_key("plain", "none")
         if source_key != self._stats_key():
-            self._reset_bn_statistics(f"kernel normalization {source_key!r}")
+            self._reset_bn_statistics()
 
 
 # The codes of the mode record in a state dict (append only: saved states keep their meaning).
@@ -602,7 +709,11 @@ def _after_load(module: FusedMixedOp, incompatible_keys) -> None:
     another mode leaves BN statistics that do not fit; reset them."""
     source, module._loaded_from = module._loaded_from, None
     if source is not None and source != module._stats_key():
-        module._reset_bn_statistics(f"kernel normalization {source!r}")
+        module._reset_bn_statistics(incompatible_keys.missing_keys)
+
+
+# The missing-keys list of the last load that warned (held, so its id cannot be reused).
+_LAST_LOAD: list = [None]
 
 
 @torch.no_grad()
@@ -673,6 +784,31 @@ def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
         if y.dtype != dtype:  # torch.promote_types is an op call, made only when it has work
             dtype = torch.promote_types(dtype, y.dtype)
     return [y if y.dtype == dtype else y.to(dtype) for y in outputs], (w if w.dtype == dtype else w.to(dtype))
+
+
+def _check_options(mode, normalize, eps, backend, recompute, merge) -> None:
+    """The options the constructor and ``wrap`` share: a ValueError naming a bad one."""
+    rewrites_for(mode)
+    Fm.check_merge(merge)
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize: expected True, False, 'channel', 'tensor' or 'none', got {normalize!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
+    if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in ("auto", *BACKENDS)):
+        raise ValueError(f"backend: expected None or one of {('auto', *BACKENDS)}, got {backend!r}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise ValueError(f"recompute: expected None, True or False, got {recompute!r}")
+
+
+def _space_for(primitives) -> str:
+    """The built-in space that has every name of ``primitives`` (DARTS first)."""
+    if primitives is None:
+        return "darts"
+    names = list(primitives)
+    for space in (S.DARTS_SPACE, S.NB201_SPACE):
+        if all(n in space for n in names):
+            return space.name
+    return "darts"  # subset() names the unknown primitive
 
 
 def _is_int(value) -> bool:

@@ -40,9 +40,13 @@ __all__ = [
 
 class ConvUnit(nn.Module):
     """One conv unit (``spaces.Conv``): a dense conv, or a depthwise conv followed by a 1x1
-    pointwise conv (``separable``); bias-free, padding "same"."""
+    pointwise conv (``separable``); padding "same". ``bias``: the conv (the pointwise conv of a
+    separable unit) carries a bias, as xautodl's convs do with ``affine=False``.
 
-    def __init__(self, C_in: int, C_out: int, spec: S.Conv):
+    ``ConvUnit.of(spec, convs)`` makes a view of existing ``nn.Conv2d`` modules (a wrapped
+    supernet's own): it holds those modules, not copies, and any of them may carry a bias."""
+
+    def __init__(self, C_in: int, C_out: int, spec: S.Conv, bias: bool = False):
         super().__init__()
         self.spec = spec
         pad = (spec.kernel - 1) * spec.dilation // 2
@@ -50,11 +54,24 @@ class ConvUnit(nn.Module):
             self.depthwise = nn.Conv2d(
                 C_in, C_in, spec.kernel, spec.stride, pad, spec.dilation, groups=C_in, bias=False
             )
-            self.pointwise = nn.Conv2d(C_in, C_out, 1, bias=False)
+            self.pointwise = nn.Conv2d(C_in, C_out, 1, bias=bias)
         else:
             if C_in % spec.groups or C_out % spec.groups:
                 raise ValueError(f"C: {C_in} -> {C_out} channels do not divide into groups={spec.groups}")
-            self.conv = nn.Conv2d(C_in, C_out, spec.kernel, spec.stride, pad, spec.dilation, groups=spec.groups, bias=False)
+            self.conv = nn.Conv2d(C_in, C_out, spec.kernel, spec.stride, pad, spec.dilation, groups=spec.groups, bias=bias)
+
+    @classmethod
+    def of(cls, spec: S.Conv, convs: Sequence[nn.Conv2d]) -> "ConvUnit":
+        """A unit over existing convs: ``(depthwise, pointwise)`` for a separable ``spec``,
+        ``(conv,)`` otherwise."""
+        unit = nn.Module.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.spec = spec
+        if spec.separable:
+            unit.depthwise, unit.pointwise = convs
+        else:
+            (unit.conv,) = convs
+        return unit
 
     def forward(self, x: Tensor) -> Tensor:
         if self.spec.separable:
@@ -66,6 +83,17 @@ class ConvUnit(nn.Module):
         if self.spec.separable:
             return (self.depthwise.weight, self.pointwise.weight)
         return (self.conv.weight,)
+
+    def bias_tensor(self) -> Tensor | None:
+        """The unit's output bias [C_out], None without one: the conv's bias; for a separable
+        unit ``P @ b_depthwise + b_pointwise`` (pw(dw(x) + b_d) + b_p = pw(dw(x)) + P b_d + b_p)."""
+        if not self.spec.separable:
+            return self.conv.bias
+        bd, bp = self.depthwise.bias, self.pointwise.bias
+        if bd is None:
+            return bp
+        through = self.pointwise.weight.flatten(1) @ bd
+        return through if bp is None else through + bp
 
     @staticmethod
     def dense_from(kernels: Sequence[Tensor]) -> Tensor:
@@ -85,12 +113,20 @@ class FactorizedReduceConv(nn.Module):
     """The conv part of DARTS' FactorizedReduce (``spaces.FactorizedReduce``): two 1x1 stride-2
     convs of C_out/2 outputs, the second on ``x[:, :, 1:, 1:]``, concatenated."""
 
-    def __init__(self, C_in: int, C_out: int):
+    def __init__(self, C_in: int, C_out: int, bias: bool = False):
         super().__init__()
         if C_out % 2:
             raise ValueError(f"C: FactorizedReduce needs an even channel count, got {C_out}")
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=bias)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=bias)
+
+    @classmethod
+    def of(cls, conv_1: nn.Conv2d, conv_2: nn.Conv2d) -> "FactorizedReduceConv":
+        """A view over existing convs (a wrapped supernet's own)."""
+        unit = nn.Module.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.conv_1, unit.conv_2 = conv_1, conv_2
+        return unit
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] % 2 or x.shape[-2] % 2:
@@ -101,7 +137,7 @@ class FactorizedReduceConv(nn.Module):
 class PoolBN(nn.Module):
     """A pooling module (``spaces.Pool``), followed by ``BatchNorm2d`` when ``spec.bn``."""
 
-    def __init__(self, C: int, spec: S.Pool, affine: bool = False):
+    def __init__(self, C: int, spec: S.Pool, affine: bool = False, track_running_stats: bool = True):
         super().__init__()
         self.spec = spec
         pad = spec.kernel // 2
@@ -109,7 +145,15 @@ class PoolBN(nn.Module):
             self.pool = nn.MaxPool2d(spec.kernel, spec.stride, pad)
         else:
             self.pool = nn.AvgPool2d(spec.kernel, spec.stride, pad, count_include_pad=False)
-        self.bn = nn.BatchNorm2d(C, affine=affine) if spec.bn else None
+        self.bn = nn.BatchNorm2d(C, affine=affine, track_running_stats=track_running_stats) if spec.bn else None
+
+    @classmethod
+    def of(cls, spec: S.Pool, pool: nn.Module, bn: nn.Module | None) -> "PoolBN":
+        """A view over an existing pool and its BN (a wrapped supernet's own)."""
+        unit = nn.Module.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.spec, unit.pool, unit.bn = spec, pool, bn
+        return unit
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(x)
@@ -141,29 +185,35 @@ class OpChain(nn.Sequential):
         return f"name={self.op_name!r}" if self.op_name else ""
 
 
-def build_module(spec: S.Module, C: int, affine: bool = False) -> nn.Module:
-    """The ``nn.Module`` of one basic module at C channels (C -> C)."""
+def build_module(
+    spec: S.Module, C: int, affine: bool = False, track_running_stats: bool = True, bias: bool = False
+) -> nn.Module:
+    """The ``nn.Module`` of one basic module at C channels (C -> C). ``affine`` and
+    ``track_running_stats`` go to every BN, ``bias`` to every conv (the pointwise conv of a
+    separable unit)."""
     if isinstance(spec, S.ReLU):
         return nn.ReLU(inplace=False)
     if isinstance(spec, S.BN):
-        return nn.BatchNorm2d(C, affine=affine)
+        return nn.BatchNorm2d(C, affine=affine, track_running_stats=track_running_stats)
     if isinstance(spec, S.Conv):
-        return ConvUnit(C, C, spec)
+        return ConvUnit(C, C, spec, bias)
     if isinstance(spec, S.Pool):
-        return PoolBN(C, spec, affine)
+        return PoolBN(C, spec, affine, track_running_stats)
     if isinstance(spec, S.Identity):
         return nn.Identity()
     if isinstance(spec, S.Zero):
         return Zero(spec.stride)
     if isinstance(spec, S.FactorizedReduce):
-        return FactorizedReduceConv(C, C)
+        return FactorizedReduceConv(C, C, bias)
     raise TypeError(f"no module for {spec!r}")
 
 
-def build_op(op: S.OpDef, C: int, stride: int = 1, affine: bool = False) -> OpChain:
-    """The plain module of operation ``op`` at C channels and ``stride``."""
+def build_op(
+    op: S.OpDef, C: int, stride: int = 1, affine: bool = False, track_running_stats: bool = True, bias: bool = False
+) -> OpChain:
+    """The plain module of operation ``op`` at C channels and ``stride`` (options: ``build_module``)."""
     chain = op.chain(stride)
-    return OpChain(chain, [build_module(m, C, affine) for m in chain], op.name)
+    return OpChain(chain, [build_module(m, C, affine, track_running_stats, bias) for m in chain], op.name)
 
 
 def chosen_module(name: str, C: int, stride: int = 1, affine: bool = True, space: S.SearchSpace | str = "darts") -> OpChain:

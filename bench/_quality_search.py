@@ -140,10 +140,11 @@ def _weights(model, digits: int) -> list[list[float]]:
     return [[round(float(v), digits) for v in row] for row in weights]
 
 
-def search(method: str, topo: str, seed: int, budget: Budget, *, on_step=None, log=None) -> dict:
+def search(method: str, topo: str, seed: int, budget: Budget, *, on_step=None, prepare=None, log=None) -> dict:
     """Run one search; returns its record (derived cell, cost, schedule ends, final weights).
     ``on_step(step, model, method_obj, train_batch, val_batch)`` is called before every step
-    (``bench/search_direction.py`` measures there)."""
+    (``bench/search_direction.py`` measures there); ``prepare(model)`` once on the new supernet
+    (``bench/gdas_estimator.py`` adds hooks there)."""
     budget.check()
     plan = schedule(method, budget)
     x, y = load_images(budget)
@@ -153,6 +154,8 @@ def search(method: str, topo: str, seed: int, budget: Budget, *, on_step=None, l
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     tr, va = perm[:half], perm[half:]
     model = build(method, topo, budget, in_channels=x.shape[1])
+    if prepare is not None:
+        prepare(model)
     m = METHOD_CLASSES[method](model, epochs=plan["epochs"], space="nb201", **plan["hparams"])
     train_it = Batches(x[tr], y[tr], budget.batch, seed)
     val_it = Batches(x[va], y[va], budget.batch, seed + 7919)

@@ -169,3 +169,37 @@ def test_tiny_search_runs_each_schedule_to_its_end(method):
         assert last["beta_lambda"] == pytest.approx(24.5)
     if method == "pc-darts":
         assert len(r["trace"]) == plan["epochs"]
+
+
+def test_xautodl_terms_keep_the_forward_and_give_a_sampled_none_a_gradient():
+    import torch
+
+    import gdas_estimator as G
+
+    x, y = Q.load_images(TINY)
+    x, y = x[:8], y[:8]
+    model = Q.build("gdas", "plain", TINY, in_channels=x.shape[1])
+    model.tau = 10.0  # softmax((log_softmax(alpha) + g) / 10): probabilities not saturated
+
+    def forward_and_grad():
+        torch.manual_seed(0)
+        out = model(x)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), [model.alphas])
+        return out.detach(), g
+
+    names = list(model.space.names)
+    last = len(model.alphas) - 1  # edge 3<-2, into the cell's output
+    with torch.no_grad():  # the last edge draws none, every other nor_conv_3x3 (logits 5 above the rest)
+        model.alphas.zero_()
+        model.alphas[:last, names.index("nor_conv_3x3")] = 5.0
+        model.alphas[last, names.index("none")] = 5.0
+    out0, g0 = forward_and_grad()
+    assert torch.count_nonzero(g0[last]) == 0 and torch.count_nonzero(g0[:last]) > 0  # a sampled none moves nothing
+    handles = G.add_xautodl_terms(model)
+    out1, g1 = forward_and_grad()
+    assert torch.equal(out0, out1)  # the added terms are zeros in value
+    assert torch.count_nonzero(g1[last]) > 0  # xautodl's: every op not sampled gets sum(dL/dout)
+    assert not torch.allclose(g1[:last], g0[:last])
+    for h in handles:
+        h.remove()
+    assert torch.equal(forward_and_grad()[1], g0)

@@ -4,6 +4,7 @@ the TopoNAS simplification and the fused kernels.
     op = FusedMixedOp(C, stride)                      # DARTS space, mode="topo"
     y = op(x, weights)                                # weights: the edge's softmaxed row [K]
     y = op(x, weights, mask)                          # mask: bool [K]; masked ops never run
+    op = FusedMixedOp.wrap(mixed._ops)                # the user's own candidates (docs/DROPIN.md)
 
 Modes (``mode=``):
 
@@ -58,7 +59,8 @@ kernel and applies the conv's and the kernel's backward formulas directly (``for
 a fixed handful of ops per group, without an autograd graph over the kernel build.
 
 Parameters. All modes hold the same parameters: one ``OpChain`` per candidate in ``_ops`` (the
-name DARTS uses), in the order of the primitives. The rewritten modes run the modules of those
+name DARTS uses), in the order of the primitives; a wrapped op (``wrap``) holds the user's own
+candidate modules there instead, and runs views of their modules (``wrap.py``). The rewritten modes run the modules of those
 chains: a shared module runs as the instance of its lowest-index (unmasked) candidate, so only
 that BN's running statistics advance (and with ``affine=True`` only its affine parameters are
 used), and a merged conv reads the kernels of its candidates. So ``b.load_state_dict(a.state_dict())`` copies between
@@ -607,7 +609,8 @@ class FusedMixedOp(nn.Module):
     def derive(self, weights: Tensor, *, exclude: Sequence[str] = (), mask=None, affine: bool = True) -> OpChain:
         """The plain reference module of the operation with the largest weight (among those not
         in ``exclude`` and not masked), freshly initialized at C channels, for retraining.
-        DARTS' genotype uses ``exclude=("none",)``."""
+        DARTS' genotype uses ``exclude=("none",)``. A wrapped op returns a copy of the user's
+        candidate with its parameters reset (``affine`` is then the candidate's own)."""
         weights = self._check_weights(weights).detach()
         active = self._check_mask(mask)
         unknown = set(exclude) - set(self.primitives)

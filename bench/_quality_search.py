@@ -65,6 +65,29 @@ class Budget:
             raise ValueError(f"image_size: expected a divisor of 32 (the images are average-pooled), got {self.image_size}")
 
 
+def add_budget_arguments(ap, epochs: int = 32) -> None:
+    """The ``Budget`` options of a benchmark's command line (``budget_from_args`` reads them)."""
+    b = ap.add_argument_group("budget (bench/_quality_search.py)")
+    b.add_argument("--epochs", type=int, default=epochs, help="architecture-step epochs (pc-darts adds its warm-up)")
+    b.add_argument("--train-size", type=int, default=Budget.train_size, help="images: half weights, half architecture")
+    b.add_argument("--batch", type=int, default=Budget.batch)
+    b.add_argument("--channels", type=int, default=Budget.channels, help="supernet C (NB201: 16)")
+    b.add_argument("--layers", type=int, default=Budget.layers, help="cells per stage (NB201: 5)")
+    b.add_argument("--image-size", type=int, default=Budget.image_size, help="images average-pooled from 32x32 to this size")
+    b.add_argument("--dataset", default=Budget.dataset, help="fashion-mnist or synthetic")
+
+
+def budget_from_args(args) -> Budget:
+    """The checked ``Budget`` of parsed ``add_budget_arguments`` options (a bad one exits with one line)."""
+    budget = Budget(epochs=args.epochs, train_size=args.train_size, batch=args.batch, channels=args.channels,
+                    layers=args.layers, image_size=args.image_size, dataset=args.dataset)
+    try:
+        budget.check()
+    except ValueError as e:
+        raise SystemExit(f"budget: {e}") from None
+    return budget
+
+
 def schedule(method: str, budget: Budget) -> dict:
     """The epochs and hyperparameters of ``method`` at ``budget`` (the module docstring says how)."""
     if method not in METHOD_CLASSES:

@@ -52,13 +52,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rows", default=str(SQ.H.REPO / "bench" / "search_quality_gdas_xautodl_rows.json"))
     ap.add_argument("--table", default="analog-nasbench")
-    ap.add_argument("--epochs", type=int, default=32)
-    ap.add_argument("--train-size", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    Q.add_budget_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    budget = Q.Budget(epochs=args.epochs, train_size=args.train_size, batch=args.batch)
+    budget = Q.budget_from_args(args)
     bd = SQ.budget_dict(budget)
     seeds = [int(s) for s in args.seeds.split(",")]
     done = {r["seed"] for r in SQ.load_rows(args.rows) if r["budget"] == bd}

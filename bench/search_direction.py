@@ -183,26 +183,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="darts", choices=sorted(Q.METHOD_CLASSES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=8, help="architecture-step epochs of the search")
     ap.add_argument("--every", type=int, default=16, help="measure every N steps")
-    ap.add_argument("--train-size", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--channels", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--image-size", type=int, default=16)
-    ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON file for the measurements (default bench/search_direction_METHOD.json)")
+    Q.add_budget_arguments(ap, epochs=8)
     args = ap.parse_args(argv)
     if args.every < 1:
         raise SystemExit(f"--every: expected a positive integer, got {args.every}")
     torch.set_num_threads(args.threads)
-    budget = Q.Budget(epochs=args.epochs, train_size=args.train_size, batch=args.batch, channels=args.channels,
-                      layers=args.layers, image_size=args.image_size, dataset=args.dataset)
-    try:
-        budget.check()
-    except ValueError as e:
-        raise SystemExit(f"budget: {e}") from None
+    budget = Q.budget_from_args(args)
     record = run(args.method, args.seed, budget, args.every, log=lambda s: print(s, file=sys.stderr, flush=True))
     record["info"] = H.run_info(torch.device("cpu"))
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -480,14 +480,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-at", default=None, metavar="HH:MM", help="start no new search after this time (UTC)")
     ap.add_argument("--json", action="store_true", help="print the scores as JSON after the table")
     ap.add_argument("--threads", type=int, default=1)
-    b = ap.add_argument_group("budget (see _quality_search.Budget)")
-    b.add_argument("--epochs", type=int, default=32, help="architecture-step epochs (pc-darts adds its warm-up)")
-    b.add_argument("--train-size", type=int, default=1024, help="images: half weights, half architecture")
-    b.add_argument("--batch", type=int, default=16)
-    b.add_argument("--channels", type=int, default=8, help="supernet C (NB201: 16)")
-    b.add_argument("--layers", type=int, default=1, help="cells per stage (NB201: 5)")
-    b.add_argument("--image-size", type=int, default=16, help="images average-pooled from 32x32 to this size")
-    b.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or synthetic")
+    import _quality_search as Q
+
+    Q.add_budget_arguments(ap)
     r = ap.add_argument_group("the older protocol (--retrain)")
     r.add_argument("--retrain", action="store_true", help="search with `toponas search`, retrain each cell with `toponas train`")
     r.add_argument("--space", default="nb201", choices=("nb201", "darts"))
@@ -512,8 +507,6 @@ def main(argv=None) -> int:
         raise SystemExit("--search-only and --score-only: choose one")
     import torch
 
-    import _quality_search as Q
-
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
@@ -524,12 +517,7 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    budget = Q.Budget(epochs=args.epochs, train_size=args.train_size, batch=args.batch, channels=args.channels,
-                      layers=args.layers, image_size=args.image_size, dataset=args.dataset)
-    try:
-        budget.check()
-    except ValueError as e:
-        raise SystemExit(f"budget: {e}") from None
+    budget = Q.budget_from_args(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if not args.score_only:
         measured_proxy(budget, args.rows, measure=True, log=log)

@@ -168,14 +168,15 @@ def _step(root: nn.Module, n, cur) -> tuple:
         if isinstance(m, _LEAVES):
             return ("module", m)
         raise _Opaque(f"module {type(m).__name__}")
-    extra = [a for a in n.args[1:]] + list(n.kwargs.values())
     if (n.op == "call_function" and n.target in (F.relu, torch.relu)) or (n.op == "call_method" and n.target == "relu"):
         if n.kwargs.get("inplace") or any(a is True for a in n.args[1:]):
             raise _Opaque("an in-place relu")
         return ("relu",)
     is_mul = (n.op == "call_function" and n.target in (operator.mul, torch.mul)) or (n.op == "call_method" and n.target == "mul")
-    if is_mul and len(n.args) == 2 and not n.kwargs and isinstance(extra[0], (int, float)) and extra[0] == 0:
-        return ("zero",)
+    if is_mul and len(n.args) == 2 and not n.kwargs:
+        other = n.args[1] if n.args[0] is cur else n.args[0]
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return ("zero",)
     if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2:
         s = _is_slices(n.args[1])
         if s is not None:

@@ -35,14 +35,7 @@ needs_xautodl = pytest.mark.skipif(TinyNetworkDarts is None, reason="xautodl is 
 
 MODES = ("pms", "fms", "pms+fms", "topo")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread each (two test workers on two cores would oversubscribe)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 SETTINGS = [(False, False), (False, True), (True, False), (True, True)]  # (affine, track_running_stats)
 TIGHT = dict(atol=1e-12, rtol=1e-12)
 

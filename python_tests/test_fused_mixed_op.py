@@ -8,6 +8,7 @@ from torch import nn
 
 import toponas_kernels
 from toponas_kernels import FusedMixedOp, ops
+from toponas_kernels.nas import forms
 from toponas_kernels.nas import spaces as S
 from toponas_kernels.nas.operations import OpChain
 from utils import dilations_space, saved_bytes
@@ -386,6 +387,8 @@ def test_topo_uses_the_kernel_ops(monkeypatch):
 
     for name in calls:
         monkeypatch.setattr(ops, name, counting(name))
+    # the Python path of merged groups (the fused group op merges inside C++: test_merged_conv.py)
+    monkeypatch.setattr(forms, "_MERGED_CONV", None)
     op = FusedMixedOp(4, 1, mode="topo", recompute=False)
     op(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
     # three merged convs; one weighted sum (the edge's): in the conv group both branches end

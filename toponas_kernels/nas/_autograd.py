@@ -9,7 +9,9 @@ backward formula) also has ``build(coefs, tensors)`` and ``kernel_grads(grad_ker
 tensors, built)``, and a group of the stacked or separable form ``backward(grad, x, coefs,
 tensors, need_x)``; its backward then runs a fixed set of ops (rebuild the kernel, the convs'
 backward, the kernel's backward) instead of running ``prepare`` again under autograd (which
-remains the path under autocast for the factored forms).
+remains the path under autocast for the factored forms). Where the compiled kernels are built,
+a group runs eagerly as one C++ op instead (``group.fused``, ``forms.py``), with no Python in its
+backward.
 """
 
 from __future__ import annotations
@@ -98,13 +100,17 @@ class _MergedConv(torch.autograd.Function):
 
 
 def merged_conv(group, x: Tensor, coefs: Tensor, *tensors: Tensor) -> Tensor:
-    """A merged conv: eagerly ``_MergedConv``; under ``torch.compile`` the same computation
-    differentiated as it stands (the merged kernel through ``ops.merge_kernels``' autograd
-    formula, no Python backward for dynamo to stop at), what backward keeps or recomputes left
-    to AOTAutograd's partitioner."""
+    """A merged conv: eagerly the group's fused op where it applies (``group.fused``: one
+    dispatcher call each way, its backward a C++ autograd node keeping what ``_MergedConv``
+    keeps), else ``_MergedConv``; under ``torch.compile`` the same computation differentiated as
+    it stands (the merged kernel through ``ops.merge_kernels``' autograd formula, no Python
+    backward for dynamo to stop at), what backward keeps or recomputes left to AOTAutograd's
+    partitioner."""
     if torch.compiler.is_compiling():
         return _MergedConv.run(group, x, coefs, tensors)[0]
-    return _MergedConv.apply(group, x, coefs, *tensors)
+    fused = getattr(group, "fused", None)
+    y = None if fused is None else fused(x, coefs, tensors)
+    return y if y is not None else _MergedConv.apply(group, x, coefs, *tensors)
 
 
 class _NoStatistics:

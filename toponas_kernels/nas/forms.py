@@ -28,6 +28,13 @@ In ``stacked`` and ``separable`` the depthwise outputs are not kept for backward
 conv keeps x, the coefficients and the parameters, as the dense form does, and backward
 recomputes them (one depthwise pass).
 
+Eagerly, on the compiled backends (C++ and CUDA kernels) and without autocast, a group in any
+form is ONE op (``toponas::merged_conv_fused``, csrc/merged_conv.cpp: the same formulas as the
+Python functions below, composed in C++ with the merge kernels): one dispatcher call in forward,
+one in backward, its autograd node a C++ Function, so no Python runs in a group's backward. The
+Python functions remain the path under ``torch.compile``, autocast and the reference and Triton
+backends, and the float64 reference the fused op is tested against.
+
 ``merge="auto"`` picks, per merged group and device, the exact form with the lowest modelled
 cost (``form_costs``): multiply-accumulates of forward + backward per output pixel plus
 ``BYTE_WEIGHT[device]`` times the activation elements read and written (depthwise convs and the
@@ -45,8 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend as _backend
 from .. import ops
-from ..ops.merge import merge_kernels_backward
+from ..ops._common import FUSED_BACKENDS, fused_op
+from ..ops.merge import MODE_CODES, merge_kernels_backward
 from .operations import ConvUnit
 from .simplify import Merged
 
@@ -127,8 +136,9 @@ def choose_form(node: Merged, merge: str, C_in: int, C_out: int, device_type: st
 def normalization_affine(P: Tensor, D: Tensor, normalize: str, eps: float) -> tuple[Tensor, Tensor]:
     """``(a, b)`` [C_out] with ``standardize(P D) = a * (P D) + b`` per output channel, from the
     pointwise kernel P [C_out, C, 1, 1] and the depthwise kernel D [C, 1, k, k] (never forming
-    the C_out x C x k x k kernel). Statistics in float64 (they are C_out x C sized), so the
-    ``E[W^2] - mean^2`` form loses nothing at float32."""
+    the C_out x C x k x k kernel). Statistics in P's dtype (float32 for half types), accurate
+    there: the variance is a sum of squares of centred values (``_statistics``), never
+    ``E[W^2] - mean^2``."""
     st = _statistics([P], [D], normalize, eps)
     return st["a"][0], st["b"][0]
 
@@ -136,25 +146,40 @@ def normalization_affine(P: Tensor, D: Tensor, normalize: str, eps: float) -> tu
 def _statistics(Ps, Ds, normalize: str, eps: float) -> dict:
     """``normalization_affine`` of n parts at once (their P have one shape): ``a`` and ``b``
     [n, C_out] in P's dtype, ``P`` the stacked pointwise kernels [n, C_out, C], and what the
-    backward needs. Per part ``mean = P @ mean_taps(D) / C`` and ``E[W^2] = P^2 @
-    mean_taps(D^2) / C``."""
+    backward needs. Two passes, no cancellation: with ``m1[c]``, ``v[c]`` the mean and variance
+    of D's taps of channel c and ``u[o, c] = P[o, c] m1[c]``, per output channel ``mean =
+    mean_c u`` and ``var = mean_c (u - mean)^2 + mean_c P^2 v`` (the cross term vanishes: the
+    centred taps sum to 0), both sums of squares of centred values, so float32 keeps the
+    variance of a kernel whose mean is large against its spread (where ``E[W^2] - mean^2``
+    loses every digit; ``python_tests/test_statistics.py``). The same formulas as the fused op
+    (csrc/merged_conv.cpp)."""
     P0 = Ps[0]
-    acc = torch.float64 if P0.dtype != torch.float64 and P0.device.type != "mps" else P0.dtype
+    acc = torch.float32 if P0.dtype in (torch.float16, torch.bfloat16) else P0.dtype
     Pst = torch.stack([P.flatten(1) for P in Ps])
     p = Pst.to(acc)
-    ds = [D.flatten(1).to(acc) for D in Ds]
-    m1 = torch.stack([d.mean(1) for d in ds])  # [n, C]
-    m2 = torch.stack([(d * d).mean(1) for d in ds])
-    C = p.shape[2]
-    pp = p * p
-    mean = torch.bmm(p, m1.unsqueeze(2)).squeeze(2) / C  # [n, O]
-    sq = torch.bmm(pp, m2.unsqueeze(2)).squeeze(2) / C
+    ds, m1s, vs = [], [], []
+    for D in Ds:
+        d = D.flatten(1).to(acc)
+        m = d.mean(1)
+        centred = d - m.unsqueeze(1)
+        ds.append(d)
+        m1s.append(m)
+        vs.append((centred * centred).mean(1))
+    m1, v = torch.stack(m1s), torch.stack(vs)  # [n, C]
+    u = p * m1.unsqueeze(1)  # [n, O, C]
+    mo = u.mean(2)  # [n, O]
+    dev = u - mo.unsqueeze(2)
+    var = (dev * dev).mean(2) + (p * p * v.unsqueeze(1)).mean(2)
+    mean = mo
     if normalize == "tensor":
-        mean, sq = mean.mean(1, keepdim=True).expand_as(mean), sq.mean(1, keepdim=True).expand_as(sq)
-    std = (sq - mean * mean).clamp_min(0).sqrt()
-    a = 1.0 / (std + eps)
-    return dict(P=Pst, p=p, pp=pp, ds=ds, m1=m1, m2=m2, mean=mean, std=std, a_acc=a,
-                a=a.to(P0.dtype), b=(-mean * a).to(P0.dtype))
+        mt = mo.mean(1, keepdim=True)
+        dm = mo - mt
+        var = (var + dm * dm).mean(1, keepdim=True).expand_as(mo)
+        mean = mt.expand_as(mo)
+    std = var.clamp_min(0).sqrt()
+    a = (std + eps).reciprocal()
+    return dict(P=Pst, p=p, ds=ds, m1=m1, v=v, dev=dev, mo=mo, mean=mean, std=std, a_acc=a,
+                a=a.to(P0.dtype), b=(-(mean * a)).to(P0.dtype))
 
 
 def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, Ds) -> tuple[Tensor, list[Tensor]]:
@@ -163,21 +188,24 @@ def _statistics_backward(st: dict, ga: Tensor, gb: Tensor, normalize: str, Ds) -
     gradient through its std."""
     p, mean, std, a = st["p"], st["mean"], st["std"], st["a_acc"]
     ga, gb = ga.to(a.dtype), gb.to(a.dtype)
-    C = p.shape[2]
-    g_mean = -a * gb
-    g_std = -(ga - mean * gb) * a * a  # b = -mean a; da/dstd = -a^2
-    g_sq = torch.where(std > 0, g_std / (2 * torch.where(std > 0, std, 1.0)), 0.0)
-    g_mean = g_mean - 2 * mean * g_sq
+    g_mean = -(a * gb)
+    g_std = -((ga - mean * gb) * a * a)  # b = -mean a; da/dstd = -a^2
+    pos = std > 0
+    g_var = torch.where(pos, g_std / (torch.where(pos, std, torch.ones_like(std)) * 2), torch.zeros_like(g_std))
     if normalize == "tensor":
-        g_mean = g_mean.mean(1, keepdim=True).expand_as(g_mean)
-        g_sq = g_sq.mean(1, keepdim=True).expand_as(g_sq)
-    gp = (g_mean.unsqueeze(2) * st["m1"].unsqueeze(1) + 2 * p * (g_sq.unsqueeze(2) * st["m2"].unsqueeze(1))) / C
-    g1 = torch.bmm(g_mean.unsqueeze(1), p).squeeze(1) / C  # [n, C]: gradient of mean_taps(D)
-    g2 = torch.bmm(g_sq.unsqueeze(1), st["pp"]).squeeze(1) / C
+        O = st["mo"].shape[1]
+        gvt = g_var.sum(1, keepdim=True)
+        g_mean = g_mean.sum(1, keepdim=True) / O + gvt * (st["mo"] - mean) * (2.0 / O)
+        g_var = (gvt / O).expand_as(g_var)
+    C = p.shape[2]
+    gm3, gv3, m13 = g_mean.unsqueeze(2), g_var.unsqueeze(2), st["m1"].unsqueeze(1)
+    gp = (gm3 * m13 + gv3 * (st["dev"] * m13 + p * st["v"].unsqueeze(1)) * 2) / C
+    g_m1 = ((gm3 + gv3 * st["dev"] * 2) * p).sum(1) / C  # [n, C]
+    g_v = (gv3 * p * p).sum(1) / C
     gds = []
     for i, (d, D) in enumerate(zip(st["ds"], Ds)):
-        taps = d.shape[1]
-        gds.append(((g1[i].unsqueeze(1) + 2 * d * g2[i].unsqueeze(1)) / taps).view(D.shape).to(D.dtype))
+        g = (g_m1[i].unsqueeze(1) + g_v[i].unsqueeze(1) * (d - st["m1"][i].unsqueeze(1)) * 2) / d.shape[1]
+        gds.append(g.view(D.shape).to(D.dtype))
     return gp.to(st["P"].dtype), gds
 
 
@@ -297,10 +325,56 @@ def _shift_input_grad(node: Merged, g: Tensor, x: Tensor, pattern: Tensor) -> Te
 
 
 # ----------------------------------------------------------------------------- groups
+#: The whole group as one op with a C++ autograd node (csrc/merged_conv.cpp); None when the
+#: extension lacks it.
+_MERGED_CONV = fused_op("merged_conv_fused")
+_FORM_CODES = {form: i for i, form in enumerate(FORMS)}
+
+
+class _Group:
+    """What every form shares: ``fused``, the group as one ``toponas::merged_conv_fused`` call
+    (one dispatcher call in forward, one in backward, no Python in backward), where it applies:
+    the compiled backends, no autocast, one dtype throughout."""
+
+    def __init__(self, node: Merged, form: str, sizes: list[int], normalize: str, eps: float, backend):
+        self.node, self.form, self.sizes = node, form, sizes
+        self.normalize, self.eps, self.backend = normalize, eps, backend
+        self._specs: dict = {}
+
+    def spec(self, device_type: str) -> list[int]:
+        """The fused op's ``spec`` (csrc/merged_conv.cpp) of this group on ``device_type``."""
+        got = self._specs.get(device_type)
+        if got is None:
+            node = self.node
+            cl = int(self.form != "dense" and CHANNELS_LAST_DEPTHWISE and device_type == "cpu")
+            got = [_FORM_CODES[self.form], MODE_CODES[self.normalize], node.stride, node.dilation, node.groups,
+                   node.size, cl, len(node.parts)]
+            for n, p, d in zip(self.sizes, node.parts, node.lattice_dilations()):
+                m = p.module
+                got += [n, m.stride, m.span // 2, m.dilation, d]
+            self._specs[device_type] = got
+        return got
+
+    def fused(self, x: Tensor, coefs: Tensor, tensors) -> Tensor | None:
+        """The group's output through the fused op, or None where it does not apply."""
+        dev, dt = x.device, x.dtype
+        if (
+            _MERGED_CONV is None
+            or torch.is_autocast_enabled(dev.type)
+            or torch._C._are_functorch_transforms_active()
+            or coefs.dtype != dt
+            or any(t.dtype != dt for t in tensors)
+            or _backend.resolve(self.backend, dev) not in FUSED_BACKENDS
+        ):
+            return None
+        pattern = _shift_pattern(self.node, x) if self.form != "dense" and self.normalize != "none" else None
+        return _MERGED_CONV(x, coefs, list(tensors), pattern, self.spec(dev.type), self.eps)
+
+
 # What ``nas/_autograd.merged_conv`` runs for a merged group: ``conv`` (stride, dilation, groups)
 # and a differentiable ``prepare(x, coefs, tensors) -> (z, kernel)``; the dense form also has
 # the analytic backward of its kernel (``build`` and ``kernel_grads``).
-class DenseGroup:
+class DenseGroup(_Group):
     """The dense form of ``node``: the merged kernel from each part's kernel tensors (a dense
     conv's weight, or a separable unit's depthwise D and pointwise P, whose dense kernel is
     ``P * D^T``), through ``ops.merge_kernels``. Its backward is the conv's and the merge's
@@ -308,9 +382,9 @@ class DenseGroup:
     ``grad D = (sum_o grad W P)^T``: a fixed few ops, no autograd graph."""
 
     def __init__(self, node: Merged, sizes: list[int], normalize: str, eps: float, backend):
+        super().__init__(node, "dense", sizes, normalize, eps, backend)
         self.conv = (node.stride, node.dilation, node.groups)
         self.dilations = node.lattice_dilations()
-        self.sizes, self.normalize, self.eps, self.backend = sizes, normalize, eps, backend
 
     def build(self, coefs: Tensor, tensors) -> tuple[Tensor, tuple]:
         kernels, start = [], 0
@@ -340,7 +414,7 @@ class DenseGroup:
         return out
 
 
-class FactoredGroup:
+class FactoredGroup(_Group):
     """The stacked or separable form of ``node`` (``stacked_input`` / ``separable_input``), with
     the analytic backward of both (``backward``): rebuild z and the 1x1 kernel, then the convs'
     backward kernels, the transposed box sums of the shift channels and the chain rule through
@@ -349,8 +423,8 @@ class FactoredGroup:
 
     conv = (1, 1, 1)
 
-    def __init__(self, node: Merged, form: str, normalize: str, eps: float):
-        self.node, self.form, self.normalize, self.eps = node, form, normalize, eps
+    def __init__(self, node: Merged, form: str, sizes: list[int], normalize: str, eps: float, backend=None):
+        super().__init__(node, form, sizes, normalize, eps, backend)
         self._build = stacked_input if form == "stacked" else separable_input
 
     def prepare(self, x: Tensor, coefs: Tensor, tensors) -> tuple[Tensor, Tensor]:
@@ -457,4 +531,4 @@ def group_for(node: Merged, form: str, sizes: list[int], normalize: str, eps: fl
     each part (2 for a separable unit, 1 for a dense conv)."""
     if form == "dense":
         return DenseGroup(node, sizes, normalize, eps, backend)
-    return FactoredGroup(node, form, normalize, eps)
+    return FactoredGroup(node, form, sizes, normalize, eps, backend)

@@ -565,6 +565,29 @@ def _(grad, kernels, weights, dilations, normalize, eps):
     return _grads_empty(kernels, weights)
 
 
+# A whole merged conv group (csrc/merged_conv.cpp, used by nas/forms.py): 'same' convolution at
+# the group's stride (spec[2]), so the output is [B, O, ceil(H / s), ceil(W / s)] with O the
+# output channels of the first part's last kernel tensor (its weight, or its pointwise kernel).
+def _merged_conv_out(x, tensors, spec):
+    s = spec[2]
+    O = tensors[spec[8] - 1].shape[0]
+    return x.new_empty(x.shape[0], O, (x.shape[2] - 1) // s + 1, (x.shape[3] - 1) // s + 1)
+
+
+@register_kernel_fake("merged_conv_kernel")
+@register_kernel_fake("merged_conv_fused")
+def _(x, coefs, tensors, pattern, spec, eps):
+    return _merged_conv_out(x, tensors, spec)
+
+
+@register_kernel_fake("merged_conv_backward_kernel")
+def _(grad, x, coefs, tensors, pattern, spec, eps, need_x):
+    # the stacked and separable forms run their depthwise stage channels-last when spec[6] says so
+    cl = spec[0] != 0 and spec[6]
+    gx = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.preserve_format) if need_x else x.new_empty(0)
+    return [gx, torch.empty_like(coefs)] + [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+
 # ============================================================================ public function
 def _check_normalize(normalize) -> str:
     if normalize is True:

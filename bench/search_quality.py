@@ -178,8 +178,13 @@ def collapse(arch) -> float:
     if isinstance(arch, dict):
         ops = [op for key in ("normal", "reduce") for op, _ in arch[key]]
     else:
-        ops = [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
+        ops = _ops(arch)
     return sum(op in PARAMETER_FREE for op in ops) / len(ops)
+
+
+def _ops(arch: str) -> list[str]:
+    """The operations of an NB201 cell string, edge by edge."""
+    return [o.split("~")[0] for group in arch.split("+") for o in group.strip("|").split("|")]
 
 
 def ground_truth(table: str = "analog-nasbench") -> tuple[dict, str]:
@@ -233,6 +238,7 @@ def score(rows: list[dict], truth: dict, *, proxy_s: float | None = None) -> dic
                 "cells": [r["genotype"] for r in rs],
                 "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                 "collapse": statistics.fmean(collapse(r["genotype"]) for r in rs),
+                "skip": statistics.fmean(_ops(r["genotype"]).count("skip_connect") / 6 for r in rs),
                 "cut_off": sum(O.output_cut_off(r["genotype"]) for r in rs),
                 "seconds": seconds, "arch_steps": rs[0]["arch_steps"],
                 "random_search_n": n, "random_search": expected_best_of(values, n) if n else None,
@@ -279,7 +285,7 @@ def trajectory_table(scored: dict, points: int = 4) -> str:
 def score_table(scored: dict) -> str:
     """The Markdown table of ``score``'s numbers."""
     rnd = scored["random"]
-    lines = ["| search | seeds | accuracy per seed | mean ± std | parameter-free ops | cut off | search CPU s | "
+    lines = ["| search | seeds | accuracy per seed | mean ± std | parameter-free ops (skip) | cut off | search CPU s | "
              "random search, same cost (N) | published |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in scored["searches"]:
@@ -288,7 +294,7 @@ def score_table(scored: dict) -> str:
         pub = f"{s['published']:.2f}" if s["published"] is not None else "-"
         name = f"{s['method']} / {'TopoNAS' if s['topo'] == 'topo' else 'plain'}"
         lines.append(f"| {name} | {','.join(map(str, s['seeds']))} | {per} | {s['mean']:.2f} ± {s['std']:.2f} "
-                     f"| {100 * s['collapse']:.0f}% | {s['cut_off']} | {s['seconds']:.0f} | {rs} | {pub} |")
+                     f"| {100 * s['collapse']:.0f}% ({100 * s['skip']:.0f}%) | {s['cut_off']} | {s['seconds']:.0f} | {rs} | {pub} |")
     lines.append(f"| random cell | - | - | mean {rnd['mean']:.2f}, median {rnd['median']:.2f} | - | - | - | - | "
                  f"best {rnd['best']:.2f} |")
     return "\n".join(lines)

@@ -62,7 +62,8 @@ def test_score_reads_each_cell_from_the_table():
     assert plain["random_search"] == pytest.approx(SQ.expected_best_of(values, 5))
     assert plain["trajectory"] == [] and plain["max_weight"] is None  # rows without a trace
     md = SQ.score_table(scored)
-    assert "| gdas / plain | 0,1,2 | 80.0 / 10.0 / 50.0 | 46.67 ± 35.12 | 67% | 1 |" in md
+    assert plain["skip"] == pytest.approx(1 / 3)
+    assert "| gdas / plain | 0,1,2 | 80.0 / 10.0 / 50.0 | 46.67 ± 35.12 | 67% (33%) | 1 |" in md
     assert "| gdas / TopoNAS | 0 | 50.0 |" in md and "random cell" in md
 
 

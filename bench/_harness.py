@@ -28,7 +28,6 @@ import fcntl
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from toponas_kernels import runtime
 from toponas_kernels.memory import quiet_stderr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,45 +48,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo with the number of cores this process may use."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.multi_processor_count} SMs)"
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 0
-    return f"{model}, {cores} cores"
+    """GPU name and multiprocessor count, or the CPU model with the number of cores this process
+    may use (``toponas_kernels.runtime.device_name``)."""
+    return runtime.device_name(device)
 
 
 def git_commit(ignore: tuple[str | os.PathLike, ...] = ()) -> str:
-    """``git rev-parse --short HEAD``, with ``+dirty`` when the tree has changes (untracked files
+    """The checkout's short commit, with ``+dirty`` when the tree has changes (untracked files
     included) other than the paths in ``ignore`` (the benchmark's own output files)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    skip = set()
-    for p in ignore:
-        try:
-            skip.add(str(Path(p).resolve().relative_to(REPO)))
-        except ValueError:
-            pass
-    dirty = [line for line in status if line[3:].strip().strip('"') not in skip]
-    return head + ("+dirty" if dirty else "")
+    return runtime.git_commit(REPO, short=True, dirty=True, ignore=ignore) or "unknown"
 
 
 def package_source(out=None) -> str:

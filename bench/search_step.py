@@ -60,7 +60,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ from pathlib import Path
 import torch
 
 import _harness as H  # bench/ is sys.path[0] when this file runs as a script
-from toponas_kernels import memory_meter
+from toponas_kernels import memory_meter, runtime
 from toponas_kernels.nas.forms import MERGE_CHOICES
 
 HERE = Path(__file__).resolve().parent
@@ -353,34 +352,26 @@ def print_profile(rec, out=sys.stdout) -> None:
 
 
 # ----------------------------------------------------------------------------- the parent
+FLAGS = ("no_normalize", "compile", "recompute", "saved_by_module", "counts", "no_counts")  # passed on to the child
+
+
 def measure(args, **override) -> dict:
     """Run one measurement in a fresh process and return its JSON record."""
     opts = vars(args).copy()
     opts.update(override)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    cmd = [str(Path(__file__).resolve()), "--child"]
     for key in ("space", "mode", "batch", "image_size", "device", "repeats", "mask_fraction", "num_sep_dil", "num_double_sep", "merge"):
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
     for key in ("partial_channels", "C", "cells", "threads"):
         if opts[key] is not None:
             cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
-    if opts["no_normalize"]:
-        cmd.append("--no-normalize")
-    if opts["compile"]:
-        cmd.append("--compile")
-    if opts["recompute"]:
-        cmd.append("--recompute")
-    if opts["saved_by_module"]:
-        cmd.append("--saved-by-module")
-    if opts["counts"]:
-        cmd.append("--counts")
-    if opts["no_counts"]:
-        cmd.append("--no-counts")
+    cmd += [f"--{key.replace('_', '-')}" for key in FLAGS if opts[key]]
     if opts.get("profile"):
         cmd += ["--profile", str(opts["profile"])]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"measurement {' '.join(cmd[2:])} failed:\n{result.stderr[-4000:]}")
-    rec = json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        rec = runtime.run_fresh(cmd)
+    except runtime.FreshProcessError as exc:
+        raise RuntimeError(f"measurement {' '.join(cmd[1:])} failed:\n{exc.stderr}") from None
     if rec.get("others_cpu") is not None and rec["others_cpu"] > rec["busy_limit"]:
         print(
             f"WARNING {opts['space']}/{opts['mode']}: other processes took {100 * rec['others_cpu']:.0f}% of the "

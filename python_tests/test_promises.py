@@ -88,7 +88,7 @@ def _mean_grads_rank(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from toponas_kernels.search._run import Processes
+    from toponas_kernels.runtime import Processes
 
     procs = Processes()
     procs.start(torch.device("cpu"))

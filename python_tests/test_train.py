@@ -15,7 +15,7 @@ import torch
 from toponas_kernels import cli
 from toponas_kernels.nas.networks import Genotype
 from toponas_kernels.search import SearchConfig, run
-from toponas_kernels.search._run import genotype_record, genotype_text
+from toponas_kernels.runtime import genotype_record, genotype_text
 from toponas_kernels.train import (PUBLISHED, DartsEvalNetwork, GenotypeError, NB201EvalNetwork, TrainConfig,
                                    count_parameters, drop_path, load_arch, parse_genotype, train)
 from toponas_kernels.train.darts_network import EvalCell

@@ -13,23 +13,22 @@ un-done), give ``peak(B) = a + s B`` for any B. With ``--memory-budget`` the sea
   and xi is the largest multiple of 0.05 that fits.
 
 A measurement runs one warm-up step and one measured step on random inputs of the dataset's
-shape; peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the growth of the
-resident set on a CPU (as in ``result.json``).
+shape; peak memory is what a search records in ``result.json`` (``runtime.PeakMemory``, with
+``toponas_kernels.memory_meter``: on a GPU the most bytes allocated at once, model and both steps
+included; on a CPU the model's bytes and the first step's peak).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 
 import torch
 
+from .. import runtime as R
+from .build import build_method, build_supernet
 from .config import ConfigError, SearchConfig
 
 FIT_BY = ("batch", "pc", "mask")
@@ -61,19 +60,17 @@ def _child(spec: dict) -> dict:
     """Runs in a fresh process: one warm-up and one timed search step at spec's batch."""
     from ..data import dataset_info
     from .masks import choosable_ops, random_masks
-    from .runner import PeakMemory, build_method, build_supernet, resolve_device
 
     cfg = SearchConfig(**spec["config"]).resolved()
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = R.resolve_device(cfg.device)
+    R.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     info = dataset_info(cfg.dataset, cfg.channels)
     batch = spec["batch"]
     shape = (batch, info.channels, info.image_size, info.image_size)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, info.num_classes, (batch,), device=device)
-    meter = PeakMemory(device)
+    meter = R.PeakMemory(device)
     model = build_supernet(cfg, info.num_classes, info.channels).to(device)
     level = spec.get("mask_level")
     if level is not None and level < 1:
@@ -83,7 +80,8 @@ def _child(spec: dict) -> dict:
             model.get_buffer(name).copy_(m)
     method = build_method(cfg, model)
     method.begin_epoch(max(method.h["warmup_epochs"], 0))  # a step with the architecture update
-    method.step((x, y), (x, y))
+    with meter.watch(model):  # the peak a search records (on a CPU: this first step and the model)
+        method.step((x, y), (x, y))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -100,13 +98,10 @@ def measure(config: SearchConfig, batch: int, *, mask_level: float | None = None
         raise ConfigError("--memory-budget: planning a user-declared SearchSpace is not supported; pass a built-in --space")
     fields.update(out=None, resume=False, progress=False, plots=False, mask=None, batch_size=batch)
     spec = {"config": fields, "batch": batch, "mask_level": mask_level}
-    code = "import json, sys; from toponas_kernels.search.budget import _child; print(json.dumps(_child(json.loads(sys.argv[1]))))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"--memory-budget: measuring a step at batch {batch} failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return R.call_fresh("toponas_kernels.search.budget:_child", spec)
+    except R.FreshProcessError as exc:
+        raise ConfigError(f"--memory-budget: measuring a step at batch {batch} failed: {exc.last_line}") from None
 
 
 # ---------------------------------------------------------------------------- the model

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..nas import spaces as S
+from ..runtime import ConfigError, RunOptions
 
 from ..nas.forms import MERGE_CHOICES as MERGES
 from ..nas.simplify import MODES
@@ -26,10 +27,6 @@ MASK_KINDS = ("random", "zero-shot")
 MASK_RULES = ("operations", "architectures")
 
 
-class ConfigError(ValueError):
-    """A search configuration that cannot run; the message names the option and the fix."""
-
-
 def reference_defaults(method: str, space: str) -> dict:
     """The hyperparameters a method uses on a space when the user sets none (each method class
     holds its own, ``SearchMethod.reference_defaults``)."""
@@ -39,39 +36,28 @@ def reference_defaults(method: str, space: str) -> dict:
 
 
 @dataclass
-class SearchConfig:
-    """One search run. ``None`` fields take the method's reference value (``resolved()``)."""
+class SearchConfig(RunOptions):
+    """One search run: the options every run has (``runtime.RunOptions``: out, seed, device,
+    schedule, optimizer, network size, data, reporting) and the search's own. ``None`` fields
+    take the method's reference value (``resolved()``)."""
 
     space: str | S.SearchSpace = "darts"
     method: str = "darts"
     dataset: str = "synthetic"
-    out: str | None = None
     network: str | None = None  # "darts" or "nb201" macro for a user-declared SearchSpace
     topo: str = "plain"  # TopoNAS mode, one of TOPO_MODES; the supernets and FusedMixedOp call it mode=
     kernel_norm: bool = True
     merge: str = "auto"  # how merged conv groups run: auto, dense, stacked (exact), separable (approximation)
     recompute_cells: bool = False  # DARTS network: keep only each cell's inputs, rerun cells in backward
     compile: bool | str = False  # torch.compile the loss of a step (True: inductor; or a backend name)
+    cuda_graphs: bool = False  # compile with inductor's mode="reduce-overhead" (CUDA graphs); CUDA only
     mask: str | None = None  # "random", "zero-shot", a mask file, or None
     mask_level: float = 0.5
     mask_rule: str = "operations"
     mask_batches: int = 3
     mask_batch_size: int = 128
     mask_inits: int = 3
-    data_dir: str | None = None
-    seed: int = 0
-    resume: bool = False
-    deterministic: bool = False
-    device: str = "auto"
-    # schedule and optimizers (None: reference value)
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    lr_min: float | None = None
-    momentum: float | None = None
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    grad_clip: float | None = None
+    # architecture optimizer and method (None: reference value)
     arch_lr: float | None = None
     arch_weight_decay: float | None = None
     arch_betas: tuple[float, float] | None = None
@@ -81,24 +67,12 @@ class SearchConfig:
     tau_max: float | None = None
     tau_min: float | None = None
     rome_samples: int | None = None
-    # supernet
-    init_channels: int | None = None  # DARTS 16, NB201 16
-    layers: int | None = None  # DARTS cells (8); NB201 cells per stage (5)
     # data
     train_portion: float = 0.5
-    train_size: int | None = None  # use only the first N training images (quick runs)
-    steps_per_epoch: int | None = None  # stop an epoch after N steps (quick runs)
-    num_workers: int | None = None
-    channels: int | None = None
     lookup: str | None = None  # NAS-Bench-201 / NATS-tss table: accuracies of the derived cell
     # memory budget (search/budget.py)
     memory_budget: str | int | None = None  # e.g. "6GiB"
     fit_by: str = "batch"
-    # run
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
-    progress: bool = True
-    plots: bool = True  # arch_weights.png and cell.png at the end
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     # ------------------------------------------------------------------ checks
     def resolved(self) -> "SearchConfig":
@@ -152,8 +126,7 @@ class SearchConfig:
             raise ConfigError(f"--mask-level: the pruning level must lie strictly between 0 and 1, got {self.mask_level!r}")
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train-portion: expected a fraction strictly between 0 and 1, got {self.train_portion!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.check_device()
         if self.partial_channels is not None and METHOD_CLASSES[self.method].sampler != "softmax":
             raise ConfigError(
                 f"--partial-channels: not defined for {self.method} (a single sampled path per edge already "
@@ -187,15 +160,15 @@ class SearchConfig:
             )
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every: expected steps >= 0, got {self.checkpoint_every!r}")
+        if self.cuda_graphs and self.compile not in (False, True, "inductor"):
+            raise ConfigError(f"--cuda-graphs: compiles with inductor, not with --compile {self.compile}")
 
     # ------------------------------------------------------------------ records
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = self.recorded()
         d["space"] = self.space_name()
         if isinstance(self.space, S.SearchSpace):
             d["primitives"] = list(self.space.names)
-        for key in ("progress", "resume", "plots", "threads"):
-            d.pop(key)
         return d
 
 

@@ -13,72 +13,24 @@ with ``--resume`` continues with the same numbers, bit for bit on a CPU.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from .. import _version
 from .._io import atomic_write_json
-from ..nas import spaces as S
-from ..nas.networks import DartsSearchNetwork, NB201SearchNetwork
+from .. import runtime as R
+from ..runtime import Interrupted, say  # noqa: F401 - Interrupted: what the test hook raises
 from . import masks as M
-from ._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, draw_cell, genotype_record, genotype_text, git_commit,
-                   load_checkpoint, resolve_device, rng_state, save_checkpoint, say, seed_everything, set_rng_state,
-                   tensorboard_writer, tqdm_class)
+from .budget import fit, format_bytes, parse_bytes
+from .build import build_method, build_supernet, space_of
 from .config import RESUME_KEYS, ConfigError, SearchConfig
-from .methods import METHOD_CLASSES
-
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-
-
-class Interrupted(RuntimeError):
-    """Raised when ``_INTERRUPT_AFTER`` steps are done: the run stops as if killed."""
-
 
 #: a test hook, not an option: set (e.g. with pytest's monkeypatch) to stop the run with
 #: ``Interrupted`` once this many steps are done; None runs to the end
 _INTERRUPT_AFTER: int | None = None
-
-
-# ====================================================================================== set-up
-def space_of(config: SearchConfig) -> S.SearchSpace:
-    if isinstance(config.space, S.SearchSpace):
-        return config.space
-    return S.get_space(config.space)
-
-
-def build_supernet(config: SearchConfig, num_classes: int, in_channels: int, *, proxy: bool = False) -> torch.nn.Module:
-    """The supernet of ``config`` (resolved), or the tiny ETENAS proxy of the same space."""
-    space = space_of(config)
-    method = METHOD_CLASSES[config.method]
-    sampler = "softmax" if proxy else method.sampler
-    exclude = () if proxy else tuple(name for name in method.exclude if name in space)
-    common = dict(space=space, sampler=sampler, exclude=exclude, in_channels=in_channels, num_classes=num_classes)
-    # the ``topo`` option is the supernets' (and FusedMixedOp's) ``mode``
-    if proxy:
-        common.update(mode="plain")
-    else:
-        common.update(mode=config.topo, normalize=config.kernel_norm, partial_channels=config.partial_channels,
-                      merge=config.merge)
-    if config.macro() == "nb201":
-        C, N = (3, 1) if proxy else (config.init_channels, config.layers)
-        return NB201SearchNetwork(C, N, **common)
-    C, layers = (1, 8) if proxy else (config.init_channels, config.layers)
-    return DartsSearchNetwork(C, layers=layers, topology=method.topology and not proxy,
-                              recompute=config.recompute_cells and not proxy, **common)
-
-
-def build_method(config: SearchConfig, model: torch.nn.Module):
-    cls = METHOD_CLASSES[config.method]
-    names = ("lr", "lr_min", "momentum", "nesterov", "weight_decay", "grad_clip", "arch_lr", "arch_weight_decay",
-             "arch_betas", "warmup_epochs", "beta_lambda", "tau_max", "tau_min", "rome_samples")
-    space = "nb201" if config.macro() == "nb201" else "darts"
-    return cls(model, epochs=config.epochs, space=space, **{n: getattr(config, n) for n in names})
+CHECKPOINT_KEYS = ("config", "model", "method", "run", "rng", "mask")
 
 
 # ====================================================================================== records
@@ -147,199 +99,134 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say) -> dict:
     """Run (or resume) the search of ``config`` and return its result (also in
     ``config.out/result.json``). ``log`` receives the one-line messages."""
     cfg = config.resolved()
-    if not cfg.out:
-        raise ConfigError("--out: give the folder the search writes to")
+    folder = R.RunFolder(cfg.out, "search")
     if cfg.lookup is not None:
         from ..lookup import check_table
 
         check_table(cfg.lookup)  # a missing table or API package fails now, not after the search
-    procs = Processes()
-    if procs.world > 1 and cfg.batch_size % procs.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size}: must divide by the {procs.world} processes (it is the global batch)")
-    if not procs.main:
-        log = silent
-    out = os.path.abspath(cfg.out)
-    ckpt_path = os.path.join(out, CHECKPOINT)
-    result_path = os.path.join(out, RESULT)
-    state = None
-    budget = None
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise ConfigError(f"--out {cfg.out} already holds a search ({CHECKPOINT}); pass --resume to continue it or choose another --out")
-        state = load_checkpoint(ckpt_path, ("config", "model", "method", "run", "rng", "mask"))
-        budget = state.get("budget")
-        if budget:  # what --memory-budget chose when the search started
-            cfg = dataclasses.replace(cfg, **budget["chosen"])
-        _check_resume(state["config"], cfg)
-        if state.get("finished") and os.path.exists(result_path):
-            import json
-
-            log(f"search in {cfg.out} already finished; result in {result_path}")
-            with open(result_path) as f:
-                return json.load(f)
-    elif cfg.resume:
-        log(f"--resume: no checkpoint in {cfg.out} yet; starting the search")
+    procs = R.Processes()
+    procs.check_batch(cfg.batch_size)
+    log = log if procs.main else R.silent
+    state = folder.previous(cfg.resume, CHECKPOINT_KEYS, "a search", log)
+    budget = state.get("budget") if state is not None else None
+    if budget:  # what --memory-budget chose when the search started
+        cfg = dataclasses.replace(cfg, **budget["chosen"])
+    if state is not None:
+        R.check_resume(state["config"], cfg.to_dict(), RESUME_KEYS)
+        if (done := folder.finished(state, log)) is not None:
+            return done
     if procs.main:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(folder.path, exist_ok=True)
     if state is None and cfg.memory_budget is not None:
-        if procs.world > 1:
-            raise ConfigError("--memory-budget: plan with one process (toponas plan), then start torchrun with the batch it gives")
-        from .budget import fit, format_bytes, parse_bytes
+        cfg, budget = _fit_budget(cfg, procs, log)
 
-        cfg, budget = fit(cfg, parse_bytes(cfg.memory_budget), cfg.fit_by, log=log)
-        chosen = ", ".join(f"{k} {v}" for k, v in budget["chosen"].items()) or "the requested configuration"
-        log(f"memory budget {format_bytes(budget['budget_bytes'])}: {chosen} (predicted peak "
-            f"{format_bytes(budget['predicted_peak_bytes'])}; requested would need {format_bytes(budget['requested_predicted_peak_bytes'])})")
-
-    device = procs.start(resolve_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)
-    num_workers = cfg.num_workers if cfg.num_workers else (min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    device = R.start(cfg, procs)
     D, train_set, val_set, train_idx, val_idx = _load_data(cfg, device)
     info = train_set.info
-    meter = PeakMemory(device)
-
+    meter = R.PeakMemory(device)
     model = build_supernet(cfg, info.num_classes, info.channels).to(device)
-    shapes = {name: tuple(b.shape) for name, b in model.masks().items()}
-    if state is None:
-        mask_record = _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log) if procs.main else None
-        mask_record = procs.broadcast(mask_record)
-    else:
-        mask_record = state["mask"]
-    if mask_record is not None:
-        for name, rows in mask_record["masks"].items():
-            model.get_buffer(name).copy_(torch.tensor(rows, dtype=torch.bool))
-        for name, m in model.masks().items():
-            if not bool(m.any(dim=1).all()):
-                raise ConfigError(f"--mask: '{name}' switches off every operation of some edge")
-
+    mask_record = state["mask"] if state is not None else procs.broadcast(
+        _make_masks(cfg, model, train_set, train_idx, device, info, log) if procs.main else None)
+    _apply_masks(model, mask_record)
     method = build_method(cfg, model)
-    if cfg.compile:
+    if cfg.compile or cfg.cuda_graphs:
         from ..nas.compile import compile_step
 
-        backend = "inductor" if cfg.compile is True else str(cfg.compile)
-        method.compiled_loss = compile_step(model, lambda logits, y: (method.criterion(logits, y), logits), backend=backend)
+        if cfg.cuda_graphs and device.type != "cuda":
+            raise ConfigError(f"--cuda-graphs: needs a CUDA device, the run is on {device.type}")
+        backend = "inductor" if cfg.compile in (True, False) else str(cfg.compile)
+        method.compiled_loss = compile_step(
+            model, lambda logits, y: (method.criterion(logits, y), logits), backend=backend, cuda_graphs=cfg.cuda_graphs
+        )
     if procs.world > 1:
         method.grad_reducer = procs.mean_grads
-    pin = device.type == "cuda"
-    batch = cfg.batch_size // procs.world
-    shard = (procs.rank, procs.world)
 
-    def train_loader(epoch: int, start: int):
-        return D.make_loader(train_set, train_idx, batch, seed=cfg.seed, epoch=epoch, start_batch=start,
-                             num_workers=num_workers, pin_memory=pin, shard=shard)
-
-    def val_loader(pass_index: int, start: int):
-        return D.make_loader(val_set, val_idx, batch, seed=cfg.seed + 7919, epoch=pass_index,
-                             start_batch=start, num_workers=num_workers, pin_memory=pin, shard=shard)
-
-    # every rank runs the same number of steps: that of the smallest share
-    steps_total = math.ceil((len(train_idx) // procs.world) / batch)
-    steps = min(steps_total, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_total
-
+    # weights on one half of the training set, architecture on the other (a cycling stream)
+    batch, steps, _ = procs.share(cfg.batch_size, len(train_idx), cfg.steps_per_epoch)
+    loader = _loaders(cfg, D, train_set, val_set, train_idx, val_idx, batch, device, procs)
     run_state = {"epoch": 0, "step": 0, "sums": {}, "history": [], "rows": [], "step_times": [], "seconds": 0.0,
                  "peak": 0, "val": {"pass": 0, "position": 0}}
     if state is not None:
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        run_state = state["run"]
-        set_rng_state(state["rng"])
-        log(f"resumed {cfg.out} at epoch {run_state['epoch'] + 1}, step {run_state['step']}")
+        run_state = folder.resume(state, {"model": model, "method": method}, log)
     if not run_state["history"]:
         run_state["history"].append(arch_weights(model))  # epoch 0: the weights at initialization
-    cycle = _Cycle(val_loader, run_state["val"]["pass"], run_state["val"]["position"])
-    writer = tensorboard_writer(out) if procs.main else None
-    bar_cls = tqdm_class(log) if cfg.progress and procs.main else None
+    cycle = _Cycle(loader["val"], run_state["val"]["pass"], run_state["val"]["position"])
+    writer = R.tensorboard_writer(folder.path) if procs.main else None
 
     def save(finished: bool = False):
         run_state["val"] = cycle.state()
         run_state["peak"] = max(run_state["peak"], meter.peak())
-        if not procs.main:
-            return
-        save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
-            "run": run_state, "rng": rng_state(), "mask": mask_record, "finished": finished, "budget": budget,
-        })
+        if procs.main:
+            folder.save({"config": cfg.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
+                         "run": run_state, "rng": R.rng_state(), "mask": mask_record, "finished": finished,
+                         "budget": budget})
 
-    done_steps = 0
-    for epoch in range(run_state["epoch"], cfg.epochs):
+    loop = R.EpochLoop(run_state, epochs=cfg.epochs, steps=steps, device=device, meter=meter, model=model, save=save,
+                       checkpoint_every=cfg.checkpoint_every, postfix=_postfix,
+                       bar_cls=R.tqdm_class(log) if cfg.progress and procs.main else None,
+                       stop_after=lambda: _INTERRUPT_AFTER)
+    for epoch in loop.epochs():
         model.train()
         method.begin_epoch(epoch)
-        start_step = run_state["step"]
-        it = iter(train_loader(epoch, start_step))
-        bar = bar_cls(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                      dynamic_ncols=True) if bar_cls else None
-        sums = {k: v.to(device) for k, v in run_state["sums"].items()}
-        clock = StepClock(device)
-        t_epoch = time.perf_counter()
-        for step in range(start_step, steps):
-            xb, yb = next(it)
-            xv, yv = next(cycle)
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
-            clock.start()
-            stats = method.step((xb, yb), (xv, yv))
-            clock.stop()
-            for k, v in stats.items():
-                sums[k] = sums[k] + v.to(device) if k in sums else v.to(device)
-            run_state["step"] = step + 1
-            done_steps += 1
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix_str(_postfix(sums))
-            if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
-                t_epoch = bank_epoch_progress(run_state, clock, sums, t_epoch)
-                save()
-            if _INTERRUPT_AFTER is not None and done_steps >= _INTERRUPT_AFTER:
-                raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
-        if bar is not None:
-            bar.close()
-        run_state["step_times"].extend(clock.collect())
-        run_state["seconds"] += time.perf_counter() - t_epoch
-        row = _epoch_row(epoch, method, procs.sum(sums), model, run_state, steps)
+        train_batches = iter(loader["train"](epoch, run_state["step"]))
+        for _ in loop.steps(epoch):
+            xb, yb = (t.to(device, non_blocking=True) for t in next(train_batches))
+            xv, yv = (t.to(device, non_blocking=True) for t in next(cycle))
+            with loop.timed():
+                stats = method.step((xb, yb), (xv, yv))
+            loop.add(stats)
+        row = _epoch_row(epoch, method, procs.sum(loop.sums), model, run_state, steps)
         run_state["rows"].append(row)
         run_state["history"].append(arch_weights(model))
-        run_state["epoch"], run_state["step"], run_state["sums"] = epoch + 1, 0, {}
+        loop.next_epoch(epoch)
         method.end_epoch(epoch)
         if procs.main:
-            _write_csv(os.path.join(out, "search_log.csv"), run_state["rows"])
-        if writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    writer.add_scalar(k, v, epoch + 1)
-            writer.flush()
+            _write_csv(folder.file("search_log.csv"), run_state["rows"])
+        R.log_scalars(writer, row, epoch + 1)
         save()
         log(_summary(row, cfg.epochs))
 
-    agree = procs.agree(model.arch_parameters())
-    if not procs.main:
-        return {}
-    result = _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)
+    return R.finish_run(procs, model.arch_parameters(), writer=writer, folder=folder, save=save,
+                        finish=lambda: _finish(cfg, model, run_state, mask_record, device, meter, folder.path, log, budget))
+
+
+def _fit_budget(cfg: SearchConfig, procs, log) -> tuple[SearchConfig, dict]:
+    """The configuration ``--memory-budget`` chooses (``budget.fit``), and the record of it."""
     if procs.world > 1:
-        result["processes"] = {"world_size": procs.world, "ranks_agree": agree}
-        atomic_write_json(os.path.join(out, RESULT), result)
-    save(finished=True)
-    if writer is not None:
-        writer.close()
-    return result
+        raise ConfigError("--memory-budget: plan with one process (toponas plan), then start torchrun with the batch it gives")
+    cfg, budget = fit(cfg, parse_bytes(cfg.memory_budget), cfg.fit_by, log=log)
+    chosen = ", ".join(f"{k} {v}" for k, v in budget["chosen"].items()) or "the requested configuration"
+    log(f"memory budget {format_bytes(budget['budget_bytes'])}: {chosen} (predicted peak "
+        f"{format_bytes(budget['predicted_peak_bytes'])}; requested would need {format_bytes(budget['requested_predicted_peak_bytes'])})")
+    return cfg, budget
 
 
-def _check_resume(saved: dict, cfg: SearchConfig) -> None:
-    now = cfg.to_dict()
-    diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"--resume: the checkpoint was made with {k}={saved.get(k)!r}, this run asks for {now.get(k)!r}; "
-            "resume with the same options or choose another --out"
-        )
+def _apply_masks(model, mask_record) -> None:
+    if mask_record is None:
+        return
+    for name, rows in mask_record["masks"].items():
+        model.get_buffer(name).copy_(torch.tensor(rows, dtype=torch.bool))
+    for name, m in model.masks().items():
+        if not bool(m.any(dim=1).all()):
+            raise ConfigError(f"--mask: '{name}' switches off every operation of some edge")
 
 
-def _make_masks(cfg, model, shapes, train_set, train_idx, device, info, log) -> dict | None:
+def _loaders(cfg, D, train_set, val_set, train_idx, val_idx, batch, device, procs) -> dict:
+    """The two halves' loaders, each a function of (epoch or pass, first batch)."""
+    num_workers = cfg.num_workers if cfg.num_workers else (min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    common = dict(num_workers=num_workers, pin_memory=device.type == "cuda", shard=(procs.rank, procs.world))
+    return {
+        "train": lambda epoch, start: D.make_loader(train_set, train_idx, batch, seed=cfg.seed, epoch=epoch,
+                                                    start_batch=start, **common),
+        "val": lambda pass_index, start: D.make_loader(val_set, val_idx, batch, seed=cfg.seed + 7919, epoch=pass_index,
+                                                       start_batch=start, **common),
+    }
+
+
+def _make_masks(cfg, model, train_set, train_idx, device, info, log) -> dict | None:
     if cfg.mask is None:
         return None
+    shapes = {name: tuple(b.shape) for name, b in model.masks().items()}
     space = space_of(cfg)
     primitives = list(space.names)
     choosable = M.choosable_ops(primitives, model.exclude)  # every edge keeps one a derivation can choose
@@ -389,7 +276,7 @@ def _epoch_row(epoch, method, sums, model, run_state, steps) -> dict:
     recent = run_state["step_times"][-steps:]
     row["step_seconds"] = statistics.median(recent) if recent else float("nan")
     row["seconds"] = run_state["seconds"]
-    row["genotype"] = genotype_text(model.genotype())
+    row["genotype"] = R.genotype_text(model.genotype())
     return row
 
 
@@ -411,11 +298,9 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 def _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget) -> dict:
     genotype = model.genotype()
-    peak = max(run_state["peak"], meter.peak())
-    times = run_state["step_times"]
     result = {
-        "genotype": genotype_record(genotype),
-        "genotype_text": genotype_text(genotype),
+        "genotype": R.genotype_record(genotype),
+        "genotype_text": R.genotype_text(genotype),
         "space": cfg.space_name(),
         "method": cfg.method,
         "topo": cfg.topo,
@@ -425,27 +310,21 @@ def _finish(cfg, model, run_state, mask_record, device, meter, out, log, budget)
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
-        "peak_memory_bytes": int(peak),
         "search_seconds": run_state["seconds"],
-        "step_seconds": statistics.median(times) if times else None,
-        "steps": len(times),
         "alphas": {name: p.detach().cpu().tolist() for name, p in model.named_arch_parameters()},
         "arch_weights": arch_weights(model),
         "final": {k: v for k, v in (run_state["rows"][-1] if run_state["rows"] else {}).items() if k != "genotype"},
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "version": _version.__version__,
-        "commit": git_commit(),
+        **R.run_record(run_state, meter, device),
         "config": cfg.to_dict(),
     }
     if budget is not None:
         result["memory_budget"] = budget
     if cfg.lookup is not None:
         result["lookup"] = _lookup(genotype, cfg.lookup, log)
-    atomic_write_json(os.path.join(out, RESULT), result)
+    atomic_write_json(os.path.join(out, R.RESULT), result)
     if cfg.plots:
         _pictures(cfg, model, run_state, genotype, out, log)
-    log(f"result: {os.path.join(out, RESULT)}")
+    log(f"result: {os.path.join(out, R.RESULT)}")
     return result
 
 
@@ -464,5 +343,5 @@ def _pictures(cfg, model, run_state, genotype, out, log) -> None:
     report.draw_pictures([
         lambda: report.plot_arch_weights(run_state["history"], names, os.path.join(out, "arch_weights.png"),
                                          title=f"{cfg.method} on {cfg.space_name()} ({cfg.dataset})"),
-        lambda: draw_cell(genotype, cell, title),
+        lambda: R.draw_cell(genotype, cell, title),
     ], log)

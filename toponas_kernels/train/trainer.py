@@ -19,29 +19,22 @@ every RNG state (drop-path draws from torch's).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .. import _version
+from .. import runtime as R
 from .._io import atomic_write_json
-from ..search._run import (PeakMemory, bank_epoch_progress, Processes, StepClock, silent, device_name, draw_cell, genotype_record, genotype_text, git_commit,
-                           load_checkpoint, resolve_device, rng_state, save_checkpoint, say, seed_everything,
-                           set_rng_state, tensorboard_writer, tqdm_class)
-from ..search.config import ConfigError
+from ..runtime import ConfigError, Interrupted, Processes, RunOptions, say  # noqa: F401 - Interrupted: what the test hook raises
 from .darts_network import DartsEvalNetwork, count_parameters
 from .genotypes import Arch, load_arch
 from .nb201_network import NB201EvalNetwork
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
 LOG = "train_log.csv"
 
 # Reference retraining settings per macro space (REFERENCE.md; NAS-Bench-201's own schedule).
@@ -53,49 +46,23 @@ REFERENCE = {
 }
 
 
-class Interrupted(RuntimeError):
-    """Raised when ``_INTERRUPT_AFTER`` steps are done: the run stops as if killed."""
-
-
 #: a test hook, not an option: set (e.g. with pytest's monkeypatch) to stop the run with
 #: ``Interrupted`` once this many steps are done; None runs to the end
 _INTERRUPT_AFTER: int | None = None
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "run", "rng")
 
 
 @dataclass
-class TrainConfig:
-    """One retraining run; ``None`` fields take the reference value of the genotype's space."""
+class TrainConfig(RunOptions):
+    """One retraining run: the options every run has (``runtime.RunOptions``) and the
+    retraining's own; ``None`` fields take the reference value of the genotype's space."""
 
     genotype: object = "DARTS_V2"  # see genotypes.load_arch: path, Genotype string, name, NB201 string
     dataset: str = "cifar10"
-    out: str | None = None
-    data_dir: str | None = None
-    seed: int = 0
-    resume: bool = False
-    deterministic: bool = False
-    device: str = "auto"
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    lr_min: float | None = None
-    momentum: float | None = None
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    grad_clip: float | None = None  # 0: no clipping
     aux_weight: float | None = None  # 0: no auxiliary head
     drop_path: float | None = None  # final drop-path probability (linear from 0)
     cutout: int | None = None  # 0: none
-    init_channels: int | None = None
-    layers: int | None = None  # DARTS: cells; NB201: cells per stage
-    train_size: int | None = None  # first N training images only (quick runs)
     test_size: int | None = None  # first N test images only (quick runs)
-    steps_per_epoch: int | None = None
-    num_workers: int | None = None
-    channels: int | None = None
-    checkpoint_every: int = 0
-    progress: bool = True
-    plots: bool = True
-    threads: int | None = None
 
     def resolved(self) -> tuple["TrainConfig", Arch]:
         arch = load_arch(self.genotype)
@@ -128,19 +95,16 @@ class TrainConfig:
             raise ConfigError(f"--layers: the DARTS network needs at least 3 cells (two are reductions), got {self.layers}")
         if arch.macro == "darts" and self.init_channels % 2:
             raise ConfigError(f"--init-channels: the DARTS network needs an even C (FactorizedReduce halves it), got {self.init_channels}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.check_device()
 
     def to_dict(self, arch: Arch | None = None) -> dict:
         """The options as a JSON-able dict; ``genotype`` as the cell's text (so that 'darts_v2' and
         its Genotype string resume each other), ``genotype_spec`` as given."""
         arch = arch or load_arch(self.genotype)
         spec = self.genotype if isinstance(self.genotype, str) else arch.source
-        d = dataclasses.asdict(dataclasses.replace(self, genotype=genotype_text(arch.genotype)))
+        d = dataclasses.replace(self, genotype=R.genotype_text(arch.genotype)).recorded()
         d["genotype_spec"] = spec
         d["space"] = arch.space
-        for key in ("progress", "resume", "plots", "threads"):
-            d.pop(key)
         return d
 
 
@@ -199,34 +163,19 @@ def evaluate(model, D, test, idx, batch_size, device, procs: Processes | None = 
 def train(config: TrainConfig, *, log: Callable[[str], None] = say) -> dict:
     """Retrain (or resume) the cell of ``config`` and return its result (also ``out/result.json``)."""
     cfg, arch = config.resolved()
-    if not cfg.out:
-        raise ConfigError("--out: give the folder the training writes to")
+    folder = R.RunFolder(cfg.out, "training")
     procs = Processes()
-    if procs.world > 1 and cfg.batch_size % procs.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size}: must divide by the {procs.world} processes (it is the global batch)")
-    if not procs.main:
-        log = silent
-    out = os.path.abspath(cfg.out)
-    ckpt_path, result_path = os.path.join(out, CHECKPOINT), os.path.join(out, RESULT)
-    state = None
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise ConfigError(f"--out {cfg.out} already holds a training run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
-        state = load_checkpoint(ckpt_path, ("config", "model", "optimizer", "run", "rng"))
-        _check_resume(state["config"], cfg.to_dict(arch))
-        if state.get("finished") and os.path.exists(result_path):
-            log(f"training in {cfg.out} already finished; result in {result_path}")
-            with open(result_path) as f:
-                return json.load(f)
-    elif cfg.resume:
-        log(f"--resume: no checkpoint in {cfg.out} yet; starting the training")
+    procs.check_batch(cfg.batch_size)
+    log = log if procs.main else R.silent
+    state = folder.previous(cfg.resume, CHECKPOINT_KEYS, "a training run", log)
+    if state is not None:
+        R.check_resume(state["config"], cfg.to_dict(arch), RESUME_KEYS)
+        if (done := folder.finished(state, log)) is not None:
+            return done
     if procs.main:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(folder.path, exist_ok=True)
 
-    device = procs.start(resolve_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)
+    device = R.start(cfg, procs)
     from ..data import dataset_info
 
     size = dataset_info(cfg.dataset, cfg.channels).image_size
@@ -235,137 +184,93 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say) -> dict:
                           "pass --aux-weight 0")
     D, train_set, test_set, train_idx, test_idx = _data(cfg)
     info = train_set.info
-    meter = PeakMemory(device)
+    meter = R.PeakMemory(device)
     model = build_network(arch, cfg, info.num_classes, info.channels).to(device)
     params, params_aux = count_parameters(model), count_parameters(model, auxiliary=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.nesterov)
-    num_workers = cfg.num_workers
-    pin = device.type == "cuda"
     # data parallel: each rank its share of every epoch, 1/world of the (global) batch
-    batch, shard = cfg.batch_size // procs.world, (procs.rank, procs.world)
-    share = len(train_idx) // procs.world  # the smallest share: every rank runs as many steps
-    # BatchNorm cannot train on a last batch of one image: drop it then.
-    drop_last = share % batch == 1
-    steps_total = share // batch if drop_last else math.ceil(share / batch)
-    steps = min(steps_total, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_total
+    batch, steps, drop_last = procs.share(cfg.batch_size, len(train_idx), cfg.steps_per_epoch, drop_single=True)
 
     run_state = {"epoch": 0, "step": 0, "sums": {}, "rows": [], "step_times": [], "seconds": 0.0, "peak": 0}
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        run_state = state["run"]
-        set_rng_state(state["rng"])
-        log(f"resumed {cfg.out} at epoch {run_state['epoch'] + 1}, step {run_state['step']}")
+        run_state = folder.resume(state, {"model": model, "optimizer": optimizer}, log)
     else:
-        log(f"retraining {genotype_text(arch.genotype)} ({arch.space}) on {cfg.dataset}: "
+        log(f"retraining {R.genotype_text(arch.genotype)} ({arch.space}) on {cfg.dataset}: "
             f"{params / 1e6:.6f} M parameters ({params_aux / 1e6:.6f} M with the auxiliary head)")
-    writer = tensorboard_writer(out) if procs.main else None
-    bar_cls = tqdm_class(log) if cfg.progress and procs.main else None
+    writer = R.tensorboard_writer(folder.path) if procs.main else None
 
     def save(finished: bool = False):
         run_state["peak"] = max(run_state["peak"], meter.peak())
-        if not procs.main:
-            return
-        save_checkpoint(ckpt_path, {"config": cfg.to_dict(arch), "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "run": run_state, "rng": rng_state(),
-                                    "finished": finished})
+        if procs.main:
+            folder.save({"config": cfg.to_dict(arch), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "run": run_state, "rng": R.rng_state(), "finished": finished})
 
-    done_steps = 0
+    loop = R.EpochLoop(run_state, epochs=cfg.epochs, steps=steps, device=device, meter=meter, model=model, save=save,
+                       checkpoint_every=cfg.checkpoint_every, postfix=_postfix, empty_sums=lambda: _zero_sums(device),
+                       bar_cls=R.tqdm_class(log) if cfg.progress and procs.main else None,
+                       stop_after=lambda: _INTERRUPT_AFTER)
     params_list = list(model.parameters())
-    for epoch in range(run_state["epoch"], cfg.epochs):
+    for epoch in loop.epochs():
         model.train()
         lr = cosine_lr(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
-        start = run_state["step"]
-        it = iter(D.make_loader(train_set, train_idx, batch, seed=cfg.seed, epoch=epoch, start_batch=start,
-                                num_workers=num_workers, pin_memory=pin, drop_last=drop_last, shard=shard))
-        bar = bar_cls(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                      dynamic_ncols=True) if bar_cls else None
-        sums = {k: v.to(device) for k, v in run_state["sums"].items()} or {
-            "loss": torch.zeros((), device=device, dtype=torch.float64),
-            "correct": torch.zeros((), device=device, dtype=torch.int64),
-            "count": torch.zeros((), device=device, dtype=torch.int64)}
-        clock = StepClock(device)
-        t_epoch = time.perf_counter()
-        for step in range(start, steps):
-            x, y = next(it)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            clock.start()
-            optimizer.zero_grad(set_to_none=True)
-            logits, logits_aux = model(x)
-            loss = F.cross_entropy(logits, y)
-            total = loss if logits_aux is None else loss + cfg.aux_weight * F.cross_entropy(logits_aux, y)
-            total.backward()
-            if procs.world > 1:
-                procs.mean_grads(params_list)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            clock.stop()
-            sums["loss"] += loss.detach().double() * y.shape[0]
-            sums["correct"] += (logits.detach().argmax(1) == y).sum()
-            sums["count"] += y.shape[0]
-            run_state["step"] = step + 1
-            done_steps += 1
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    n = float(sums["count"])
-                    bar.set_postfix_str(f"loss {float(sums['loss']) / n:.3f} acc {100 * float(sums['correct']) / n:.1f}%")
-            if cfg.checkpoint_every and run_state["step"] % cfg.checkpoint_every == 0 and run_state["step"] < steps:
-                t_epoch = bank_epoch_progress(run_state, clock, sums, t_epoch)
-                save()
-            if _INTERRUPT_AFTER is not None and done_steps >= _INTERRUPT_AFTER:
-                raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
-        if bar is not None:
-            bar.close()
-        run_state["step_times"].extend(clock.collect())
-        run_state["seconds"] += time.perf_counter() - t_epoch
+        batches = iter(D.make_loader(train_set, train_idx, batch, seed=cfg.seed, epoch=epoch, start_batch=run_state["step"],
+                                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                     shard=(procs.rank, procs.world), drop_last=drop_last))
+        for _ in loop.steps(epoch):
+            x, y = (t.to(device, non_blocking=True) for t in next(batches))
+            with loop.timed():
+                optimizer.zero_grad(set_to_none=True)
+                logits, logits_aux = model(x)
+                loss = F.cross_entropy(logits, y)
+                total = loss if logits_aux is None else loss + cfg.aux_weight * F.cross_entropy(logits_aux, y)
+                total.backward()
+                if procs.world > 1:
+                    procs.mean_grads(params_list)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+            loop.add({"loss": loss.detach().double() * y.shape[0], "correct": (logits.detach().argmax(1) == y).sum(),
+                      "count": torch.tensor(y.shape[0], dtype=torch.int64)})
         procs.broadcast_buffers(model)  # BN statistics are per rank in training; evaluate with rank 0's
         test_loss, test_acc = evaluate(model, D, test_set, test_idx, batch, device, procs)
-        sums = procs.sum(sums)
-        n = float(sums["count"])
-        recent = run_state["step_times"][-steps:]
-        row = {"epoch": epoch + 1, "lr": lr, "drop_path_prob": model.drop_path_prob,
-               "train_loss": float(sums["loss"]) / n if n else float("nan"),
-               "train_acc": 100 * float(sums["correct"]) / n if n else float("nan"),
-               "test_loss": test_loss, "test_acc": test_acc,
-               "step_seconds": statistics.median(recent) if recent else float("nan"), "seconds": run_state["seconds"]}
+        row = _epoch_row(epoch, lr, model, procs.sum(loop.sums), test_loss, test_acc, run_state, steps)
         run_state["rows"].append(row)
-        run_state["epoch"], run_state["step"], run_state["sums"] = epoch + 1, 0, {}
+        loop.next_epoch(epoch)
         if procs.main:
-            _write_log(out, run_state["rows"])
-        if writer is not None:
-            for k, v in row.items():
-                writer.add_scalar(k, v, epoch + 1)
-            writer.flush()
+            _write_log(folder.path, run_state["rows"])
+        R.log_scalars(writer, row, epoch + 1)
         save()
         log(f"epoch {row['epoch']}/{cfg.epochs}  lr {lr:.4g}  drop-path {row['drop_path_prob']:.3f}  train loss "
             f"{row['train_loss']:.3f} acc {row['train_acc']:.2f}%  test loss {test_loss:.3f} acc {test_acc:.2f}%  "
             f"step {row['step_seconds']:.3f} s  total {row['seconds']:.0f} s")
 
-    agree = procs.agree(params_list)
-    if not procs.main:
-        return {}
-    result = _finish(cfg, arch, run_state, params, params_aux, device, meter, out, log)
-    if procs.world > 1:
-        result["processes"] = {"world_size": procs.world, "ranks_agree": agree}
-        atomic_write_json(result_path, result)
-    save(finished=True)
-    if writer is not None:
-        writer.close()
-    return result
+    return R.finish_run(procs, params_list, writer=writer, folder=folder, save=save,
+                        finish=lambda: _finish(cfg, arch, run_state, params, params_aux, device, meter, folder.path, log))
 
 
-def _check_resume(saved: dict, now: dict) -> None:
-    diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if diff:
-        k = diff[0]
-        raise ConfigError(f"--resume: the checkpoint was made with {k}={saved.get(k)!r}, this run asks for "
-                          f"{now.get(k)!r}; resume with the same options or choose another --out")
+def _zero_sums(device) -> dict:
+    return {"loss": torch.zeros((), device=device, dtype=torch.float64),
+            "correct": torch.zeros((), device=device, dtype=torch.int64),
+            "count": torch.zeros((), device=device, dtype=torch.int64)}
+
+
+def _postfix(sums) -> str:
+    n = float(sums["count"])
+    return f"loss {float(sums['loss']) / n:.3f} acc {100 * float(sums['correct']) / n:.1f}%"
+
+
+def _epoch_row(epoch, lr, model, sums, test_loss, test_acc, run_state, steps) -> dict:
+    n = float(sums["count"])
+    recent = run_state["step_times"][-steps:]
+    return {"epoch": epoch + 1, "lr": lr, "drop_path_prob": model.drop_path_prob,
+            "train_loss": float(sums["loss"]) / n if n else float("nan"),
+            "train_acc": 100 * float(sums["correct"]) / n if n else float("nan"),
+            "test_loss": test_loss, "test_acc": test_acc,
+            "step_seconds": statistics.median(recent) if recent else float("nan"), "seconds": run_state["seconds"]}
 
 
 def _write_log(out: str, rows: list[dict]) -> None:
@@ -377,10 +282,9 @@ def _write_log(out: str, rows: list[dict]) -> None:
 def _finish(cfg, arch, run_state, params, params_aux, device, meter, out, log) -> dict:
     rows = run_state["rows"]
     best = max(rows, key=lambda r: r["test_acc"])
-    times = run_state["step_times"]
     result = {
-        "genotype": genotype_record(arch.genotype),
-        "genotype_text": genotype_text(arch.genotype),
+        "genotype": R.genotype_record(arch.genotype),
+        "genotype_text": R.genotype_text(arch.genotype),
         "genotype_source": arch.source,
         "space": arch.space,
         "dataset": cfg.dataset,
@@ -393,21 +297,15 @@ def _finish(cfg, arch, run_state, params, params_aux, device, meter, out, log) -
         "train_accuracy": rows[-1]["train_acc"],
         "epochs": cfg.epochs,
         "train_seconds": run_state["seconds"],
-        "step_seconds": statistics.median(times) if times else None,
-        "steps": len(times),
-        "peak_memory_bytes": int(max(run_state["peak"], meter.peak())),
         "seed": cfg.seed,
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "version": _version.__version__,
-        "commit": git_commit(),
+        **R.run_record(run_state, meter, device),
         "config": cfg.to_dict(arch),
     }
-    atomic_write_json(os.path.join(out, RESULT), result)
+    atomic_write_json(os.path.join(out, R.RESULT), result)
     if cfg.plots:
         _pictures(cfg, arch, rows, out, log)
     log(f"test accuracy {result['test_accuracy']:.2f}% (best {result['best_accuracy']:.2f}% at epoch "
-        f"{result['best_epoch']}); result: {os.path.join(out, RESULT)}")
+        f"{result['best_epoch']}); result: {os.path.join(out, R.RESULT)}")
     return result
 
 
@@ -420,5 +318,5 @@ def _pictures(cfg, arch, rows, out, log) -> None:
         lambda: report.plot_curves(rows, os.path.join(out, "curves.png"), title=title,
                                    groups={"loss": ["train_loss", "test_loss"], "accuracy (%)": ["train_acc", "test_acc"],
                                            "lr": ["lr"]}),
-        lambda: draw_cell(arch.genotype, cell, title),
+        lambda: R.draw_cell(arch.genotype, cell, title),
     ], log)

@@ -84,22 +84,12 @@ def half_masks(net, seed):
 
 
 def saved_bytes(run, exclude) -> int:
-    """Bytes autograd saves for backward while ``run()`` executes, each storage once, the
-    storages of the tensors in ``exclude`` (parameters, buffers) apart. Every saved tensor stays
-    referenced until the end, so no address is reused while counting."""
-    own = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, keep = {}, []
+    """Bytes autograd keeps for backward while ``run()`` executes, each storage once, the
+    storages of the tensors in ``exclude`` (parameters, buffers) apart: the public meter's
+    ``saved_bytes`` (``toponas_kernels.memory_meter``)."""
+    from toponas_kernels import measure_memory
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.nbytes() and s.data_ptr() not in own:
-            seen[s.data_ptr()] = s.nbytes()
-            keep.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
+    return measure_memory(run, "cpu", params=list(exclude), peak=False).saved_bytes
 
 
 def dilations_space():

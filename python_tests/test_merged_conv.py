@@ -4,13 +4,20 @@ with the forms' hand-written backward) in every form and normalization; it is on
 call in forward and one in backward, with a C++ autograd node; it keeps for backward what the
 Python path keeps; its ops pass opcheck; bad specs are refused naming what is wrong."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from toponas_kernels import FusedMixedOp
 from toponas_kernels.nas import forms as Fm
 from toponas_kernels.nas import spaces as S
+from test_forms import _run, _x
 from utils import dilations_space
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import _harness as H  # noqa: E402
 
 pytestmark = pytest.mark.skipif(Fm._MERGED_CONV is None, reason="the C++ extension lacks merged_conv_fused")
 
@@ -21,21 +28,6 @@ def _op(merge, normalize, stride, space, C=6, seed=0):
     torch.manual_seed(seed)
     primitives = {"exaggerated": S.exaggerated_space(2, 3), "dilations": dilations_space()}.get(space)
     return FusedMixedOp(C, stride, merge=merge, normalize=normalize, primitives=primitives).to(DT)
-
-
-def _x(C, H, stride):
-    H += stride == 2 and H % 2
-    return torch.randn(2, C, H, H + 2, dtype=DT)
-
-
-def _run(op, x, w):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    y = op(x, w)
-    probe = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
-    params = list(op.parameters())
-    grads = torch.autograd.grad((y * probe).sum(), [x, w] + params, allow_unused=True)
-    return [y.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, [x, w] + params)]
 
 
 def _python_path(monkeypatch):
@@ -58,12 +50,6 @@ def test_fused_group_equals_the_python_path(merge, normalize, stride, space, mon
 
 
 def _counts(op, x, w):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import _harness as H
-
     x = x.detach().requires_grad_()
     with H.OpCounter() as fwd:
         y = op(x, w)

@@ -147,6 +147,10 @@ def _options() -> dict[str, dict]:
         "--compile": dict(nargs="?", const=True, default=False, metavar="BACKEND",
                           help="torch.compile each step's forward and loss (default backend inductor; recompilation capped "
                                "for sampled sub-networks); see README on when it helps"),
+        "--cuda-graphs": dict(action="store_true",
+                              help="compile each step with inductor's mode reduce-overhead: CUDA graphs replay the step's "
+                                   "kernels without per-op launches (CUDA only; softmax methods with fixed masks are one "
+                                   "graph)"),
         "--mask": dict(default=None, help="Zero-One-Shot mask: random, zero-shot, or a mask.json/result.json to reuse"),
         "--mask-level": dict(type=float, default=0.5, help="pruning level xi in (0, 1) (default 0.5)"),
         "--mask-rule": dict(default="operations", choices=MASK_RULES,
@@ -234,7 +238,7 @@ _SCHEDULE = ("--epochs", "--steps-per-epoch", "--batch-size", "--lr", "--lr-min"
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     o = _options()
     _add(p.add_argument_group("what to search"), o, "--space", "--network", "--method", "--topo", "--no-kernel-norm",
-         "--merge", "--recompute-cells", "--compile", "--mask", "--mask-level", "--mask-rule", "--mask-batches",
+         "--merge", "--recompute-cells", "--compile", "--cuda-graphs", "--mask", "--mask-level", "--mask-rule", "--mask-batches",
          "--mask-batch-size", "--mask-inits")
     _add(p.add_argument_group("data"), o, "--dataset", "--data-dir", "--train-portion", "--train-size", "--channels",
          "--num-workers")

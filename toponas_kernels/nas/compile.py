@@ -39,6 +39,17 @@ function at ``max_graphs`` (dynamo's recompile limit, while this step runs): the
 recomputing edges), never recompiled.
 
 Shapes are static (``dynamic=False``): a new batch size is a new graph (it counts toward the cap).
+
+CUDA graphs (``cuda_graphs=True``: inductor's ``mode="reduce-overhead"``). A graph replays its
+kernels without the host issuing them one by one, which removes the per-op launch cost of a step
+altogether. It needs a step with no host synchronization, no tensor made from Python values per
+step and static shapes: a softmax sampler (DARTS, PC-DARTS, beta-DARTS) with fixed masks is one
+(``python_tests/test_compile_cuda_graphs.py`` checks that its forward + backward makes no host
+read-back and no tensor from Python values after the first step); a single-path sampler reads
+its sample back, so its steps break the graph there and only the pieces are captured. Each step
+starts with ``torch.compiler.cudagraph_mark_step_begin()``, so the previous step's outputs may be
+overwritten by the next replay: read what a step returns before running the next one. On a CPU
+the mode compiles as ``compile`` does and captures nothing.
 """
 
 from __future__ import annotations
@@ -62,16 +73,27 @@ def compile_step(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     *,
     max_graphs: int = 4,
+    cuda_graphs: bool = False,
     **compile_kwargs,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """``step(x, y) = loss_fn(model(x), y)`` compiled with ``torch.compile(dynamic=False,
     **compile_kwargs)``; calling ``.backward()`` on the loss runs the compiled backward. At most
     ``max_graphs`` graphs are compiled for it (see the module docstring); later new
-    sub-networks run eagerly."""
+    sub-networks run eagerly. ``cuda_graphs``: inductor with ``mode="reduce-overhead"`` (CUDA
+    graphs on CUDA tensors), each call a new CUDA-graph step."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs: expected True or False, got {cuda_graphs!r}")
+    if cuda_graphs:
+        backend = compile_kwargs.get("backend", "inductor")
+        if backend != "inductor":
+            raise ValueError(f"cuda_graphs: needs the inductor backend (mode='reduce-overhead'), got backend={backend!r}")
+        if compile_kwargs.get("mode", "reduce-overhead") != "reduce-overhead":
+            raise ValueError(f"cuda_graphs: is mode='reduce-overhead', got mode={compile_kwargs['mode']!r}")
+        compile_kwargs["mode"] = "reduce-overhead"
     compile_kwargs.setdefault("dynamic", False)
 
     def forward_loss(x: Tensor, y: Tensor) -> Tensor:
@@ -87,6 +109,8 @@ def compile_step(
     def step(x: Tensor, y: Tensor) -> Tensor:
         for net in supernets:  # eagerly: masks' host copies, edge plans (nothing traced)
             net.prepare_host(x.device.type)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch._dynamo.config.patch(**{name: max_graphs}):
             return compiled(x, y)
 

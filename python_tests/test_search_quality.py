@@ -54,6 +54,7 @@ def test_score_reads_each_cell_from_the_table():
     assert plain["cut_off"] == 1 and topo["cut_off"] == 0
     assert plain["collapse"] == pytest.approx((0 + 1 + 1) / 3)  # none and skip are parameter-free
     assert plain["published"] == 93.61
+    assert (plain["toponas_paper"], topo["toponas_paper"]) == (93.58, 92.08)  # Table III, GDAS / +TopoNAS
     values = list(truth.values())
     assert scored["random"]["mean"] == pytest.approx(statistics.fmean(values))
     assert scored["random"]["median"] == statistics.median(values) and scored["random"]["best"] == 80.0

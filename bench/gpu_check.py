@@ -61,6 +61,8 @@ PHASES = (
     ("search_separable", "bench/search_step.py topo --merge separable"),
     ("tests_triton", "CUDA-marked tests: compiled Triton"),
     ("ops_quick", "bench/ops.py --quick"),
+    ("search_topo_small", "bench/search_step.py topo, 2 cells, eager"),
+    ("search_graphs_small", "bench/search_step.py topo, 2 cells, CUDA graphs"),
 )
 PHASE_NAMES = tuple(name for name, _ in PHASES)
 STATUSES = ("ok", "failed", "timeout", "skipped", "not_run")
@@ -561,7 +563,7 @@ def pytest_numbers(log: str) -> dict:
 
 OPS_KEYS = ("op", "impl", "shape", "dtype", "both_ms", "speedup_vs_eager", "gbps", "copy_frac", "rel_err", "note")
 SEARCH_KEYS = ("space", "mode", "merge", "batch", "image_size", "device", "step_seconds", "peak_bytes", "saved_bytes",
-               "params", "op_calls", "op_calls_step")
+               "params", "op_calls", "op_calls_step", "cuda_graphs", "compile_seconds")
 
 
 def json_lines(log: str) -> list[dict]:
@@ -708,7 +710,8 @@ def _key_numbers(name: str, p: dict) -> str:
         if not n:
             return ""
         peak = n.get("peak_bytes")
-        return (f"{n.get('mode')} ({n.get('merge')}), batch {n.get('batch')}: step {_fmt(n.get('step_seconds'))} s, "
+        return (f"{n.get('mode')} ({n.get('merge')}{', CUDA graphs' if n.get('cuda_graphs') else ''}), batch {n.get('batch')}: "
+                f"step {_fmt(n.get('step_seconds'))} s, "
                 f"peak {_fmt(peak / 2**20 if peak is not None else None, '{:.1f}')} MiB")
     if name == "env":
         return ""
@@ -763,7 +766,7 @@ def render_summary(rec: dict) -> str:
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for _, n in search:
             mib = lambda b: _fmt(b / 2**20 if b is not None else None, "{:.1f}")  # noqa: E731
-            lines.append(f"| {n.get('mode')} | {n.get('merge')} | {n.get('space')} | {n.get('batch')} | {n.get('image_size')} | "
+            lines.append(f"| {n.get('mode')}{' (CUDA graphs)' if n.get('cuda_graphs') else ''} | {n.get('merge')} | {n.get('space')} | {n.get('batch')} | {n.get('image_size')} | "
                          f"{_fmt(n.get('step_seconds'), '{:.4g}')} | {mib(n.get('peak_bytes'))} | {mib(n.get('saved_bytes'))} | "
                          f"{_fmt(n.get('op_calls'))} |")
     return "\n".join(lines) + "\n"

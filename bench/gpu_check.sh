@@ -10,7 +10,8 @@
 # (one sticky CUDA error fails only its own process); every op at large shapes on both GPU
 # backends against float64; a torch.compile probe on CUDA tensors;
 # bench/search_step.py --device cuda --batch 64 plain / topo / topo --merge separable; the
-# compiled-Triton tests (cold compiles: after the cheaper phases); last bench/ops.py --quick.
+# compiled-Triton tests (cold compiles: after the cheaper phases); bench/ops.py --quick; last, a
+# 2-cell topo step eager and with CUDA graphs (--cuda-graphs), what the budget cuts first.
 #
 # Written after every phase, so a run cut short still reports what finished (at most 4 files):
 #   gpu_check.json        per phase: status (ok/failed/timeout/skipped/not_run), seconds, box,
@@ -133,6 +134,8 @@ if [ $DRY = 1 ]; then
     skip tests_triton "$NO_GPU (compiled Triton)"
     phase ops_quick 120 "$PY" bench/ops.py --quick --device cpu --no-compile --ops mixed_sum,channel_shuffle \
         --threads 1 --json --csv "$OUT_DIR/ops_quick.csv"
+    skip search_topo_small "$NO_GPU (measured beside the CUDA-graphs step)"
+    skip search_graphs_small "$NO_GPU (CUDA graphs)"
 else
     # ------------------------------------------------------------------------ build in place
     CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ')
@@ -161,6 +164,10 @@ else
     phase search_separable 45 "$PY" bench/search_step.py --device cuda --batch 64 --mode topo --merge separable --json
     phase tests_triton 180 "${PYTEST[@]}" -m cuda -k triton python_tests
     phase ops_quick 90 "$PY" bench/ops.py --quick --device cuda --json --csv "$OUT_DIR/ops_quick.csv"
+    # Last, so the budget cuts them first: a topo step with CUDA graphs (--cuda-graphs), on a
+    # 2-cell network so that inductor's compile fits the box, and the same network eager beside it
+    phase search_topo_small 45 "$PY" bench/search_step.py --device cuda --batch 64 --cells 2 --mode topo --no-counts --json
+    phase search_graphs_small 150 "$PY" bench/search_step.py --device cuda --batch 64 --cells 2 --mode topo --cuda-graphs --json
 fi
 
 rm -f "$OUT_DIR/ops_quick.csv.lock"   # bench/ops.py's lock beside its CSV

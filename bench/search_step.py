@@ -51,7 +51,9 @@ Fields of the JSON line (one per measurement):
 * ``merge``: the form of topo's merged convs (``--merge``); ``recompute``: the DARTS network
   reruns its cells in backward (``--recompute``); ``compile``, ``compile_seconds``:
   with ``--compile`` the step runs under ``torch.compile`` (``nas/compile.py``), compiled by one
-  untimed step (its wall time) before memory and time are measured.
+  untimed step (its wall time) before memory and time are measured; ``cuda_graphs``: with
+  ``--cuda-graphs`` (CUDA only) compiled in inductor's ``reduce-overhead`` mode, each step a
+  CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -201,7 +203,8 @@ def child(args) -> dict:
         from toponas_kernels.nas.compile import compile_step
 
         # (loss, logits), as the search runner compiles it, so the search step reuses the graph
-        compiled = compile_step(model, lambda logits, t: (torch.nn.functional.cross_entropy(logits, t), logits))
+        compiled = compile_step(model, lambda logits, t: (torch.nn.functional.cross_entropy(logits, t), logits),
+                                cuda_graphs=args.cuda_graphs)
         forward_loss = lambda: compiled(x, y)[0]  # noqa: E731
 
     def step():
@@ -227,6 +230,7 @@ def child(args) -> dict:
         "recompute": args.recompute,
         "compile": args.compile,
         "compile_seconds": compile_seconds,
+        "cuda_graphs": args.cuda_graphs,
         "num_ops": len(model.space),
     }
     info = {
@@ -352,7 +356,7 @@ def print_profile(rec, out=sys.stdout) -> None:
 
 
 # ----------------------------------------------------------------------------- the parent
-FLAGS = ("no_normalize", "compile", "recompute", "saved_by_module", "counts", "no_counts")  # passed on to the child
+FLAGS = ("no_normalize", "compile", "cuda_graphs", "recompute", "saved_by_module", "counts", "no_counts")  # passed on to the child
 
 
 def measure(args, **override) -> dict:
@@ -521,6 +525,9 @@ def main(argv=None) -> int:
                    help="DARTS network: keep only the cell inputs, run the cells again in backward (recompute=True)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step (toponas_kernels.nas.compile.compile_step); compiled before measuring")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: --compile with CUDA graphs (compile_step(cuda_graphs=True), inductor's "
+                        "reduce-overhead mode); the op counts are left out")
     p.add_argument("--saved-by-module", action="store_true",
                    help="also split saved_bytes by the module that saved each storage (saved_by_module)")
     p.add_argument("--image-size", type=int, default=32, help="height and width of the random images (32: CIFAR)")
@@ -555,6 +562,12 @@ def main(argv=None) -> int:
         p.error(f"--mask-fraction must be in [0, 1), got {args.mask_fraction}")
     if args.image_size < 8:
         p.error(f"--image-size must be at least 8 (the network halves it twice), got {args.image_size}")
+    if args.cuda_graphs:
+        if args.device != "cuda":
+            p.error("--cuda-graphs needs --device cuda (CUDA graphs replay CUDA kernels)")
+        if args.counts:
+            p.error("--cuda-graphs and --counts exclude each other (the op counts are taken eagerly on a CPU thread)")
+        args.compile, args.no_counts = True, True
     if args.counts and args.no_counts:
         p.error("--counts and --no-counts exclude each other")
     if args.counts and (args.profile or args.saved_by_module):

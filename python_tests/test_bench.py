@@ -134,6 +134,14 @@ def test_bad_arguments_fail_cleanly(tmp_path):
         assert "nope" in proc.stderr
 
 
+def test_search_step_cuda_graphs_is_refused_off_cuda():
+    """``--cuda-graphs`` replays CUDA kernels: on another device it is one line and exit status 2."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "search_step.py"), "--cuda-graphs", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs --device cuda" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _harness():
     spec = importlib.util.spec_from_file_location("_bench_harness", ROOT / "bench" / "_harness.py")
     mod = importlib.util.module_from_spec(spec)

@@ -24,7 +24,7 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
 RAN_ON_CPU = ("env", "build", "large_shapes", "compile_probe", "ops_quick", "search_plain", "search_topo", "search_separable")
-GPU_ONLY = ("tests_cuda_vector", "tests_cuda", "tests_triton")
+GPU_ONLY = ("tests_cuda_vector", "tests_cuda", "tests_triton", "search_topo_small", "search_graphs_small")
 
 
 def _run(out: Path, *args, env_extra=None, timeout=900) -> subprocess.CompletedProcess:

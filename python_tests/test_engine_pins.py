@@ -116,12 +116,14 @@ def test_documented_defaults():
     assert _defaults(ops.gumbel_softmax) == {"mask": None, "tau": 1.0, "hard": True, "generator": None, "backend": None}
     d = _defaults(FusedMixedOp)
     assert d == {
-        "stride": 1, "primitives": None, "space": "darts", "mode": "topo", "normalize": True,
-        "partial_channels": None, "affine": False, "eps": 1e-5, "backend": None, "recompute": None,
-        "merge": "auto",
+        "stride": 1, "primitives": None, "space": None, "mode": "topo", "normalize": True,
+        "partial_channels": None, "affine": False, "track_running_stats": True, "bias": False, "eps": 1e-5,
+        "backend": None, "recompute": None, "merge": "auto",
     }  # fmt: skip
-    op = FusedMixedOp(8)
+    op = FusedMixedOp(8)  # space None: inferred from the primitives, DARTS' without them
     assert op.primitives == S.DARTS_PRIMITIVES and op.recompute and op.partial_channels == 1
+    assert all(m.track_running_stats for m in op.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not any(m.bias is not None for m in op.modules() if isinstance(m, torch.nn.Conv2d))
     assert not FusedMixedOp(8, mode="pms").recompute
     assert not any(m.affine for m in op.modules() if isinstance(m, torch.nn.BatchNorm2d))
 

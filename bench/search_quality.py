@@ -519,6 +519,8 @@ def main(argv=None) -> int:
         if args.batch == 16:
             args.batch = 32  # the older protocol's search batch
         return main_retrain(args)
+    if args.quick or args.space != "nb201":
+        raise SystemExit("--quick and --space belong to the retraining protocol: add --retrain")
     if args.search_only and args.score_only:
         raise SystemExit("--search-only and --score-only: choose one")
     import torch

@@ -66,7 +66,7 @@ def test_search_quality_quick(tmp_path):
     bench = BENCH.parent / "search_quality.py"
     results = tmp_path / "RESULTS.md"
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
-    cmd = [sys.executable, str(bench), "--quick", "--seeds", "0,1", "--work", str(tmp_path / "w"), "--results", str(results)]
+    cmd = [sys.executable, str(bench), "--retrain", "--quick", "--seeds", "0,1", "--work", str(tmp_path / "w"), "--results", str(results)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(f.read_text()) for f in sorted((tmp_path / "w").glob("*/row.json"))]
@@ -111,7 +111,7 @@ def test_search_quality_quick_darts_space(tmp_path):
     bench = BENCH.parent / "search_quality.py"
     results = tmp_path / "RESULTS.md"
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(toponas_kernels.__file__))}
-    cmd = [sys.executable, str(bench), "--quick", "--space", "darts", "--seeds", "0", "--work", str(tmp_path / "w"),
+    cmd = [sys.executable, str(bench), "--retrain", "--quick", "--space", "darts", "--seeds", "0", "--work", str(tmp_path / "w"),
            "--results", str(results)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -28,7 +28,6 @@ def _fresh_dynamo():
 
 DT = torch.float64
 TIGHT = dict(rtol=1e-7, atol=1e-10)
-_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _net(masked=False, seed=1, **kw):
@@ -129,6 +128,6 @@ def test_gdas_step_compiles_a_bounded_number_of_graphs():
     # new sub-network up to the cap, then none.
     # torch 2.11's dynamo splits the read of the sample into more pieces (7 graphs in the first
     # step, docs/TORCH_VERSIONS.md); still bounded, which is what the last two lines check.
-    assert counts[0] <= (4 if _TORCH >= (2, 14) else 8), counts
+    assert counts[0] <= (4 if torch.__version__ >= (2, 14) else 8), counts
     assert counts[-1] <= counts[0] + max_graphs - 1, counts
     assert counts[max_graphs:] == [counts[-1]] * (len(counts) - max_graphs), counts

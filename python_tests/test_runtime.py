@@ -79,10 +79,9 @@ def test_check_resume_names_the_first_option_that_differs():
         R.check_resume({"seed": 0, "lr": 0.1}, {"seed": 0, "lr": 0.2}, ("seed", "lr"))
 
 
-def _loop(run_state, saves, stop=None, every=0):
+def _loop(run_state, saves, every=0):
     return R.EpochLoop(run_state, epochs=2, steps=3, device=torch.device("cpu"), meter=R.PeakMemory(torch.device("cpu")),
-                       model=torch.nn.Linear(1, 1), save=lambda: saves.append(dict(run_state)), checkpoint_every=every,
-                       stop_after=lambda: stop)
+                       model=torch.nn.Linear(1, 1), save=lambda: saves.append(dict(run_state)), checkpoint_every=every)
 
 
 def test_epoch_loop_steps_sums_and_mid_epoch_checkpoints():
@@ -103,14 +102,18 @@ def test_epoch_loop_steps_sums_and_mid_epoch_checkpoints():
     assert loop.meter.peak() > 0  # the first step was measured
 
 
-def test_epoch_loop_resumes_mid_epoch_and_stops_as_if_killed():
+def test_epoch_loop_resumes_mid_epoch_and_a_kill_leaves_the_last_whole_step():
     run_state = {"epoch": 1, "step": 1, "sums": {"n": torch.tensor(1)}, "step_times": [], "seconds": 0.0}
-    loop = _loop(run_state, [], stop=1)
-    with pytest.raises(R.Interrupted):
+    loop = _loop(run_state, [])
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
         for epoch in loop.epochs():
             for step in loop.steps(epoch):
-                assert (epoch, step) == (1, 1)
+                seen.append((epoch, step))
+                if step == 2:
+                    raise KeyboardInterrupt  # killed in the middle of step 2
                 loop.add({"n": torch.tensor(1)})
+    assert seen == [(1, 1), (1, 2)]
     assert run_state["step"] == 2 and int(loop.sums["n"]) == 2
 
 

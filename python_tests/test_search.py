@@ -33,7 +33,7 @@ from toponas_kernels.search import (
 )
 from toponas_kernels.search import masks as M
 from toponas_kernels.search import runner as search_runner
-from toponas_kernels.search.runner import Interrupted
+from utils import Killed, kill_after
 
 METHODS = ("darts", "darts2", "pc-darts", "beta-darts", "gdas", "rome")
 
@@ -202,10 +202,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     base = dict(steps_per_epoch=None, train_size=32, batch_size=4, epochs=2, checkpoint_every=2)
     full = run(tiny("nb201", "gdas", tmp_path / "full", **base), log=quiet)
     cut = tiny("nb201", "gdas", tmp_path / "cut", **base)
-    monkeypatch.setattr(search_runner, "_INTERRUPT_AFTER", 7)  # epoch 2, step 3: the last checkpoint is at step 2
-    with pytest.raises(Interrupted):
-        run(cut, log=quiet)
-    monkeypatch.setattr(search_runner, "_INTERRUPT_AFTER", None)
+    with monkeypatch.context() as patch:
+        kill_after(patch, GDAS, "step", 7)  # killed in epoch 2, step 4: the last checkpoint is at step 2
+        with pytest.raises(Killed):
+            run(cut, log=quiet)
     with pytest.raises(ConfigError, match="--resume"):
         run(cut, log=quiet)
     cut.resume = True

@@ -19,8 +19,7 @@ from toponas_kernels.runtime import genotype_record, genotype_text
 from toponas_kernels.train import (PUBLISHED, DartsEvalNetwork, GenotypeError, NB201EvalNetwork, TrainConfig,
                                    count_parameters, drop_path, load_arch, parse_genotype, train)
 from toponas_kernels.train.darts_network import EvalCell
-from toponas_kernels.train import trainer as train_loop
-from toponas_kernels.train.trainer import Interrupted
+from utils import Killed, kill_after
 
 NB201_BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|"
 NB201_MIXED = "|nor_conv_1x1~0|+|none~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
@@ -266,10 +265,10 @@ def _params_equal(a: dict, b: dict) -> bool:
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     kw = dict(TINY, genotype="PC_DARTS", epochs=2, steps_per_epoch=None, checkpoint_every=1)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **kw), log=quiet)
-    monkeypatch.setattr(train_loop, "_INTERRUPT_AFTER", 3)  # mid-epoch 2
-    with pytest.raises(Interrupted):
-        train(TrainConfig(out=str(tmp_path / "cut"), **kw), log=quiet)
-    monkeypatch.setattr(train_loop, "_INTERRUPT_AFTER", None)
+    with monkeypatch.context() as patch:
+        kill_after(patch, torch.optim.SGD, "step", 3)  # killed in the 4th step, mid-epoch 2
+        with pytest.raises(Killed):
+            train(TrainConfig(out=str(tmp_path / "cut"), **kw), log=quiet)
     resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **kw), log=quiet)
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

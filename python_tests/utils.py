@@ -103,3 +103,24 @@ def dilations_space():
         [S.OpDef(f"k{k}d{d}", unit(k, d)) for k, d in ((3, 2), (3, 4), (5, 2), (1, 1))]
         + [S.OpDef("skip", [S.Identity()], [S.Zero(2)])],
     )
+
+
+class Killed(BaseException):
+    """What ``kill_after`` raises in place of a kill (a BaseException, as KeyboardInterrupt is, so
+    no ``except Exception`` in a run can swallow it)."""
+
+
+def kill_after(monkeypatch, cls, name: str, calls: int) -> None:
+    """Make the ``calls + 1``-th call of method ``cls.name`` raise ``Killed`` before it does
+    anything: a run killed mid-step, after ``calls`` whole steps (and the checkpoints they wrote).
+    The run's own code has no hook for this."""
+    original = getattr(cls, name)
+    done = [0]
+
+    def killing(self, *args, **kwargs):
+        if done[0] == calls:
+            raise Killed(f"killed in call {calls + 1} of {cls.__name__}.{name}")
+        done[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, killing)

@@ -16,19 +16,19 @@ It imports nothing of ``search`` or ``train``: both sit above it.
 
 from .checkpoints import CHECKPOINT, RESULT, RunFolder, check_resume, load_checkpoint, save_checkpoint
 from .device import resolve_device, rng_state, seed_everything, set_rng_state, set_threads, start
-from .errors import CheckpointError, ConfigError, Interrupted
+from .errors import CheckpointError, ConfigError
 from .options import RunOptions
 from .loop import (EpochLoop, PeakMemory, StepClock, bank_epoch_progress, finish_run, log_scalars, run_record, say,
-                   silent, state_bytes, stop_check, tensorboard_writer, tqdm_class)
+                   silent, state_bytes, tensorboard_writer, tqdm_class)
 from .processes import FreshProcessError, Processes, call_fresh, run_fresh
 from .records import device_name, draw_cell, genotype_record, genotype_text, git_commit
 
 __all__ = [
     "CHECKPOINT", "RESULT", "RunFolder", "check_resume", "load_checkpoint", "save_checkpoint",
     "resolve_device", "rng_state", "seed_everything", "set_rng_state", "set_threads", "start",
-    "CheckpointError", "ConfigError", "Interrupted", "RunOptions",
+    "CheckpointError", "ConfigError", "RunOptions",
     "EpochLoop", "PeakMemory", "StepClock", "bank_epoch_progress", "finish_run", "log_scalars", "run_record", "say",
-    "silent", "state_bytes", "stop_check",
+    "silent", "state_bytes",
     "tensorboard_writer", "tqdm_class",
     "FreshProcessError", "Processes", "call_fresh", "run_fresh",
     "device_name", "draw_cell", "genotype_record", "genotype_text", "git_commit",

@@ -12,6 +12,3 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from: damaged, not a checkpoint, or holding objects
     that loading would have to import (which could run code)."""
 
-
-class Interrupted(RuntimeError):
-    """A run stopped by its test hook (``STOP_AFTER``) as if it had been killed."""

@@ -1,6 +1,6 @@
 """What every training loop needs around its steps: step clocks that do not sync the host, the
-peak memory a run records, progress bars, one-line logs, TensorBoard, and the test hook that
-stops a run as if killed (``stop_check``)."""
+peak memory a run records, progress bars, one-line logs, TensorBoard. (Nothing here stops a run for a test: the tests kill
+a run by raising inside one of its steps, as a real kill would stop it mid-step.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 import torch
 
 from ..memory import memory_meter
-from .errors import Interrupted
 
 
 class StepClock:
@@ -137,19 +136,9 @@ def silent(msg: str) -> None:
     pass
 
 
-
-
-def stop_check(done_steps: int, stop_after: int | None) -> None:
-    """The test hook of a loop: raise ``Interrupted`` once ``stop_after`` steps are done (None:
-    never), so a test can stop a run as if it had been killed."""
-    if stop_after is not None and done_steps >= stop_after:
-        raise Interrupted(f"interrupted after {done_steps} steps (test hook)")
-
-
 class EpochLoop:
     """The steps of a run, epoch after epoch, with what every step needs around it: the progress
-    bar, the step clock, the peak-memory watch, the running sums, the mid-epoch checkpoints and
-    the stop-as-if-killed test hook. ``run_state`` (in the checkpoint) holds the position:
+    bar, the step clock, the peak-memory watch, the running sums, the mid-epoch checkpoints. ``run_state`` (in the checkpoint) holds the position:
     ``epoch``, ``step``, ``sums``, ``step_times``, ``seconds``. ::
 
         for epoch in loop.epochs():
@@ -162,13 +151,11 @@ class EpochLoop:
     """
 
     def __init__(self, run_state: dict, *, epochs: int, steps: int, device: torch.device, meter: PeakMemory,
-                 model: torch.nn.Module, save, checkpoint_every: int = 0, bar_cls=None, postfix=None,
-                 stop_after=lambda: None, empty_sums=dict):
+                 model: torch.nn.Module, save, checkpoint_every: int = 0, bar_cls=None, postfix=None, empty_sums=dict):
         self.state, self.epochs_total, self.steps_total = run_state, epochs, steps
         self.device, self.meter, self.model, self.save = device, meter, model, save
-        self.checkpoint_every, self.bar_cls, self.postfix, self.stop_after = checkpoint_every, bar_cls, postfix, stop_after
+        self.checkpoint_every, self.bar_cls, self.postfix = checkpoint_every, bar_cls, postfix
         self.empty_sums = empty_sums
-        self.done_steps = 0
 
     def epochs(self):
         return range(self.state["epoch"], self.epochs_total)
@@ -185,7 +172,6 @@ class EpochLoop:
         for step in range(start, self.steps_total):
             yield step
             rs["step"] = step + 1
-            self.done_steps += 1
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 and self.postfix is not None:
@@ -193,7 +179,6 @@ class EpochLoop:
             if self.checkpoint_every and rs["step"] % self.checkpoint_every == 0 and rs["step"] < self.steps_total:
                 self.t_epoch = bank_epoch_progress(rs, self.clock, self.sums, self.t_epoch)
                 self.save()
-            stop_check(self.done_steps, self.stop_after())
         if bar is not None:
             bar.close()
         rs["step_times"].extend(self.clock.collect())

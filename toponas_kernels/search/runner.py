@@ -21,15 +21,12 @@ import torch
 
 from .._io import atomic_write_json
 from .. import runtime as R
-from ..runtime import Interrupted, say  # noqa: F401 - Interrupted: what the test hook raises
+from ..runtime import say
 from . import masks as M
 from .budget import fit, format_bytes, parse_bytes
 from .build import build_method, build_supernet, space_of
 from .config import RESUME_KEYS, ConfigError, SearchConfig
 
-#: a test hook, not an option: set (e.g. with pytest's monkeypatch) to stop the run with
-#: ``Interrupted`` once this many steps are done; None runs to the end
-_INTERRUPT_AFTER: int | None = None
 CHECKPOINT_KEYS = ("config", "model", "method", "run", "rng", "mask")
 
 
@@ -163,8 +160,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None] = say) -> dict:
 
     loop = R.EpochLoop(run_state, epochs=cfg.epochs, steps=steps, device=device, meter=meter, model=model, save=save,
                        checkpoint_every=cfg.checkpoint_every, postfix=_postfix,
-                       bar_cls=R.tqdm_class(log) if cfg.progress and procs.main else None,
-                       stop_after=lambda: _INTERRUPT_AFTER)
+                       bar_cls=R.tqdm_class(log) if cfg.progress and procs.main else None)
     for epoch in loop.epochs():
         model.train()
         method.begin_epoch(epoch)

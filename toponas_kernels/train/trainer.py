@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import runtime as R
 from .._io import atomic_write_json
-from ..runtime import ConfigError, Interrupted, Processes, RunOptions, say  # noqa: F401 - Interrupted: what the test hook raises
+from ..runtime import ConfigError, Processes, RunOptions, say
 from .darts_network import DartsEvalNetwork, count_parameters
 from .genotypes import Arch, load_arch
 from .nb201_network import NB201EvalNetwork
@@ -46,9 +46,6 @@ REFERENCE = {
 }
 
 
-#: a test hook, not an option: set (e.g. with pytest's monkeypatch) to stop the run with
-#: ``Interrupted`` once this many steps are done; None runs to the end
-_INTERRUPT_AFTER: int | None = None
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "run", "rng")
 
 
@@ -208,8 +205,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = say) -> dict:
 
     loop = R.EpochLoop(run_state, epochs=cfg.epochs, steps=steps, device=device, meter=meter, model=model, save=save,
                        checkpoint_every=cfg.checkpoint_every, postfix=_postfix, empty_sums=lambda: _zero_sums(device),
-                       bar_cls=R.tqdm_class(log) if cfg.progress and procs.main else None,
-                       stop_after=lambda: _INTERRUPT_AFTER)
+                       bar_cls=R.tqdm_class(log) if cfg.progress and procs.main else None)
     params_list = list(model.parameters())
     for epoch in loop.epochs():
         model.train()

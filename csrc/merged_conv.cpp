@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace toponas {
@@ -369,6 +370,22 @@ std::tuple<Tensor, Tensor> pointwise_backward(const Tensor& grad, const Factored
   return {std::get<0>(r), std::get<1>(r).flatten(1)};
 }
 
+// What both factored backwards start from: the group's conv input and 1x1 kernel rebuilt, the
+// 1x1 conv's gradients, and the candidates' parameters split into depthwise and pointwise.
+struct FactoredBackward {
+  Factored f;
+  Tensor gz, gk;
+  std::vector<Tensor> Ds, Ps;
+};
+
+FactoredBackward factored_backward_start(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
+                                         const Tensor& pattern, const Spec& s, double eps) {
+  FactoredBackward b{factored_build(x, c, tensors, pattern, s, eps), {}, {}, {}, {}};
+  std::tie(b.gz, b.gk) = pointwise_backward(grad, b.f);
+  split(tensors, b.Ds, b.Ps);
+  return b;
+}
+
 // [gD_0, gP_0, gD_1, gP_1, ...] in the parameters' shapes; each its own storage (an op's outputs
 // may not alias each other).
 void push_part_grads(std::vector<Tensor>& out, const std::vector<Tensor>& gDs, const Tensor& gP,
@@ -381,10 +398,7 @@ void push_part_grads(std::vector<Tensor>& out, const std::vector<Tensor>& gDs, c
 
 std::vector<Tensor> stacked_backward(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
                                      const Tensor& pattern, const Spec& s, double eps, bool need_x) {
-  Factored f = stacked_build(x, c, tensors, pattern, s, eps);
-  auto [gz, gk] = pointwise_backward(grad, f);
-  std::vector<Tensor> Ds, Ps;
-  split(tensors, Ds, Ps);
+  auto [f, gz, gk, Ds, Ps] = factored_backward_start(grad, x, c, tensors, pattern, s, eps);
   const int64_t C = x.size(1), n = static_cast<int64_t>(Ds.size()), O = gk.size(0);
   Tensor gx;
   std::vector<Tensor> gDs;
@@ -418,10 +432,7 @@ std::vector<Tensor> stacked_backward(const Tensor& grad, const Tensor& x, const 
 
 std::vector<Tensor> separable_backward(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
                                        const Tensor& pattern, const Spec& s, double eps, bool need_x) {
-  Factored f = separable_build(x, c, tensors, pattern, s, eps);
-  auto [gz, gk] = pointwise_backward(grad, f);
-  std::vector<Tensor> Ds, Ps;
-  split(tensors, Ds, Ps);
+  auto [f, gz, gk, Ds, Ps] = factored_backward_start(grad, x, c, tensors, pattern, s, eps);
   const int64_t C = x.size(1), n = static_cast<int64_t>(Ds.size());
   auto r = at::convolution_backward(gz.slice(1, 0, C), f.xl, f.D, std::nullopt, two(s.stride), two(s.size / 2),
                                     two(s.dilation), false, {0, 0}, C, {need_x, true, false});

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["merged_conv", "recompute", "recomputed", "channels_last_on_cpu"]
+from ..ops._common import fused_op, register_kernel_fake
+
+__all__ = ["merged_conv", "recompute", "recomputed", "channels_last_on_cpu", "light_tail", "light_sum"]
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype:
@@ -167,6 +169,78 @@ def recomputed(run, bns, n_inputs: int, *tensors: Tensor) -> Tensor:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return run(*tensors[:n_inputs])
     return _Recomputed.apply(run, bns, n_inputs, *tensors)
+
+
+#: The recomputed parameter-free tails of an edge as one op with a C++ autograd node
+#: (csrc/light_sum.cpp); None when the extension lacks it.
+_LIGHT_SUM = fused_op("light_sum_fused")
+
+
+@register_kernel_fake("light_sum_fused")
+def _(weights, inputs, running_means, running_vars, counters, spec, floats, training):
+    x = inputs[0]
+    pool, k, s = spec[0], spec[1], spec[2]
+    h, w = x.shape[-2:]
+    if pool:
+        h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+    return x.new_empty((*x.shape[:-2], h, w))
+
+
+@register_kernel_fake("light_sum_backward_kernel")
+def _(grad, weights, inputs, running_means, running_vars, spec, floats, training):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs] + [torch.empty_like(weights)]
+
+
+def light_tail(pool: nn.Module | None, bn: nn.Module | None, channels_last: bool) -> tuple | None:
+    """A tail ``bn(pool(x))`` (either may be None) in the terms of the fused op: ``(spec, floats,
+    bn)`` (csrc/light_sum.cpp), or None when the op cannot run it (another module, ceil mode,
+    dilation, an affine BN, a cumulative-average BN). ``channels_last``: the tail runs
+    channels-last (as ``channels_last_on_cpu`` runs a pooling unit on a CPU)."""
+    code, kernel, stride = 0, 1, 1
+    if pool is not None:
+        if type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.return_indices:
+            code = 1
+        elif type(pool) is nn.AvgPool2d and not pool.count_include_pad and pool.divisor_override is None:
+            code = 2
+        else:
+            return None
+        k, st, pad = (pool.kernel_size, pool.stride, pool.padding)
+        k, st, pad = (v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None) for v in (k, st, pad))
+        if None in (k, st, pad) or pool.ceil_mode or pad != k // 2:
+            return None
+        kernel, stride = k, st
+    floats = [0.0, 0.0]
+    bn_code = 0
+    if bn is not None:
+        if type(bn) is not nn.BatchNorm2d or bn.affine or bn.momentum is None:
+            return None
+        bn_code = 2 if bn.track_running_stats and bn.running_mean is not None else 1
+        floats = [float(bn.momentum), float(bn.eps)]
+    return [code, kernel, stride, bn_code, int(channels_last and pool is not None)], floats, bn if bn_code == 2 else None
+
+
+def light_sum(tails: list[tuple], w: Tensor, inputs: list[Tensor]) -> Tensor | None:
+    """``sum_k w_k tail_k(inputs[k])`` for tails from ``light_tail``, as one op whose backward
+    runs the tails again in C++ (batch statistics, running statistics advanced once, in
+    forward), keeping only ``w`` and the inputs, as ``_Recomputed`` does; None where it does not
+    apply (no compiled op, under ``torch.compile``, autocast, mixed dtypes, BNs in different
+    modes), for the caller to take the Python path."""
+    if _LIGHT_SUM is None or torch.compiler.is_compiling() or torch.is_autocast_enabled(w.device.type):
+        return None
+    if any(h.dtype != w.dtype or h.dim() != 4 for h in inputs):
+        return None
+    spec, floats, means, variances, counters, modes = [], [], [], [], [], set()
+    for s, f, bn in tails:
+        spec += s
+        floats += f
+        if bn is not None:
+            means.append(bn.running_mean)
+            variances.append(bn.running_var)
+            counters.append(bn.num_batches_tracked)
+            modes.add(bn.training)
+    if len(modes) > 1:
+        return None
+    return _LIGHT_SUM(w, inputs, means, variances, counters, spec, floats, modes.pop() if modes else True)
 
 
 def recompute(run, module: nn.Module, *inputs: Tensor) -> Tensor:

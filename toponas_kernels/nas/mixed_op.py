@@ -79,11 +79,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import backend as _backend
 from .. import ops
+from ..ops._common import FUSED_BACKENDS
 from ..backend import BACKENDS
 from . import forms as Fm
 from . import spaces as S
-from ._autograd import channels_last_on_cpu, merged_conv, recompute, recomputed
+from ._autograd import channels_last_on_cpu, light_sum, light_tail, merged_conv, recompute, recomputed
 from .coefficients import EdgeCoefficients, Layout, Masses, intern_signature, table_for
 from .operations import OpChain, PoolBN, build_op, chosen_module
 from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
@@ -452,7 +454,30 @@ class FusedMixedOp(nn.Module):
             return ops.mixed_sum(ys, w, backend=self.backend)
 
         inputs = [h for _, h in tails]
+        if _backend.resolve(self.backend, w.device) in FUSED_BACKENDS and torch.is_grad_enabled():
+            fused = self._light_tails(tails, w.device.type)
+            y = None if fused is None else light_sum(fused, w, inputs)
+            if y is not None:
+                return y
         return recomputed(run, bns, 1 + len(inputs), w, *inputs)
+
+    def _light_tails(self, tails, device_type: str) -> list[tuple] | None:
+        """The tails in the terms of the fused op (``light_tail``), when each is a pooling unit
+        and/or a non-affine BN; else None."""
+        out = []
+        for items, _ in tails:
+            modules = [m for item in items for m in self._modules_of(item)]
+            if len(modules) != 1:
+                return None
+            m = modules[0]
+            if isinstance(m, PoolBN):
+                got = light_tail(m.pool, m.bn, channels_last=device_type == "cpu")
+            else:
+                got = light_tail(None, m, channels_last=False)
+            if got is None:
+                return None
+            out.append(got)
+        return out
 
     def _modules_of(self, node):
         if isinstance(node, Seq):

@@ -1,0 +1,191 @@
+"""The recomputed parameter-free tails of a TopoNAS edge as one op (``toponas::light_sum_fused``,
+csrc/light_sum.cpp, used by ``FusedMixedOp._recomputed_sum``): in float64 its values, gradients
+and BN running statistics equal the Python path's (``_Recomputed``), in training and in eval
+mode; no Python ``_Recomputed`` runs in a DARTS topo step's backward; it keeps no more for
+backward; the op passes opcheck and gradcheck on odd, non-contiguous inputs; bad specs are
+refused."""
+
+import pytest
+import torch
+from torch import nn
+
+from toponas_kernels import FusedMixedOp
+from toponas_kernels.nas import _autograd as A
+from toponas_kernels.nas import mixed_op as MO
+from toponas_kernels.nas.networks import DartsSearchNetwork
+from test_forms import _run, _x
+
+pytestmark = pytest.mark.skipif(A._LIGHT_SUM is None, reason="the C++ extension lacks light_sum_fused")
+
+DT = torch.float64
+
+
+def _python_path(monkeypatch):
+    monkeypatch.setattr(A, "_LIGHT_SUM", None)
+
+
+def _buffers(module):
+    return [b.clone() for b in module.buffers()]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_fused_tails_equal_the_python_path(stride, training, track, monkeypatch):
+    results = []
+    for python in (False, True):
+        torch.manual_seed(0)
+        op = FusedMixedOp(6, stride, mode="topo", track_running_stats=track).to(DT).train(training)
+        x = _x(6, 7, stride)
+        w = torch.softmax(torch.randn(len(op.primitives), dtype=DT), 0)
+        with monkeypatch.context() as m:
+            if python:
+                _python_path(m)
+            got = _run(op, x, w)
+        results.append((got, _buffers(op)))
+    (fused, fused_bufs), (python, python_bufs) = results
+    assert len(fused_bufs) == len(python_bufs)
+    for a, b in zip(fused + fused_bufs, python + python_bufs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def _recomputed_backwards(monkeypatch):
+    calls = []
+    original = A._Recomputed.backward
+
+    def spy(ctx, grad):
+        calls.append(1)
+        return original(ctx, grad)
+
+    monkeypatch.setattr(A._Recomputed, "backward", staticmethod(spy))
+    return calls
+
+
+def test_no_python_backward_for_the_tails_of_a_darts_step(monkeypatch):
+    torch.manual_seed(0)
+    net = DartsSearchNetwork(C=4, num_classes=10, layers=3, mode="topo").to(DT)
+    calls = _recomputed_backwards(monkeypatch)
+    fused = []
+    monkeypatch.setattr(MO, "light_sum", lambda *a, _f=A.light_sum: fused.append(1) or _f(*a))
+    out = net(torch.randn(2, 3, 8, 8, dtype=DT))
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert fused and not calls
+    # the Python path, for contrast, runs one _Recomputed backward per recomputed sum
+    monkeypatch.setattr(MO, "light_sum", lambda *a: None)
+    out = net(torch.randn(2, 3, 8, 8, dtype=DT))
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert len(calls) == len(fused)
+
+
+def _saved_bytes(op, x, w):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(x, w)
+    return total
+
+
+def test_keeps_no_more_for_backward_than_the_python_path(monkeypatch):
+    op = FusedMixedOp(6, 1, mode="topo").to(DT)
+    x = _x(6, 9, 1).requires_grad_()
+    w = torch.softmax(torch.randn(len(op.primitives), dtype=DT), 0).requires_grad_()
+    fused = _saved_bytes(op, x, w)
+    with monkeypatch.context() as m:
+        _python_path(m)
+        python = _saved_bytes(op, x, w)
+    assert fused <= python
+
+
+def _tails(C, stride, training=True):
+    """A max pool + BN with running statistics, an average pool + BN without, a BN alone."""
+    bns = [nn.BatchNorm2d(C, affine=False).to(DT), nn.BatchNorm2d(C, affine=False, track_running_stats=False).to(DT),
+           nn.BatchNorm2d(C, affine=False, momentum=0.3, eps=1e-3).to(DT)]
+    g = torch.Generator().manual_seed(1)  # the same statistics on every call
+    for bn in bns:
+        bn.train(training)
+        if bn.running_mean is not None:
+            bn.running_mean.uniform_(-1, 1, generator=g)
+            bn.running_var.uniform_(0.5, 2, generator=g)
+    tails = [A.light_tail(nn.MaxPool2d(3, stride, 1), bns[0], True),
+             A.light_tail(nn.AvgPool2d(3, stride, 1, count_include_pad=False), bns[1], False),
+             A.light_tail(None, bns[2], False)]
+    return tails, bns
+
+
+def _op_args(tails, inputs, w, training):
+    spec = [v for s, _, _ in tails for v in s]
+    floats = [v for _, f, _ in tails for v in f]
+    stats = [bn for _, _, bn in tails if bn is not None]
+    return (w, inputs, [b.running_mean for b in stats], [b.running_var for b in stats],
+            [b.num_batches_tracked for b in stats], spec, floats, training)
+
+
+def _odd_inputs(C, stride, requires_grad=False):
+    # non-contiguous inputs of odd sizes: a channel slice, a transposed view, a strided view
+    a = torch.randn(3, C + 2, 7, 9, dtype=DT)[:, 1:C + 1]
+    b = torch.randn(3, C, 9, 7, dtype=DT).transpose(2, 3)
+    c = torch.randn(3, C, 7, 18, dtype=DT)[..., ::2]
+    if stride == 2:  # the BN-alone tail's input has the pooled size
+        c = c[:, :, ::2, ::2]
+    return [t.requires_grad_(requires_grad) for t in (a, b, c)]
+
+
+@pytest.mark.parametrize("stride", [1])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_and_gradcheck(stride, training):
+    C = 3
+    tails, _ = _tails(C, stride, training)
+    w = torch.rand(3, dtype=DT)
+    inputs = _odd_inputs(C, stride)
+    torch.library.opcheck(torch.ops.toponas.light_sum_fused.default, _op_args(tails, inputs, w.clone().requires_grad_(), training))
+
+    def f(w, *xs):
+        tails_, _ = _tails(C, stride, training)  # fresh statistics: every call sees the same
+        return torch.ops.toponas.light_sum_fused(*_op_args(tails_, list(xs), w, training))
+
+    args = (w.requires_grad_(), *_odd_inputs(C, stride, requires_grad=True))
+    assert torch.autograd.gradcheck(f, args, atol=1e-7, rtol=1e-5)
+
+
+def test_the_op_advances_running_statistics_as_the_modules_do():
+    C = 4
+    tails, bns = _tails(C, 1)
+    ref_bns = [nn.BatchNorm2d(C, affine=False).to(DT), nn.BatchNorm2d(C, affine=False, momentum=0.3, eps=1e-3).to(DT)]
+    for ref, bn in zip(ref_bns, (bns[0], bns[2])):
+        ref.running_mean.copy_(bn.running_mean)
+        ref.running_var.copy_(bn.running_var)
+    inputs = _odd_inputs(C, 1)
+    w = torch.rand(3, dtype=DT)
+    y = torch.ops.toponas.light_sum_fused(*_op_args(tails, inputs, w, True))
+    mp, ap = nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+    expected = w[0] * ref_bns[0](mp(inputs[0])) + w[1] * bns[1](ap(inputs[1])) + w[2] * ref_bns[1](inputs[2])
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=1e-10)
+    for ref, bn in zip(ref_bns, (bns[0], bns[2])):
+        for a, b in zip(ref.buffers(), bn.buffers()):  # the first tail ran channels-last: rounding
+            torch.testing.assert_close(a, b, atol=1e-14, rtol=1e-12)
+        assert int(bn.num_batches_tracked) == 1
+
+
+def test_light_tail_refuses_what_the_op_cannot_run():
+    assert A.light_tail(nn.MaxPool2d(3, 1, 1, ceil_mode=True), None, False) is None
+    assert A.light_tail(nn.MaxPool2d(3, 1, 0), None, False) is None
+    assert A.light_tail(nn.AvgPool2d(3, 1, 1), None, False) is None  # counts the padding
+    assert A.light_tail(None, nn.BatchNorm2d(3), False) is None  # affine: has parameters
+    assert A.light_tail(None, nn.BatchNorm2d(3, affine=False, momentum=None), False) is None
+    assert A.light_tail(nn.Identity(), None, False) is None
+
+
+def test_bad_spec_is_refused():
+    tails, _ = _tails(3, 1)
+    args = list(_op_args(tails, _odd_inputs(3, 1), torch.rand(3, dtype=DT), True))
+    args[5] = args[5][:-1]
+    with pytest.raises(RuntimeError, match="spec must hold 5 ints"):
+        torch.ops.toponas.light_sum_fused(*args)
+    args = list(_op_args(tails, _odd_inputs(3, 1), torch.rand(2, dtype=DT), True))
+    with pytest.raises(RuntimeError, match="one weight per input"):
+        torch.ops.toponas.light_sum_fused(*args)

@@ -6,7 +6,17 @@
 // of S * element_size bytes from its source row; rows are spread over threads in blocks of about
 // 64 KiB. There is no concatenation buffer: the source (or, for the backward, destination) row
 // is looked up in whichever of the two tensors holds that channel.
+//
+// Also the three toponas::*_fused ops, which the eager fast paths of ops.channel_shuffle and
+// ops.partial_channel_shuffle call on the compiled backends: one dispatcher call each whose
+// autograd node is a C++ Function around the kernel ops (reached through the dispatcher: CPU
+// here, CUDA in cuda/channel_shuffle.cu), so no Python runs in forward or backward. Each
+// backward is again a fused op, so they differentiate any number of times. Under
+// torch.compile the package uses the Python custom ops instead (ops/shuffle.py), where these
+// ops have fakes too, so opcheck covers them.
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -191,16 +201,145 @@ RowPermutation plan_partial_channel_unshuffle(const at::Tensor& grad, int64_t pr
   return p;
 }
 
+namespace {
+
+// ------------------------------------------------------------------------------- fused ops
+at::Tensor channel_shuffle_kernel(const at::Tensor& x, int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::channel_shuffle_kernel", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t)>();
+  return op.call(x, groups);
+}
+
+at::Tensor partial_channel_shuffle_kernel(const at::Tensor& processed, const at::Tensor& bypass,
+                                          int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::partial_channel_shuffle_kernel", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(processed, bypass, groups);
+}
+
+std::vector<at::Tensor> partial_channel_unshuffle_kernel(const at::Tensor& grad, int64_t processed_channels,
+                                                         int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::partial_channel_unshuffle_kernel", "")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(grad, processed_channels, groups);
+}
+
+// The fused ops through the dispatcher, so that a backward run with create_graph records them.
+at::Tensor channel_shuffle_fused(const at::Tensor& x, int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::channel_shuffle_fused", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t)>();
+  return op.call(x, groups);
+}
+
+at::Tensor partial_channel_shuffle_fused(const at::Tensor& processed, const at::Tensor& bypass, int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::partial_channel_shuffle_fused", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(processed, bypass, groups);
+}
+
+std::vector<at::Tensor> partial_channel_unshuffle_fused(const at::Tensor& grad, int64_t processed_channels,
+                                                        int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::partial_channel_unshuffle_fused", "")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(grad, processed_channels, groups);
+}
+
+// The inverse of a shuffle with g groups of C channels is the shuffle with C / g groups.
+class ChannelShuffleFunction : public torch::autograd::Function<ChannelShuffleFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t groups) {
+    const int64_t c = x.dim() > 1 ? x.size(1) : 0;
+    ctx->saved_data["inverse_groups"] = (c > 0 && groups > 0) ? c / groups : int64_t(1);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return channel_shuffle_kernel(x, groups);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {channel_shuffle_fused(grads[0], ctx->saved_data["inverse_groups"].toInt()), at::Tensor()};
+  }
+};
+
+class PartialShuffleFunction : public torch::autograd::Function<PartialShuffleFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& processed,
+                            const at::Tensor& bypass, int64_t groups) {
+    ctx->saved_data["processed_channels"] = processed.dim() > 1 ? processed.size(1) : int64_t(0);
+    ctx->saved_data["groups"] = groups;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return partial_channel_shuffle_kernel(processed, bypass, groups);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto parts = partial_channel_unshuffle_fused(grads[0], ctx->saved_data["processed_channels"].toInt(),
+                                                 ctx->saved_data["groups"].toInt());
+    return {parts[0], parts[1], at::Tensor()};
+  }
+};
+
+class PartialUnshuffleFunction : public torch::autograd::Function<PartialUnshuffleFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad,
+                                                int64_t processed_channels, int64_t groups) {
+    ctx->saved_data["groups"] = groups;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return partial_channel_unshuffle_kernel(grad, processed_channels, groups);
+  }
+  // An absent gradient arrives as zeros (gradients are materialized by default).
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {partial_channel_shuffle_fused(grads[0], grads[1], ctx->saved_data["groups"].toInt()), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor channel_shuffle_fused_autograd(const at::Tensor& x, int64_t groups) {
+  return ChannelShuffleFunction::apply(x, groups);
+}
+
+at::Tensor partial_channel_shuffle_fused_autograd(const at::Tensor& processed, const at::Tensor& bypass,
+                                                  int64_t groups) {
+  return PartialShuffleFunction::apply(processed, bypass, groups);
+}
+
+std::vector<at::Tensor> partial_channel_unshuffle_fused_autograd(const at::Tensor& grad, int64_t processed_channels,
+                                                                 int64_t groups) {
+  return PartialUnshuffleFunction::apply(grad, processed_channels, groups);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(toponas, m) {
   m.def("channel_shuffle_kernel(Tensor x, int groups) -> Tensor");
   m.def("partial_channel_shuffle_kernel(Tensor processed, Tensor bypass, int groups) -> Tensor");
   m.def("partial_channel_unshuffle_kernel(Tensor grad, int processed_channels, int groups) -> Tensor[]");
+  m.def("channel_shuffle_fused(Tensor x, int groups) -> Tensor");
+  m.def("partial_channel_shuffle_fused(Tensor processed, Tensor bypass, int groups) -> Tensor");
+  m.def("partial_channel_unshuffle_fused(Tensor grad, int processed_channels, int groups) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(toponas, CPU, m) {
   m.impl("channel_shuffle_kernel", &channel_shuffle_cpu);
   m.impl("partial_channel_shuffle_kernel", &partial_channel_shuffle_cpu);
   m.impl("partial_channel_unshuffle_kernel", &partial_channel_unshuffle_cpu);
+}
+
+// Below autograd (inference mode, or tensors without autograd) the fused ops are the kernel ops.
+TORCH_LIBRARY_IMPL(toponas, CompositeExplicitAutograd, m) {
+  m.impl("channel_shuffle_fused", &channel_shuffle_kernel);
+  m.impl("partial_channel_shuffle_fused", &partial_channel_shuffle_kernel);
+  m.impl("partial_channel_unshuffle_fused", &partial_channel_unshuffle_kernel);
+}
+
+TORCH_LIBRARY_IMPL(toponas, Autograd, m) {
+  m.impl("channel_shuffle_fused", &channel_shuffle_fused_autograd);
+  m.impl("partial_channel_shuffle_fused", &partial_channel_shuffle_fused_autograd);
+  m.impl("partial_channel_unshuffle_fused", &partial_channel_unshuffle_fused_autograd);
 }
 
 }  // namespace toponas

@@ -2,8 +2,17 @@
 // softmax that produces the weights. Accumulation in at::opmath_type (float for half types,
 // double for double). Reductions are split into fixed-size blocks whose partial sums are added
 // in block order, so the result does not depend on the number of threads.
+//
+// Also toponas::mixed_sum_fused, the op the eager fast path of ops.mixed_sum calls on the
+// compiled backends (a search step calls it once per edge): one dispatcher call whose autograd
+// node is a C++ Function around the kernel ops, so neither forward nor backward runs Python.
+// Its forward and backward reach toponas::mixed_sum_kernel and its backward through the
+// dispatcher (CPU here, CUDA in cuda/mixed_sum.cu). Under torch.compile the package uses the
+// Python custom op instead (ops/mixed.py); this op has a fake there too, so opcheck covers it.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -159,6 +168,49 @@ at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return gx;
 }
 
+// ------------------------------------------------------------------------------- fused op
+at::Tensor mixed_sum_kernel(at::TensorList outputs, const at::Tensor& weights) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::mixed_sum_kernel", "")
+                             .typed<at::Tensor(at::TensorList, const at::Tensor&)>();
+  return op.call(outputs, weights);
+}
+
+std::vector<at::Tensor> mixed_sum_backward_kernel(const at::Tensor& grad, at::TensorList outputs,
+                                                  const at::Tensor& weights) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("toponas::mixed_sum_backward_kernel", "")
+          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&)>();
+  return op.call(grad, outputs, weights);
+}
+
+class MixedSumFunction : public torch::autograd::Function<MixedSumFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList outputs,
+                            const at::Tensor& weights) {
+    std::vector<at::Tensor> saved(outputs.begin(), outputs.end());
+    saved.push_back(weights);
+    ctx->save_for_backward(saved);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return mixed_sum_kernel(outputs, weights);
+  }
+
+  // One gradient per forward input: the K outputs (a TensorList counts element by element),
+  // then the weights. Differentiable once, like the custom op.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    const at::Tensor weights = saved.back();
+    saved.pop_back();
+    return mixed_sum_backward_kernel(grads[0], saved, weights);
+  }
+};
+
+at::Tensor mixed_sum_fused_autograd(at::TensorList outputs, const at::Tensor& weights) {
+  return MixedSumFunction::apply(outputs, weights);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(toponas, m) {
@@ -166,6 +218,7 @@ TORCH_LIBRARY_FRAGMENT(toponas, m) {
   m.def("mixed_sum_backward_kernel(Tensor grad, Tensor[] outputs, Tensor weights) -> Tensor[]");
   m.def("masked_softmax_kernel(Tensor logits, Tensor mask, float tau) -> Tensor");
   m.def("masked_softmax_backward_kernel(Tensor grad, Tensor probs, float tau) -> Tensor");
+  m.def("mixed_sum_fused(Tensor[] outputs, Tensor weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(toponas, CPU, m) {
@@ -174,5 +227,10 @@ TORCH_LIBRARY_IMPL(toponas, CPU, m) {
   m.impl("masked_softmax_kernel", &masked_softmax_cpu);
   m.impl("masked_softmax_backward_kernel", &masked_softmax_backward_cpu);
 }
+
+// Below autograd (inference mode, or tensors without autograd) the fused op is the kernel op.
+TORCH_LIBRARY_IMPL(toponas, CompositeExplicitAutograd, m) { m.impl("mixed_sum_fused", &mixed_sum_kernel); }
+
+TORCH_LIBRARY_IMPL(toponas, Autograd, m) { m.impl("mixed_sum_fused", &mixed_sum_fused_autograd); }
 
 }  // namespace toponas

@@ -1,7 +1,9 @@
 // The Python module toponas_kernels._C. Importing it runs the static registrations of every
 // csrc/*.cpp and csrc/cuda/*.cu file: each family declares its kernel ops' schemas once
 // (TORCH_LIBRARY_FRAGMENT(toponas, ...)) and registers its CPU and CUDA implementations
-// separately. Fake (meta) and autograd registrations live in Python (toponas_kernels/ops).
+// separately, and the ops with their autograd in C++ (*_fused) sit next to their family's
+// kernels. Fakes, and the autograd of the Python custom ops, live in Python
+// (toponas_kernels/ops/_define.py; docs/OPS.md lists each op's files).
 #include <Python.h>
 
 extern "C" {

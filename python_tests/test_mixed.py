@@ -118,7 +118,7 @@ def test_compiled_kernels_opcheck(device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_KERNELS)])
 def test_fast_path_autograd_in_cpp(device):
     """In eager mode the compiled backends run mixed_sum with its autograd node in C++
-    (csrc/autograd.cpp): outputs and gradients equal the reference on strided inputs, the graph
+    (csrc/mixed_sum.cpp): outputs and gradients equal the reference on strided inputs, the graph
     node is the C++ one, float64 gradcheck passes, and without autograd (inference mode) the
     op falls through to the kernel."""
     from toponas_kernels import _lib

@@ -177,7 +177,7 @@ def test_compiled_kernels_opcheck(device):
         torch.ops.toponas.partial_channel_unshuffle_kernel(x, 7, 3)
     with pytest.raises(RuntimeError, match="must agree in every dim but the channels"):
         torch.ops.toponas.partial_channel_shuffle_kernel(p, q[:, :, :1], 3)
-    # The eager fast path's ops (autograd in C++, csrc/autograd.cpp).
+    # The eager fast path's ops (autograd in C++, csrc/channel_shuffle.cpp).
     x, g = x.requires_grad_(), torch.randn(3, 8, 2, 5, device=device, requires_grad=True)
     p = torch.randn(3, 2, 2, 5, device=device, requires_grad=True)
     q = torch.randn(3, 6, 2, 5, device=device, requires_grad=True)

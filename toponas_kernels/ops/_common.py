@@ -104,12 +104,24 @@ def register_kernel_fake(name: str):
     return wrap
 
 
-# Backends whose public ops have their autograd registered in C++ (csrc/autograd.cpp).
+def empty_contiguous(t: Tensor) -> Tensor:
+    """A fake's result like ``t``: every backend's outputs are contiguous."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def empty_grads(tensors: list[Tensor], weights: Tensor) -> list[Tensor]:
+    """A fake's result for the backward of a weighted sum: K gradients like ``tensors``, then one
+    like ``weights``."""
+    return [empty_contiguous(t) for t in tensors] + [torch.empty_like(weights)]
+
+
+# Backends on which the eager path calls a ``*_fused`` op whose autograd node is in C++ (next to
+# its family's kernels: csrc/mixed_sum.cpp, csrc/channel_shuffle.cpp, csrc/merged_conv.cpp).
 FUSED_BACKENDS = ("cpp", "cuda")
 
 
 def fused_op(name: str):
-    """``torch.ops.toponas.<name>.default`` (a ``*_fused`` op of csrc/autograd.cpp), or None when
+    """``torch.ops.toponas.<name>.default`` (a ``*_fused`` op, its autograd in C++), or None when
     the extension is missing or predates it."""
     return getattr(torch.ops.toponas, name).default if HAS_CPP and hasattr(torch.ops.toponas, name) else None
 

@@ -43,9 +43,10 @@ Python float ``eps`` as a 32-bit scalar, so a float64 Triton result sees eps rou
 (a relative difference of about 1e-13 for eps = 1e-5); the C++, CUDA and reference backends use
 it in double.
 
-Layout of this file, top to bottom: Triton kernels and launchers, the eager backward formula,
-the ``toponas::`` custom ops, their autograd registration, the fakes of the compiled kernels and
-the public function.
+Layout of this file, top to bottom: Triton kernels and launchers, the reference backward
+formula, the op ``toponas::merge_kernels`` with its backward op (defined once through
+``_define.define_op``), the fakes of the merged conv group's compiled ops (csrc/merged_conv.cpp)
+and the public functions.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ from ._common import (
     block_size,
     check_like,
     check_tensor,
-    device_guard,
-    fast_path,
+    empty_grads,
     register_kernel_fake,
     tl,
     triton,
 )
+from ._define import Kernels, define_op
 
 # Integer codes of the normalization modes, as the compiled kernels take them.
 MODE_CODES = {"none": 0, "channel": 1, "tensor": 2}
@@ -467,102 +468,62 @@ def _merge_backward_ref(
     return dxs + [torch.stack(gw).to(weights.dtype)]
 
 
-# ============================================================================ custom ops
-# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
-# directly by the eager fast path (``_MergeKernels`` below).
-def _merge_kernels_impl(
-    kernels: list[Tensor], weights: Tensor, dilations: list[int], normalize: str, eps: float, backend: str
-) -> Tensor:
-    if backend == "reference":
-        return _ref.merge_kernels_ref(kernels, weights, dilations, normalize, eps).contiguous()
-    if backend == "triton":
-        with device_guard(kernels[0]):
-            return _merge_triton(kernels, weights, dilations, normalize, eps)
-    # the compiled kernels make their inputs contiguous themselves
-    return torch.ops.toponas.merge_kernels_kernel(kernels, weights, dilations, MODE_CODES[normalize], eps)
-
-
-_merge_kernels_op = torch.library.custom_op("toponas::merge_kernels", _merge_kernels_impl, mutates_args=())
-
-
-def _merged_empty(kernels, dilations):
+# ============================================================================ the op
+# Defined once (ops/_define.py): its body on every backend, its fake (shared with the compiled
+# kernel op), its backward op, and what the backward saves.
+def _merged_empty(kernels, weights, dilations, normalize, eps):
     size = _ref.merged_size([k.shape[-1] for k in kernels], dilations)
     return kernels[0].new_empty(kernels[0].shape[0], kernels[0].shape[1], size, size)
 
 
-@_merge_kernels_op.register_fake
-def _(kernels, weights, dilations, normalize, eps, backend):
-    return _merged_empty(kernels, dilations)
-
-
-def _merge_kernels_backward_impl(
-    grad: Tensor, kernels: list[Tensor], weights: Tensor, dilations: list[int], normalize: str, eps: float, backend: str
-) -> list[Tensor]:
-    """Returns K kernel gradients followed by the weight gradient."""
-    if backend == "reference":
-        return _merge_backward_ref(grad, kernels, weights, dilations, normalize, eps)
-    if backend == "triton":
-        with device_guard(grad):
-            return _merge_backward_triton(grad, kernels, weights, dilations, normalize, eps)
-    return torch.ops.toponas.merge_kernels_backward_kernel(grad, kernels, weights, dilations, MODE_CODES[normalize], eps)
-
-
-_merge_kernels_backward_op = torch.library.custom_op(
-    "toponas::merge_kernels_backward", _merge_kernels_backward_impl, mutates_args=()
-)
-
-
-def _grads_empty(kernels, weights):
-    return [torch.empty_like(k, memory_format=torch.contiguous_format) for k in kernels] + [torch.empty_like(weights)]
-
-
-@_merge_kernels_backward_op.register_fake
-def _(grad, kernels, weights, dilations, normalize, eps, backend):
-    return _grads_empty(kernels, weights)
-
-
-def _merge_setup(ctx, inputs, output):
+def _merge_save(ctx, inputs, output):
     kernels, weights, dilations, normalize, eps, backend = inputs
     # Only the inputs: the statistics are recomputed in the backward (see the module docstring).
     ctx.save_for_backward(*kernels, weights)
     ctx.dilations, ctx.normalize, ctx.eps, ctx.backend = dilations, normalize, eps, backend
 
 
-def _merge_grad(ctx, grad):
+def _merge_gradients(ctx, backward, grad):
     *kernels, weights = ctx.saved_tensors
-    grads = _merge_kernels_backward_op(grad, kernels, weights, ctx.dilations, ctx.normalize, ctx.eps, ctx.backend)
-    return list(grads[:-1]), grads[-1], None, None, None, None
+    grads = backward(grad, kernels, weights, ctx.dilations, ctx.normalize, ctx.eps, ctx.backend)
+    return grads[:-1], grads[-1], None, None, None, None  # K kernel gradients, then the weights'
 
 
-_merge_kernels_op.register_autograd(_merge_grad, setup_context=_merge_setup)
+def _mode_code(kernels, weights, dilations, normalize, eps):
+    return kernels, weights, dilations, MODE_CODES[normalize], eps
 
 
-class _MergeKernels(torch.autograd.Function):
-    """The eager fast path of merge_kernels (see ``_common.fast_path``): the same kernels and
-    backward as the custom op, without its dispatch; it too keeps only the inputs."""
-
-    @staticmethod
-    def forward(ctx, dilations, normalize, eps, backend, weights, *kernels):
-        ctx.save_for_backward(weights, *kernels)
-        ctx.args = (dilations, normalize, eps, backend)
-        return _merge_kernels_impl(list(kernels), weights, dilations, normalize, eps, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weights, *kernels = ctx.saved_tensors
-        grads = _merge_kernels_backward_impl(grad, kernels, weights, *ctx.args)
-        return (None, None, None, None, grads[-1], *grads[:-1])
+def _mode_code_backward(grad, kernels, weights, dilations, normalize, eps):
+    return grad, kernels, weights, dilations, MODE_CODES[normalize], eps
 
 
-# Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
-@register_kernel_fake("merge_kernels_kernel")
-def _(kernels, weights, dilations, normalize, eps):
-    return _merged_empty(kernels, dilations)
-
-
-@register_kernel_fake("merge_kernels_backward_kernel")
-def _(grad, kernels, weights, dilations, normalize, eps):
-    return _grads_empty(kernels, weights)
+_merge_kernels = define_op(
+    "merge_kernels",
+    "(Tensor[] kernels, Tensor weights, SymInt[] dilations, str normalize, float eps, str backend) -> Tensor",
+    # the compiled kernels make their inputs contiguous themselves, and take the mode's code
+    Kernels(
+        reference=lambda kernels, weights, dilations, normalize, eps: _ref.merge_kernels_ref(
+            kernels, weights, dilations, normalize, eps
+        ).contiguous(),
+        triton=_merge_triton,
+        compiled="merge_kernels_kernel",
+        compiled_args=_mode_code,
+        fake=_merged_empty,
+    ),
+    backward=Kernels(
+        reference=_merge_backward_ref,
+        triton=_merge_backward_triton,
+        compiled="merge_kernels_backward_kernel",
+        compiled_args=_mode_code_backward,
+        fake=lambda grad, kernels, weights, *_: empty_grads(kernels, weights),
+    ),
+    backward_schema=(
+        "(Tensor grad, Tensor[] kernels, Tensor weights, SymInt[] dilations, str normalize, float eps, str backend)"
+        " -> Tensor[]"
+    ),
+    save=_merge_save,
+    gradients=_merge_gradients,
+)
 
 
 # A whole merged conv group (csrc/merged_conv.cpp, used by nas/forms.py): 'same' convolution at
@@ -626,7 +587,8 @@ def merge_kernels_backward(
     ``merge_kernels`` call that succeeded, and are not checked again."""
     mode = _check_normalize(normalize)
     dils = _check_dilations(dilations, len(kernels))
-    return _merge_kernels_backward_impl(grad, list(kernels), weights, dils, mode, float(eps), _backend.resolve(backend, grad.device))
+    resolved = _backend.resolve(backend, grad.device)
+    return _merge_kernels.backward.impl(grad, list(kernels), weights, dils, mode, float(eps), resolved)
 
 
 def merge_kernels(
@@ -685,7 +647,4 @@ def merge_kernels(
         raise ValueError(f"eps must be a finite number, got {eps!r}")
     if mode != "none" and eps <= 0:
         raise ValueError(f"eps must be > 0 when normalizing (normalize={mode!r}), got {eps!r}")
-    resolved = _backend.resolve(backend, first.device)
-    if fast_path():
-        return _MergeKernels.apply(dils, mode, float(eps), resolved, weights, *ks)
-    return _merge_kernels_op(ks, weights, dils, mode, float(eps), resolved)
+    return _merge_kernels(ks, weights, dils, mode, float(eps), _backend.resolve(backend, first.device))

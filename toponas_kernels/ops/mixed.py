@@ -7,9 +7,9 @@ plus the weights around it: the masked softmax p_k = m_k exp(a_k / tau) / sum_j 
 and the Gumbel-softmax of GDAS built on it. A masked candidate is simply not among the outputs:
 nothing is ever read for it.
 
-Layout of this file, top to bottom: Triton kernels and launchers, the ``toponas::`` custom ops
-(one forward and one backward op per function, each dispatching on ``backend``), their autograd
-registrations, and the public functions.
+Layout of this file, top to bottom: Triton kernels and launchers, the reference backward
+formulas, the two ops (``toponas::mixed_sum`` and ``toponas::masked_softmax``, each with its
+backward op, defined once through ``_define.define_op``), and the public functions.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from ._common import (
     check_like,
     check_same,
     check_tensor,
-    device_guard,
+    empty_contiguous,
+    empty_grads,
     fast_path,
-    fused_op,
-    register_kernel_fake,
     tl,
     triton,
 )
+from ._define import Kernels, define_op
 
 # How many candidate pointers one Triton launch takes; larger K runs in chunks of this size.
 _CHUNK = 8
@@ -272,177 +272,81 @@ def _masked_softmax_backward_ref(grad: Tensor, probs: Tensor, tau: float) -> Ten
     return (p * (g - (g * p).sum(-1, keepdim=True)) / tau).to(probs.dtype).contiguous()
 
 
-# ============================================================================ custom ops
-# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
-# directly by the eager fast path (``_MixedSum`` below).
-def _mixed_sum_impl(outputs: list[Tensor], weights: Tensor, backend: str) -> Tensor:
-    if backend == "reference":  # contiguous, as the fake promises (eager keeps channels_last)
-        return _ref.mixed_sum_ref(outputs, weights).contiguous()
-    if backend == "triton":
-        with device_guard(outputs[0]):
-            return _mixed_sum_triton(outputs, weights)
-    return torch.ops.toponas.mixed_sum_kernel(outputs, weights)  # the kernels make inputs contiguous
-
-
-_mixed_sum_op = torch.library.custom_op("toponas::mixed_sum", _mixed_sum_impl, mutates_args=())
-
-
-@_mixed_sum_op.register_fake
-def _(outputs, weights, backend):
-    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
-
-
-def _mixed_sum_backward_impl(grad: Tensor, outputs: list[Tensor], weights: Tensor, backend: str) -> list[Tensor]:
-    """Returns K output gradients followed by the weight gradient."""
-    if backend == "reference":
-        return _mixed_sum_backward_ref(grad, outputs, weights)
-    if backend == "triton":
-        with device_guard(grad):
-            return _mixed_sum_backward_triton(grad, outputs, weights)
-    return torch.ops.toponas.mixed_sum_backward_kernel(grad, outputs, weights)
-
-
-_mixed_sum_backward_op = torch.library.custom_op("toponas::mixed_sum_backward", _mixed_sum_backward_impl, mutates_args=())
-
-
-@_mixed_sum_backward_op.register_fake
-def _(grad, outputs, weights, backend):
-    return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in outputs] + [
-        torch.empty_like(weights)
-    ]
-
-
-def _mixed_sum_setup(ctx, inputs, output):
+# ============================================================================ the ops
+# Each op defined once (ops/_define.py): its body on every backend, its fake (shared with the
+# compiled kernel op and the C++ fused op), its backward op, and what the backward saves.
+def _mixed_sum_save(ctx, inputs, output):
     outputs, weights, backend = inputs
     ctx.save_for_backward(*outputs, weights)
     ctx.backend = backend
 
 
-def _mixed_sum_grad(ctx, grad):
+def _mixed_sum_gradients(ctx, backward, grad):
     *outputs, weights = ctx.saved_tensors
-    grads = _mixed_sum_backward_op(grad, outputs, weights, ctx.backend)
-    return list(grads[:-1]), grads[-1], None
+    grads = backward(grad, outputs, weights, ctx.backend)  # K output gradients, then the weights'
+    return grads[:-1], grads[-1], None
 
 
-_mixed_sum_op.register_autograd(_mixed_sum_grad, setup_context=_mixed_sum_setup)
-
-
-class _MixedSum(torch.autograd.Function):
-    """The eager fast path of mixed_sum (see ``_common.fast_path``): the same kernels and
-    backward as the custom op, without its dispatch."""
-
-    @staticmethod
-    def forward(ctx, backend, weights, *outputs):
-        ctx.save_for_backward(weights, *outputs)
-        ctx.backend = backend
-        return _mixed_sum_impl(list(outputs), weights, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weights, *outputs = ctx.saved_tensors
-        grads = _mixed_sum_backward_impl(grad, outputs, weights, ctx.backend)
-        return (None, grads[-1], *grads[:-1])
-
-
-def _masked_softmax_impl(logits: Tensor, mask: Tensor, tau: float, backend: str) -> Tensor:
-    if backend == "reference":
-        return _ref.masked_softmax_ref(logits, mask, tau).contiguous()
-    if backend == "triton":
-        with device_guard(logits):
-            return _masked_softmax_triton(logits, mask, tau)
-    return torch.ops.toponas.masked_softmax_kernel(logits.contiguous(), mask.contiguous(), tau)
-
-
-_masked_softmax_op = torch.library.custom_op("toponas::masked_softmax", _masked_softmax_impl, mutates_args=())
-
-
-@_masked_softmax_op.register_fake
-def _(logits, mask, tau, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _masked_softmax_backward_impl(grad: Tensor, probs: Tensor, tau: float, backend: str) -> Tensor:
-    if backend == "reference":
-        return _masked_softmax_backward_ref(grad, probs, tau)
-    if backend == "triton":
-        with device_guard(grad):
-            return _masked_softmax_backward_triton(grad, probs, tau)
-    return torch.ops.toponas.masked_softmax_backward_kernel(grad.contiguous(), probs.contiguous(), tau)
-
-
-_masked_softmax_backward_op = torch.library.custom_op(
-    "toponas::masked_softmax_backward", _masked_softmax_backward_impl, mutates_args=()
+_mixed_sum = define_op(
+    "mixed_sum",
+    "(Tensor[] outputs, Tensor weights, str backend) -> Tensor",
+    # reference: contiguous, as the fake promises (eager keeps channels_last); the compiled
+    # kernels make their inputs contiguous themselves
+    Kernels(
+        reference=lambda outputs, weights: _ref.mixed_sum_ref(outputs, weights).contiguous(),
+        triton=_mixed_sum_triton,
+        compiled="mixed_sum_kernel",
+        fake=lambda outputs, weights: empty_contiguous(outputs[0]),
+        fused="mixed_sum_fused",  # csrc/mixed_sum.cpp: its autograd node in C++
+    ),
+    backward=Kernels(
+        reference=_mixed_sum_backward_ref,
+        triton=_mixed_sum_backward_triton,
+        compiled="mixed_sum_backward_kernel",
+        fake=lambda grad, outputs, weights: empty_grads(outputs, weights),
+    ),
+    backward_schema="(Tensor grad, Tensor[] outputs, Tensor weights, str backend) -> Tensor[]",
+    save=_mixed_sum_save,
+    gradients=_mixed_sum_gradients,
 )
+_mixed_sum_fused = _mixed_sum.fused
 
 
-@_masked_softmax_backward_op.register_fake
-def _(grad, probs, tau, backend):
-    return torch.empty_like(probs, memory_format=torch.contiguous_format)
-
-
-def _masked_softmax_setup(ctx, inputs, output):
+def _masked_softmax_save(ctx, inputs, output):
     _, _, tau, backend = inputs
     ctx.save_for_backward(output)
     ctx.tau, ctx.backend = tau, backend
 
 
-def _masked_softmax_grad(ctx, grad):
+def _masked_softmax_gradients(ctx, backward, grad):
     (probs,) = ctx.saved_tensors
-    return _masked_softmax_backward_op(grad, probs, ctx.tau, ctx.backend), None, None, None
+    return backward(grad, probs, ctx.tau, ctx.backend), None, None, None
 
 
-_masked_softmax_op.register_autograd(_masked_softmax_grad, setup_context=_masked_softmax_setup)
-
-
-class _MaskedSoftmax(torch.autograd.Function):
-    """The eager fast path of masked_softmax, as ``_MixedSum``. Besides the dispatch cost it
-    spares, a process that never calls a custom op in eager mode never imports
-    ``torch._dynamo`` (the custom-op wrapper does, about 70 MiB of resident memory)."""
-
-    @staticmethod
-    def forward(ctx, logits, mask, tau, backend):
-        probs = _masked_softmax_impl(logits, mask, tau, backend)
-        ctx.save_for_backward(probs)
-        ctx.tau, ctx.backend = tau, backend
-        return probs
-
-    @staticmethod
-    def backward(ctx, grad):
-        (probs,) = ctx.saved_tensors
-        return _masked_softmax_backward_impl(grad, probs, ctx.tau, ctx.backend), None, None, None
-
-
-def _masked_softmax_call(logits: Tensor, mask: Tensor, tau: float, backend: str) -> Tensor:
-    if fast_path():
-        return _MaskedSoftmax.apply(logits, mask, tau, backend)
-    return _masked_softmax_op(logits, mask, tau, backend)
-
-
-# Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
-@register_kernel_fake("mixed_sum_kernel")
-@register_kernel_fake("mixed_sum_fused")
-def _(outputs, weights):
-    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
-
-
-@register_kernel_fake("mixed_sum_backward_kernel")
-def _(grad, outputs, weights):
-    return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in outputs] + [
-        torch.empty_like(weights)
-    ]
-
-
-_mixed_sum_fused = fused_op("mixed_sum_fused")
-
-
-@register_kernel_fake("masked_softmax_kernel")
-def _(logits, mask, tau):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@register_kernel_fake("masked_softmax_backward_kernel")
-def _(grad, probs, tau):
-    return torch.empty_like(probs, memory_format=torch.contiguous_format)
+# Besides the dispatch cost it spares, the eager path means that a process that never calls a
+# custom op in eager mode never imports torch._dynamo (the custom-op wrapper does, about 70 MiB
+# of resident memory).
+_masked_softmax = define_op(
+    "masked_softmax",
+    "(Tensor logits, Tensor mask, float tau, str backend) -> Tensor",
+    Kernels(
+        reference=lambda logits, mask, tau: _ref.masked_softmax_ref(logits, mask, tau).contiguous(),
+        triton=_masked_softmax_triton,
+        compiled="masked_softmax_kernel",
+        compiled_args=lambda logits, mask, tau: (logits.contiguous(), mask.contiguous(), tau),
+        fake=lambda logits, mask, tau: empty_contiguous(logits),
+    ),
+    backward=Kernels(
+        reference=_masked_softmax_backward_ref,
+        triton=_masked_softmax_backward_triton,
+        compiled="masked_softmax_backward_kernel",
+        compiled_args=lambda grad, probs, tau: (grad.contiguous(), probs.contiguous(), tau),
+        fake=lambda grad, probs, tau: empty_contiguous(probs),
+    ),
+    backward_schema="(Tensor grad, Tensor probs, float tau, str backend) -> Tensor",
+    save=_masked_softmax_save,
+    gradients=_masked_softmax_gradients,
+)
 
 
 # ============================================================================ public functions
@@ -469,12 +373,7 @@ def mixed_sum(outputs, weights: Tensor, *, backend: str | None = None) -> Tensor
     if weights.shape[0] != len(ys):
         raise ValueError(f"weights has {weights.shape[0]} entries but there are {len(ys)} outputs; one weight per output")
     check_like("weights", weights, "outputs[0]", first, shape=False)
-    resolved = _backend.resolve(backend, first.device)
-    if fast_path():
-        if resolved in FUSED_BACKENDS and _mixed_sum_fused is not None:
-            return _mixed_sum_fused(ys, weights)  # autograd in C++ (csrc/autograd.cpp)
-        return _MixedSum.apply(resolved, weights, *ys)
-    return _mixed_sum_op(ys, weights, resolved)
+    return _mixed_sum(ys, weights, _backend.resolve(backend, first.device))
 
 
 def _check_mask(mask, logits: Tensor) -> Tensor:
@@ -518,7 +417,7 @@ def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, tau: float = 1
     kernels do not check it per call, which would read the mask back from the device.)"""
     _check_logits(logits, tau)
     mask = _check_mask(mask, logits)
-    return _masked_softmax_call(logits, mask, float(tau), _backend.resolve(backend, logits.device))
+    return _masked_softmax(logits, mask, float(tau), _backend.resolve(backend, logits.device))
 
 
 def gumbel_softmax(
@@ -541,7 +440,7 @@ def gumbel_softmax(
     resolved = _backend.resolve(backend, logits.device)
     info = torch.finfo(logits.dtype)
     draws = torch.empty_like(logits).exponential_(generator=generator).clamp_(info.tiny, info.max)
-    probs = _masked_softmax_call(logits - draws.log(), mask, float(tau), resolved)
+    probs = _masked_softmax(logits - draws.log(), mask, float(tau), resolved)
     if not hard:
         return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)

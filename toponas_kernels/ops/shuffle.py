@@ -21,8 +21,10 @@ Inputs need only dense spatial dims: batch and channel strides are free, so the 
 Any other layout (channels-last, a strided spatial dim) is first copied by ``contiguous()``.
 Outputs are contiguous.
 
-Layout of this file, top to bottom: the Triton kernel and launchers, the ``toponas::`` custom
-ops with their autograd registrations, and the public functions.
+Layout of this file, top to bottom: the Triton kernel and launchers, the three ops
+(``toponas::channel_shuffle``, ``partial_channel_shuffle`` and its backward
+``partial_channel_unshuffle``, each defined once through ``_define.define_op``), and the public
+functions.
 """
 
 from __future__ import annotations
@@ -35,18 +37,15 @@ from torch import Tensor
 from .. import backend as _backend
 from . import reference as _ref
 from ._common import (
-    FUSED_BACKENDS,
     HAS_TRITON,
     INTERPRET,
     check_like,
     check_tensor,
-    device_guard,
-    fast_path,
-    fused_op,
-    register_kernel_fake,
+    empty_contiguous,
     tl,
     triton,
 )
+from ._define import Kernels, define_op
 
 # The kernels move raw words of the element size: bf16 never meets (interpreter) arithmetic.
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -205,177 +204,107 @@ def _partial_channel_unshuffle_ref(grad: Tensor, processed_channels: int, groups
     return [t.clone(memory_format=torch.contiguous_format) for t in parts]
 
 
-# ============================================================================ custom ops
-# Each op's body is a plain function (``_*_impl``), wrapped once as a custom op and called
-# directly by the eager fast path (the autograd.Functions below).
-def _channel_shuffle_impl(x: Tensor, groups: int, backend: str) -> Tensor:
-    if backend == "reference":
-        return _owned(_ref.channel_shuffle_ref(x, groups), x)
-    if backend == "triton":
-        with device_guard(x):
-            return _channel_shuffle_triton(x, groups)
-    return torch.ops.toponas.channel_shuffle_kernel(x, groups)
+# ============================================================================ the ops
+# Each op defined once (ops/_define.py): its body on every backend, its fake (shared with the
+# compiled kernel op and the C++ fused op), and its backward, which is again one of these ops, so
+# every shuffle differentiates any number of times, on every path.
+def _shuffled_empty(processed, bypass, groups):
+    return processed.new_empty((processed.shape[0], processed.shape[1] + bypass.shape[1], *processed.shape[2:]))
 
 
-_channel_shuffle_op = torch.library.custom_op("toponas::channel_shuffle", _channel_shuffle_impl, mutates_args=())
+def _unshuffled_empty(grad, processed_channels, groups):
+    c = grad.shape[1]
+    return [_empty_rows(grad, processed_channels), _empty_rows(grad, c - processed_channels)]
 
 
-@_channel_shuffle_op.register_fake
-def _(x, groups, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _channel_shuffle_setup(ctx, inputs, output):
+def _channel_shuffle_save(ctx, inputs, output):
     x, groups, backend = inputs
     c = x.shape[1]
     ctx.inverse_groups = c // groups if c else 1
     ctx.backend = backend
 
 
-def _channel_shuffle_grad(ctx, grad):
-    # The inverse permutation is a shuffle with C / groups groups: the op is its own backward
-    # (and so differentiable any number of times).
-    return _channel_shuffle_op(grad, ctx.inverse_groups, ctx.backend), None, None
+def _channel_shuffle_gradients(ctx, shuffle, grad):
+    # The inverse permutation is a shuffle with C / groups groups: the op is its own backward.
+    return shuffle(grad, ctx.inverse_groups, ctx.backend), None, None
 
 
-_channel_shuffle_op.register_autograd(_channel_shuffle_grad, setup_context=_channel_shuffle_setup)
-
-
-def _partial_channel_shuffle_impl(processed: Tensor, bypass: Tensor, groups: int, backend: str) -> Tensor:
-    if backend == "reference":
-        return _owned(_ref.partial_channel_shuffle_ref(processed, bypass, groups), processed, bypass)
-    if backend == "triton":
-        with device_guard(processed):
-            return _partial_channel_shuffle_triton(processed, bypass, groups)
-    return torch.ops.toponas.partial_channel_shuffle_kernel(processed, bypass, groups)
-
-
-_partial_channel_shuffle_op = torch.library.custom_op(
-    "toponas::partial_channel_shuffle", _partial_channel_shuffle_impl, mutates_args=()
+_channel_shuffle = define_op(
+    "channel_shuffle",
+    "(Tensor x, SymInt groups, str backend) -> Tensor",
+    Kernels(
+        reference=lambda x, groups: _owned(_ref.channel_shuffle_ref(x, groups), x),
+        triton=_channel_shuffle_triton,
+        compiled="channel_shuffle_kernel",
+        fake=lambda x, groups: empty_contiguous(x),
+        fused="channel_shuffle_fused",  # csrc/channel_shuffle.cpp: its autograd node in C++
+    ),
+    backward="channel_shuffle",
+    save=_channel_shuffle_save,
+    gradients=_channel_shuffle_gradients,
 )
 
 
-@_partial_channel_shuffle_op.register_fake
-def _(processed, bypass, groups, backend):
-    return processed.new_empty((processed.shape[0], processed.shape[1] + bypass.shape[1], *processed.shape[2:]))
-
-
-def _partial_channel_unshuffle_impl(grad: Tensor, processed_channels: int, groups: int, backend: str) -> list[Tensor]:
-    """The backward of partial_channel_shuffle: ``[grad_processed, grad_bypass]`` in one pass."""
-    if backend == "reference":
-        return _partial_channel_unshuffle_ref(grad, processed_channels, groups)
-    if backend == "triton":
-        with device_guard(grad):
-            return _partial_channel_unshuffle_triton(grad, processed_channels, groups)
-    return torch.ops.toponas.partial_channel_unshuffle_kernel(grad, processed_channels, groups)
-
-
-_partial_channel_unshuffle_op = torch.library.custom_op(
-    "toponas::partial_channel_unshuffle", _partial_channel_unshuffle_impl, mutates_args=()
-)
-
-
-@_partial_channel_unshuffle_op.register_fake
-def _(grad, processed_channels, groups, backend):
-    c = grad.shape[1]
-    return [_empty_rows(grad, processed_channels), _empty_rows(grad, c - processed_channels)]
-
-
-def _partial_shuffle_setup(ctx, inputs, output):
+def _partial_shuffle_save(ctx, inputs, output):
     processed, _, groups, backend = inputs
     ctx.processed_channels, ctx.groups, ctx.backend = processed.shape[1], groups, backend
 
 
-def _partial_shuffle_grad(ctx, grad):
-    grad_processed, grad_bypass = _partial_channel_unshuffle_op(
-        grad, ctx.processed_channels, ctx.groups, ctx.backend
-    )
+def _partial_shuffle_gradients(ctx, unshuffle, grad):
+    grad_processed, grad_bypass = unshuffle(grad, ctx.processed_channels, ctx.groups, ctx.backend)
     return grad_processed, grad_bypass, None, None
 
 
-_partial_channel_shuffle_op.register_autograd(_partial_shuffle_grad, setup_context=_partial_shuffle_setup)
+_partial_channel_shuffle = define_op(
+    "partial_channel_shuffle",
+    "(Tensor processed, Tensor bypass, SymInt groups, str backend) -> Tensor",
+    Kernels(
+        reference=lambda processed, bypass, groups: _owned(
+            _ref.partial_channel_shuffle_ref(processed, bypass, groups), processed, bypass
+        ),
+        triton=_partial_channel_shuffle_triton,
+        compiled="partial_channel_shuffle_kernel",
+        fake=_shuffled_empty,
+        fused="partial_channel_shuffle_fused",
+    ),
+    backward="partial_channel_unshuffle",
+    save=_partial_shuffle_save,
+    gradients=_partial_shuffle_gradients,
+)
 
 
-def _partial_unshuffle_setup(ctx, inputs, output):
+def _partial_unshuffle_save(ctx, inputs, output):
     _, _, groups, backend = inputs
     ctx.groups, ctx.backend = groups, backend
     ctx.shapes = [t.shape for t in output]  # for an absent gradient
 
 
-def _partial_unshuffle_grad(ctx, grads):
+def _partial_unshuffle_gradients(ctx, shuffle, *grads):
     # The unshuffle is linear and the adjoint of the shuffle: its backward is the forward op,
-    # so double backward of partial_channel_shuffle works too.
+    # so double backward of partial_channel_shuffle works too. Only the custom op's gradients
+    # may be absent (None); the eager path's arrive as zeros.
     present = [g for g in grads if g is not None]
     if not present:
         return None, None, None, None
     gp, gb = (g if g is not None else present[0].new_zeros(shape) for g, shape in zip(grads, ctx.shapes))
-    return _partial_channel_shuffle_op(gp, gb, ctx.groups, ctx.backend), None, None, None
+    return shuffle(gp, gb, ctx.groups, ctx.backend), None, None, None
 
 
-_partial_channel_unshuffle_op.register_autograd(_partial_unshuffle_grad, setup_context=_partial_unshuffle_setup)
-
-
-# The eager fast path (see ``_common.fast_path``): the same kernels without the custom-op
-# dispatch. Each backward is again one of these Functions, so they differentiate any number
-# of times, like the custom ops.
-class _ChannelShuffle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, groups, backend):
-        c = x.shape[1]
-        ctx.inverse_groups, ctx.backend = (c // groups if c else 1), backend
-        return _channel_shuffle_impl(x, groups, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ChannelShuffle.apply(grad, ctx.inverse_groups, ctx.backend), None, None
-
-
-class _PartialShuffle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, processed, bypass, groups, backend):
-        ctx.processed_channels, ctx.groups, ctx.backend = processed.shape[1], groups, backend
-        return _partial_channel_shuffle_impl(processed, bypass, groups, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gp, gb = _PartialUnshuffle.apply(grad, ctx.processed_channels, ctx.groups, ctx.backend)
-        return gp, gb, None, None
-
-
-class _PartialUnshuffle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, grad, processed_channels, groups, backend):
-        ctx.groups, ctx.backend = groups, backend
-        gp, gb = _partial_channel_unshuffle_impl(grad, processed_channels, groups, backend)
-        return gp, gb
-
-    @staticmethod
-    def backward(ctx, gp, gb):  # an absent gradient arrives as zeros (materialized)
-        return _PartialShuffle.apply(gp, gb, ctx.groups, ctx.backend), None, None, None
-
-
-# Fake implementations of the compiled kernels, so they too pass opcheck and torch.compile.
-@register_kernel_fake("channel_shuffle_kernel")
-@register_kernel_fake("channel_shuffle_fused")
-def _(x, groups):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@register_kernel_fake("partial_channel_shuffle_kernel")
-@register_kernel_fake("partial_channel_shuffle_fused")
-def _(processed, bypass, groups):
-    return processed.new_empty((processed.shape[0], processed.shape[1] + bypass.shape[1], *processed.shape[2:]))
-
-
-@register_kernel_fake("partial_channel_unshuffle_kernel")
-@register_kernel_fake("partial_channel_unshuffle_fused")
-def _(grad, processed_channels, groups):
-    c = grad.shape[1]
-    return [_empty_rows(grad, processed_channels), _empty_rows(grad, c - processed_channels)]
-
-
-_channel_shuffle_fused = fused_op("channel_shuffle_fused")
-_partial_channel_shuffle_fused = fused_op("partial_channel_shuffle_fused")
+# The backward of partial_channel_shuffle: [grad_processed, grad_bypass] in one pass.
+_partial_channel_unshuffle = define_op(
+    "partial_channel_unshuffle",
+    "(Tensor grad, SymInt processed_channels, SymInt groups, str backend) -> Tensor[]",
+    Kernels(
+        reference=_partial_channel_unshuffle_ref,
+        triton=_partial_channel_unshuffle_triton,
+        compiled="partial_channel_unshuffle_kernel",
+        fake=_unshuffled_empty,
+        fused="partial_channel_unshuffle_fused",
+    ),
+    backward="partial_channel_shuffle",
+    save=_partial_unshuffle_save,
+    gradients=_partial_unshuffle_gradients,
+)
 
 
 # ============================================================================ public functions
@@ -415,12 +344,7 @@ def channel_shuffle(x: Tensor, groups: int, *, backend: str | None = None) -> Te
     groups = _check_count("groups", groups)
     if x.shape[1] % groups:
         raise ValueError(f"x: C={x.shape[1]} is not divisible by groups={groups}")
-    resolved = _backend.resolve(backend, x.device)
-    if fast_path():
-        if resolved in FUSED_BACKENDS and _channel_shuffle_fused is not None:
-            return _channel_shuffle_fused(x, groups)  # autograd in C++ (csrc/autograd.cpp)
-        return _ChannelShuffle.apply(x, groups, resolved)
-    return _channel_shuffle_op(x, groups, resolved)
+    return _channel_shuffle(x, groups, _backend.resolve(backend, x.device))
 
 
 def partial_channel_shuffle(
@@ -459,12 +383,7 @@ def partial_channel_shuffle(
             f"processed ({cp} channels) and bypass ({cb}) together: C={cp + cb} is not divisible "
             f"by groups={groups}"
         )
-    resolved = _backend.resolve(backend, processed.device)
-    if fast_path():
-        if resolved in FUSED_BACKENDS and _partial_channel_shuffle_fused is not None:
-            return _partial_channel_shuffle_fused(processed, bypass, groups)  # autograd in C++
-        return _PartialShuffle.apply(processed, bypass, groups, resolved)
-    return _partial_channel_shuffle_op(processed, bypass, groups, resolved)
+    return _partial_channel_shuffle(processed, bypass, groups, _backend.resolve(backend, processed.device))
 
 
 def split_channels(x: Tensor, k: int) -> tuple[Tensor, Tensor]:

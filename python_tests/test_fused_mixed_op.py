@@ -395,13 +395,29 @@ def test_topo_uses_the_kernel_ops(monkeypatch):
     # in a merged conv that took its coefficient (plain addition, nothing saved)
     assert calls == {"merge_kernels": 3, "mixed_sum": 1}
     # With recomputation (topo's default) the parameter-free branches (pools, skip) form a
-    # weighted sum of their own.
+    # weighted sum of their own: on the Python path a second mixed_sum, recomputed in backward...
+    from toponas_kernels.nas import _autograd
+
     calls.update(merge_kernels=0, mixed_sum=0)
-    FusedMixedOp(4, 1, mode="topo")(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
+    with monkeypatch.context() as m:
+        m.setattr(_autograd, "_LIGHT_SUM", None)
+        FusedMixedOp(4, 1, mode="topo")(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
     assert calls == {"merge_kernels": 3, "mixed_sum": 2}
+    # ...and where the kernels are compiled, one light_sum op (its weighted sum inside, in C++)
+    if _autograd._LIGHT_SUM is not None:
+        calls.update(merge_kernels=0, mixed_sum=0)
+        light = []
+        monkeypatch.setattr(_autograd, "_LIGHT_SUM", lambda *a, _f=_autograd._LIGHT_SUM: light.append(1) or _f(*a))
+        FusedMixedOp(4, 1, mode="topo")(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
+        assert calls == {"merge_kernels": 3, "mixed_sum": 1} and light == [1]
 
 
-def test_shared_modules_run_once():
+def test_shared_modules_run_once(monkeypatch):
+    # module hooks see the Python path of the recomputed tails (the fused tail op runs the pools
+    # and the BN inside one C++ op, as a merged group runs its convs)
+    from toponas_kernels.nas import _autograd
+
+    monkeypatch.setattr(_autograd, "_LIGHT_SUM", None)
     op = FusedMixedOp(4, 1, mode="topo")
     calls = {}
     for i, chain in enumerate(op._ops):

@@ -6,7 +6,7 @@
 // advanced) and takes their backward: the pool's, the BN's and the weighted sum's. So the
 // recomputed tails cost one dispatcher call each way, and no Python runs in their backward.
 //
-// spec (ints), per tail: pool (0 none, 1 max, 2 average), kernel, stride (padding kernel / 2),
+// spec (ints), per tail: pool (0 none, 1 max, 2 average), kernel, stride, padding,
 // bn (0 none, 1 batch statistics only, 2 with running statistics: the next entry of
 // running_means / running_vars / counters), channels_last (pool and BN channels-last, as the
 // modules run on a CPU; the output is contiguous). floats, per tail: the BN's momentum and eps.
@@ -25,20 +25,21 @@ namespace {
 using at::Tensor;
 
 struct Tail {
-  int64_t pool, kernel, stride, bn, channels_last;
+  int64_t pool, kernel, stride, padding, bn, channels_last;
   double momentum, eps;
 };
 
 std::vector<Tail> parse_tails(at::IntArrayRef spec, at::ArrayRef<double> floats, size_t n) {
-  TORCH_CHECK(spec.size() == 5 * n && floats.size() == 2 * n,
-              "light_sum: spec must hold 5 ints and floats 2 per input (", n, " inputs), got ", spec.size(), " and ",
+  TORCH_CHECK(spec.size() == 6 * n && floats.size() == 2 * n,
+              "light_sum: spec must hold 6 ints and floats 2 per input (", n, " inputs), got ", spec.size(), " and ",
               floats.size());
   std::vector<Tail> tails;
   for (size_t i = 0; i < n; ++i) {
-    const int64_t* s = spec.data() + 5 * i;
-    TORCH_CHECK(s[0] >= 0 && s[0] <= 2 && s[3] >= 0 && s[3] <= 2 && s[1] >= 1 && s[2] >= 1,
-                "light_sum: bad spec for input ", i);
-    tails.push_back({s[0], s[1], s[2], s[3], s[4], floats[2 * i], floats[2 * i + 1]});
+    const int64_t* s = spec.data() + 6 * i;
+    TORCH_CHECK(s[0] >= 0 && s[0] <= 2 && s[4] >= 0 && s[4] <= 2 && s[1] >= 1 && s[2] >= 1 && s[3] >= 0 &&
+                    2 * s[3] <= s[1],
+                "light_sum: bad spec for input ", i, " (pool, kernel, stride, padding, bn, channels_last)");
+    tails.push_back({s[0], s[1], s[2], s[3], s[4], s[5], floats[2 * i], floats[2 * i + 1]});
   }
   return tails;
 }
@@ -66,7 +67,7 @@ Tensor layout_in(const Tensor& t, const Tail& tail) {
 Tensor layout_out(const Tensor& t, const Tail& tail) { return tail.channels_last ? t.contiguous() : t; }
 
 Tensor pool_forward(const Tensor& x, const Tail& t) {
-  const int64_t k = t.kernel, s = t.stride, p = t.kernel / 2;
+  const int64_t k = t.kernel, s = t.stride, p = t.padding;
   if (t.pool == 1) return at::max_pool2d(x, {k, k}, {s, s}, {p, p});
   return at::avg_pool2d(x, {k, k}, {s, s}, {p, p}, false, /*count_include_pad=*/false);
 }
@@ -108,7 +109,7 @@ std::vector<Tensor> light_sum_backward_kernel(const Tensor& grad, const Tensor& 
   int64_t next = 0;
   for (size_t i = 0; i < n; ++i) {
     const Tail& t = tails[i];
-    const int64_t k = t.kernel, s = t.stride, p = t.kernel / 2;
+    const int64_t k = t.kernel, s = t.stride, p = t.padding;
     xs[i] = layout_in(inputs[i], t);
     if (t.pool == 1) {
       std::tie(zs[i], idx[i]) = at::max_pool2d_with_indices(xs[i], {k, k}, {s, s}, {p, p});
@@ -130,7 +131,7 @@ std::vector<Tensor> light_sum_backward_kernel(const Tensor& grad, const Tensor& 
   std::vector<Tensor> out;
   for (size_t i = 0; i < n; ++i) {
     const Tail& t = tails[i];
-    const int64_t k = t.kernel, s = t.stride, p = t.kernel / 2;
+    const int64_t k = t.kernel, s = t.stride, p = t.padding;
     Tensor gz = layout_in(g[i], t);
     if (t.bn == 1 || (t.bn == 2 && training)) {
       gz = std::get<0>(at::native_batch_norm_backward(gz, zs[i], {}, {}, {}, mean[i], invstd[i], true, t.eps,

@@ -49,6 +49,27 @@ def test_fused_tails_equal_the_python_path(stride, training, track, monkeypatch)
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("edge_weight", [None, 0.7])
+def test_partial_channel_bypass_equals_the_python_path(edge_weight, monkeypatch):
+    """PC-DARTS' bypass on a stride-2 edge (2x2 max pool, times the edge weight)."""
+    results = []
+    for python in (False, True):
+        torch.manual_seed(0)
+        op = FusedMixedOp(8, 2, mode="topo", partial_channels=4).to(DT)
+        x = _x(8, 6, 2).requires_grad_()
+        w = torch.softmax(torch.randn(len(op.primitives), dtype=DT), 0).requires_grad_()
+        e = None if edge_weight is None else torch.tensor(edge_weight, dtype=DT, requires_grad=True)
+        with monkeypatch.context() as m:
+            if python:
+                _python_path(m)
+            y = op(x, w, edge_weight=e)
+            probe = torch.randn(y.shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+            wrt = [x, w] + ([e] if e is not None else [])
+            results.append([y.detach(), *torch.autograd.grad((y * probe).sum(), wrt)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 def _recomputed_backwards(monkeypatch):
     calls = []
     original = A._Recomputed.backward
@@ -61,9 +82,10 @@ def _recomputed_backwards(monkeypatch):
     return calls
 
 
-def test_no_python_backward_for_the_tails_of_a_darts_step(monkeypatch):
+@pytest.mark.parametrize("partial_channels", [None, 4])
+def test_no_python_backward_for_the_tails_of_a_darts_step(partial_channels, monkeypatch):
     torch.manual_seed(0)
-    net = DartsSearchNetwork(C=4, num_classes=10, layers=3, mode="topo").to(DT)
+    net = DartsSearchNetwork(C=8, num_classes=10, layers=3, mode="topo", partial_channels=partial_channels).to(DT)
     calls = _recomputed_backwards(monkeypatch)
     fused = []
     monkeypatch.setattr(MO, "light_sum", lambda *a, _f=A.light_sum: fused.append(1) or _f(*a))
@@ -111,7 +133,7 @@ def _tails(C, stride, training=True):
         if bn.running_mean is not None:
             bn.running_mean.uniform_(-1, 1, generator=g)
             bn.running_var.uniform_(0.5, 2, generator=g)
-    tails = [A.light_tail(nn.MaxPool2d(3, stride, 1), bns[0], True),
+    tails = [A.light_tail(nn.MaxPool2d(3, stride, 1), bns[0], True),  # channels-last
              A.light_tail(nn.AvgPool2d(3, stride, 1, count_include_pad=False), bns[1], False),
              A.light_tail(None, bns[2], False)]
     return tails, bns
@@ -173,7 +195,8 @@ def test_the_op_advances_running_statistics_as_the_modules_do():
 
 def test_light_tail_refuses_what_the_op_cannot_run():
     assert A.light_tail(nn.MaxPool2d(3, 1, 1, ceil_mode=True), None, False) is None
-    assert A.light_tail(nn.MaxPool2d(3, 1, 0), None, False) is None
+    assert A.light_tail(nn.MaxPool2d(3, 1, 2), None, False) is None  # padding over half the window
+    assert A.light_tail(nn.MaxPool2d(3, 1, dilation=2), None, False) is None
     assert A.light_tail(nn.AvgPool2d(3, 1, 1), None, False) is None  # counts the padding
     assert A.light_tail(None, nn.BatchNorm2d(3), False) is None  # affine: has parameters
     assert A.light_tail(None, nn.BatchNorm2d(3, affine=False, momentum=None), False) is None
@@ -184,7 +207,7 @@ def test_bad_spec_is_refused():
     tails, _ = _tails(3, 1)
     args = list(_op_args(tails, _odd_inputs(3, 1), torch.rand(3, dtype=DT), True))
     args[5] = args[5][:-1]
-    with pytest.raises(RuntimeError, match="spec must hold 5 ints"):
+    with pytest.raises(RuntimeError, match="spec must hold 6 ints"):
         torch.ops.toponas.light_sum_fused(*args)
     args = list(_op_args(tails, _odd_inputs(3, 1), torch.rand(2, dtype=DT), True))
     with pytest.raises(RuntimeError, match="one weight per input"):

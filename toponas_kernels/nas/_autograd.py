@@ -179,10 +179,10 @@ _LIGHT_SUM = fused_op("light_sum_fused")
 @register_kernel_fake("light_sum_fused")
 def _(weights, inputs, running_means, running_vars, counters, spec, floats, training):
     x = inputs[0]
-    pool, k, s = spec[0], spec[1], spec[2]
+    pool, k, s, p = spec[:4]
     h, w = x.shape[-2:]
     if pool:
-        h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+        h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     return x.new_empty((*x.shape[:-2], h, w))
 
 
@@ -193,10 +193,11 @@ def _(grad, weights, inputs, running_means, running_vars, spec, floats, training
 
 def light_tail(pool: nn.Module | None, bn: nn.Module | None, channels_last: bool) -> tuple | None:
     """A tail ``bn(pool(x))`` (either may be None) in the terms of the fused op: ``(spec, floats,
-    bn)`` (csrc/light_sum.cpp), or None when the op cannot run it (another module, ceil mode,
-    dilation, an affine BN, a cumulative-average BN). ``channels_last``: the tail runs
-    channels-last (as ``channels_last_on_cpu`` runs a pooling unit on a CPU)."""
-    code, kernel, stride = 0, 1, 1
+    bn)`` (csrc/light_sum.cpp), or None when the op cannot run it (another module, a pool with
+    ceil mode, dilation, unequal sides or padding over half its window, an affine BN, a
+    cumulative-average BN). ``channels_last``: the pool and BN run channels-last (as
+    ``channels_last_on_cpu`` runs a pooling unit on a CPU)."""
+    code, kernel, stride, padding = 0, 1, 1, 0
     if pool is not None:
         if type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.return_indices:
             code = 1
@@ -204,11 +205,11 @@ def light_tail(pool: nn.Module | None, bn: nn.Module | None, channels_last: bool
             code = 2
         else:
             return None
-        k, st, pad = (pool.kernel_size, pool.stride, pool.padding)
-        k, st, pad = (v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None) for v in (k, st, pad))
-        if None in (k, st, pad) or pool.ceil_mode or pad != k // 2:
+        k, st, pad = (v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None)
+                      for v in (pool.kernel_size, pool.stride, pool.padding))
+        if None in (k, st, pad) or pool.ceil_mode or 2 * pad > k:
             return None
-        kernel, stride = k, st
+        kernel, stride, padding = k, st, pad
     floats = [0.0, 0.0]
     bn_code = 0
     if bn is not None:
@@ -216,7 +217,8 @@ def light_tail(pool: nn.Module | None, bn: nn.Module | None, channels_last: bool
             return None
         bn_code = 2 if bn.track_running_stats and bn.running_mean is not None else 1
         floats = [float(bn.momentum), float(bn.eps)]
-    return [code, kernel, stride, bn_code, int(channels_last and pool is not None)], floats, bn if bn_code == 2 else None
+    spec = [code, kernel, stride, padding, bn_code, int(channels_last and pool is not None)]
+    return spec, floats, bn if bn_code == 2 else None
 
 
 def light_sum(tails: list[tuple], w: Tensor, inputs: list[Tensor]) -> Tensor | None:

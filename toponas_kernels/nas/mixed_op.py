@@ -322,7 +322,15 @@ class FusedMixedOp(nn.Module):
         bypass = x[:, c:]
         if self.recompute and self.mp is not None:
             # Pooled again in backward: keeps no indices and no pooled copy for the edge weight.
-            if edge_weight is None:
+            # Where the kernels are compiled, one op with a C++ backward (as the tails' sums).
+            fused = None
+            if torch.is_grad_enabled() and _backend.resolve(self.backend, x.device) in FUSED_BACKENDS:
+                tail = light_tail(self.mp, None, channels_last=x.device.type == "cpu")
+                w = x.new_ones(1) if edge_weight is None else edge_weight.reshape(1)
+                fused = None if tail is None else light_sum([tail], w, [bypass])
+            if fused is not None:
+                bypass = fused
+            elif edge_weight is None:
                 bypass = recompute(lambda b: channels_last_on_cpu(self.mp, b), self.mp, bypass)
             else:
                 bypass = recompute(lambda b, e: channels_last_on_cpu(self.mp, b) * e, self.mp, bypass, edge_weight)

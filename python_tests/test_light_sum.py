@@ -11,7 +11,7 @@ from torch import nn
 
 from toponas_kernels import FusedMixedOp
 from toponas_kernels.nas import _autograd as A
-from toponas_kernels.nas import mixed_op as MO
+from toponas_kernels.nas import run_graph as MO
 from toponas_kernels.nas.networks import DartsSearchNetwork
 from test_forms import _run, _x
 

@@ -68,12 +68,17 @@ modes, and ``load_plain_state`` copies from a DARTS-style MixedOp. The BN runnin
 not carry over between modes (a merged, normalized conv feeds its BN outputs of another scale):
 the state records its mode (``_extra_state``), a load across kernel normalizations (topo with
 normalization vs. any other mode) resets the statistics with a warning, and ``recalibrate_bn(model, batches)`` re-estimates them before evaluation.
+
+Where the parts live: this module builds the op, checks its inputs, caches a plan (simplified
+graph and coefficient layout) per mask and derives the chosen operation; ``run_graph.py`` runs a
+plan's graph; ``_autograd.py`` holds the memory-saving autograd (merged convs, recomputed
+tails); ``bn_state.py`` the BN statistics across modes; ``coefficients.py`` and ``forms.py`` the
+derived weights and the forms of a merged group.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -85,18 +90,19 @@ from ..ops._common import FUSED_BACKENDS
 from ..backend import BACKENDS
 from . import forms as Fm
 from . import spaces as S
-from ._autograd import channels_last_on_cpu, light_sum, light_tail, merged_conv, recompute, recomputed
+from ._autograd import channels_last_on_cpu, light_sum, light_tail, recompute
+from .bn_state import ModeState, _after_load, recalibrate_bn
 from .coefficients import EdgeCoefficients, Layout, Masses, intern_signature, table_for
-from .operations import OpChain, PoolBN, build_op, chosen_module
-from .simplify import Choice, Graph, Leaf, Merged, Seq, rewrites_for, simplify
-from .wrap import Opaque, report_once
+from .operations import OpChain, build_op, chosen_module
+from .simplify import Choice, Graph, Merged, Seq, rewrites_for, simplify
+from .run_graph import GraphRunner, _promoted
 
 __all__ = ["FusedMixedOp", "recalibrate_bn", "recompute"]
 
 _NORMALIZE = {True: "channel", False: "none", "channel": "channel", "tensor": "tensor", "none": "none"}
 
 
-class FusedMixedOp(nn.Module):
+class FusedMixedOp(GraphRunner, ModeState, nn.Module):
     """One edge of a DARTS-style cell: the weighted sum of its candidate operations.
 
     Args:
@@ -365,160 +371,6 @@ class FusedMixedOp(nn.Module):
         return self._choice(root, x, (layout, coefficients.pieces))
 
     # ------------------------------------------------------------------ graph execution
-    def _run(self, node, x: Tensor, coefs) -> Tensor:
-        if isinstance(node, Leaf):
-            module = self._module(node)
-            if self.recompute and isinstance(module, PoolBN):
-                return channels_last_on_cpu(module, x)
-            return module(x)
-        if isinstance(node, Seq):
-            return self._run_items(node.items, x, coefs)
-        if isinstance(node, Choice):
-            return self._choice(node, x, coefs)
-        raise TypeError(f"unexpected node {node!r}")
-
-    def _run_items(self, items, x: Tensor, coefs) -> Tensor:
-        """The nodes ``items`` applied in order. A ReLU right after a BN (the sep-conv chain's
-        middle) runs in place on the BN's output: BN's backward needs its input, not its output,
-        so the pair makes one activation-sized tensor instead of two (one pass and one buffer
-        fewer; the values and gradients are those of the two modules)."""
-        after_bn = False
-        for item in items:
-            module = self._module(item) if isinstance(item, Leaf) else None
-            if after_bn and isinstance(module, nn.ReLU):
-                x = torch.relu_(x)
-            else:
-                x = self._run(item, x, coefs)
-            after_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        return x
-
-    def _module(self, leaf: Leaf) -> nn.Module:
-        """The module a leaf runs: the instance of its first owner (candidate, position)."""
-        cand, pos = leaf.owners[0]
-        return self._parts[cand][pos]
-
-    def _choice(self, choice: Choice, x: Tensor, coefs) -> Tensor:
-        """A weighted sum, its coefficients ``coefs = (layout, pieces)`` (``coefficients.py``).
-        Branches whose coefficient went into a merged kernel (a merged conv, or a branch that
-        ends in a sum of merged convs: c * conv(h, K) = conv(h, c * K), exact) are added
-        plainly, so nothing is saved for them; the others go through ``mixed_sum`` with their
-        derived coefficients (it saves its inputs for the weight gradient), or, for
-        parameter-free tails with ``recompute``, through a recomputed ``mixed_sum``."""
-        layout, pieces = coefs
-        spec = layout.choices[id(choice)]
-        weighted, applied, light = [], [], []
-        for branch, (kind, piece, head, tail) in zip(choice.branches, spec.branches):
-            if kind == "light":
-                light.append((tail, self._run_items(head, x, coefs)))
-            elif kind == "merged":
-                applied.append(self._merged(branch.node, x, pieces[piece]))
-            elif kind == "whole":
-                applied.append(self._run(branch.node, x, coefs))
-            elif kind == "absorb":
-                items = branch.node.items
-                applied.append(self._choice(items[-1], self._run_items(items[:-1], x, coefs), coefs))
-            else:
-                weighted.append(self._run(branch.node, x, coefs))
-        out = ops.mixed_sum(*_promoted(weighted, pieces[spec.weighted]), backend=self.backend) if weighted else None
-        if light:
-            applied.append(self._recomputed_sum(light, pieces[spec.light]))
-        for y in applied:
-            out = y if out is None else out + y
-        return out
-
-    def _free_tail(self, node) -> tuple[list, list]:
-        """Split a branch into its head and its trailing parameter-free modules (all of it for a
-        pooling or identity branch; the trailing BN of a conv group)."""
-        items = list(node.items) if isinstance(node, Seq) else [node]
-        cut = len(items)
-        while cut > 0 and self._parameter_free(items[cut - 1]):
-            cut -= 1
-        return items[:cut], items[cut:]
-
-    def _parameter_free(self, node) -> bool:
-        """A chain of modules without parameters and without inner weighted sums: cheap to run
-        again in backward from its input."""
-        if isinstance(node, Seq):
-            return all(self._parameter_free(item) for item in node.items)
-        if isinstance(node, Leaf):
-            # An unrecognized candidate may be anything (random, stateful): never run twice.
-            return not isinstance(node.module, Opaque) and next(self._module(node).parameters(), None) is None
-        return False
-
-    def _recomputed_sum(self, tails: list[tuple[list, Tensor]], w: Tensor) -> Tensor:
-        """``sum_k w_k tail_k(input_k)`` for parameter-free tails, keeping only the inputs (the edge
-        input, or what the tail's first BN keeps anyway) and ``w`` for backward."""
-        bns = [
-            m
-            for items, _ in tails
-            for item in items
-            for module in self._modules_of(item)
-            for m in module.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-
-        def run(w: Tensor, *inputs: Tensor) -> Tensor:
-            ys, w = _promoted([self._run_items(items, h, None) for (items, _), h in zip(tails, inputs)], w)
-            return ops.mixed_sum(ys, w, backend=self.backend)
-
-        inputs = [h for _, h in tails]
-        if _backend.resolve(self.backend, w.device) in FUSED_BACKENDS and torch.is_grad_enabled():
-            fused = self._light_tails(tails, w.device.type)
-            y = None if fused is None else light_sum(fused, w, inputs)
-            if y is not None:
-                return y
-        return recomputed(run, bns, 1 + len(inputs), w, *inputs)
-
-    def _light_tails(self, tails, device_type: str) -> list[tuple] | None:
-        """The tails in the terms of the fused op (``light_tail``), when each is a pooling unit
-        and/or a non-affine BN; else None."""
-        out = []
-        for items, _ in tails:
-            modules = [m for item in items for m in self._modules_of(item)]
-            if len(modules) != 1:
-                return None
-            m = modules[0]
-            if isinstance(m, PoolBN):
-                got = light_tail(m.pool, m.bn, channels_last=device_type == "cpu")
-            else:
-                got = light_tail(None, m, channels_last=False)
-            if got is None:
-                return None
-            out.append(got)
-        return out
-
-    def _modules_of(self, node):
-        if isinstance(node, Seq):
-            for item in node.items:
-                yield from self._modules_of(item)
-        elif isinstance(node, Leaf):
-            yield self._module(node)
-
-    def _merged(self, node: Merged, x: Tensor, coefs: Tensor) -> Tensor:
-        """The weighted sum of several conv units as one merged conv, in the form ``merge``
-        picks for the group (``forms.py``)."""
-        units = [self._module(p) for p in node.parts]
-        tensors = [t for u in units for t in u.kernel_tensors()]
-        y = merged_conv(self._group(node, x.device.type), x, coefs, *tensors)
-        biases = [u.bias_tensor() for u in units]
-        if any(b is not None for b in biases):  # conv(x, sum c_i K_i) + sum c_i b_i: exact
-            stacked = torch.stack([torch.zeros_like(y[0, :, 0, 0]) if b is None else b.to(y.dtype) for b in biases])
-            y = y + (coefs.to(y.dtype) @ stacked).view(1, -1, 1, 1)
-        return y
-
-    def _group(self, node: Merged, device_type: str):
-        """The ``forms`` group object that runs ``node`` on ``device_type`` (cached; made eagerly
-        by ``merge_forms``, so a traced forward only reads the cache and never writes to it)."""
-        key = (node, device_type)
-        group = self._groups.get(key)
-        if group is None:
-            sizes = [len(self._module(p).kernel_tensors()) for p in node.parts]
-            form = self.form_of(node, device_type)[0]
-            group = Fm.group_for(node, form, sizes, self.normalize, self.eps, self.backend)
-            if not torch.compiler.is_compiling():
-                self._groups[key] = group
-        return group
-
     def form_of(self, node: Merged, device_type: str = "cpu") -> tuple[str, str]:
         """The form a merged group runs in on ``device_type``, and why (cached)."""
         key = (node, device_type)
@@ -661,137 +513,6 @@ class FusedMixedOp(nn.Module):
             return module
         return chosen_module(self.primitives[best], self.C, self.stride, affine, self.space)
 
-    # ------------------------------------------------------------------ state across modes
-    def _stats_key(self) -> str:
-        """What sets the scale of the BN inputs besides the parameters: the kernel normalization
-        of merged convs (topo). Sharing and unnormalized merging keep the scale (PMS is exact;
-        FMS and merging change a BN's input only by weighting), so their statistics carry over."""
-        return _stats_key(self.mode, self.normalize)
-
-    def get_extra_state(self) -> Tensor:
-        # A small tensor, so every value of a state dict stays a tensor (clone, to(device), save).
-        return torch.tensor([_MODE_NAMES.index(self.mode), _NORM_NAMES.index(self.normalize)], dtype=torch.uint8)
-
-    def set_extra_state(self, state) -> None:
-        mode, norm = (int(v) for v in state.tolist())
-        self._loaded_from = _stats_key(_MODE_NAMES[mode], _NORM_NAMES[norm])
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if self._wrapped:  # the user's unwrapped candidate list: "<i>.<name>" -> "_ops.<i>.<name>"
-            for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()]:
-                state_dict[prefix + "_ops." + k[len(prefix):]] = state_dict.pop(k)
-        key = prefix + "_extra_state"
-        had = key in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if not had and key in missing_keys:  # a state saved before the mode was recorded: mode unknown
-            missing_keys.remove(key)
-
-    def _reset_bn_statistics(self, load=None) -> None:
-        """BN running statistics gathered in another mode do not fit this one (a merged,
-        normalized conv has outputs of another scale than the candidates' convs): reset them.
-        ``load``: an object that is the same for every edge of one ``load_state_dict`` call (its
-        list of missing keys), so that the call warns once for the whole model."""
-        reset = 0
-        for m in self._ops.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                m.reset_running_stats()
-                reset += 1
-        if reset and (load is None or _LAST_LOAD[0] is not load):
-            if load is not None:
-                _LAST_LOAD[0] = load
-            # One message for every edge and source (so a model warns once, not once per edge).
-            warnings.warn(
-                "FusedMixedOp: loaded a state saved with another kernel normalization (another mode); "
-                "the BN running statistics do not fit and were reset. Re-estimate them with "
-                "toponas_kernels.nas.recalibrate_bn(model, batches) before evaluating.",
-                stacklevel=3 if load is None else 5,
-            )
-
-    def load_plain_state(self, other: nn.Module) -> None:
-        """Copy parameters and buffers, in registration order, from a module holding the same
-        candidates in the same order: a DARTS-style MixedOp (its ``_ops``), another
-        FusedMixedOp, or a list of candidate modules. Shapes must match one to one."""
-        source = other._ops if isinstance(other, FusedMixedOp) else other
-        if isinstance(source, (list, tuple)):
-            source = nn.ModuleList(source)
-        for kind, dst, src in (
-            ("parameters", list(self._ops.parameters()), list(source.parameters())),
-            ("buffers", list(self._ops.buffers()), list(source.buffers())),
-        ):
-            if len(dst) != len(src) or any(d.shape != s.shape for d, s in zip(dst, src)):
-                raise ValueError(
-                    f"other: its {kind} do not match this op's one to one "
-                    f"({[tuple(s.shape) for s in src]} vs {[tuple(d.shape) for d in dst]})"
-                )
-            with torch.no_grad():
-                for d, s in zip(dst, src):
-                    d.copy_(s)
-        source_key = other._stats_key() if isinstance(other, FusedMixedOp) else _stats_key("plain", "none")
-        if source_key != self._stats_key():
-            self._reset_bn_statistics()
-
-
-# The codes of the mode record in a state dict (append only: saved states keep their meaning).
-_MODE_NAMES = ("plain", "pms", "fms", "pms+fms", "topo")
-_NORM_NAMES = ("none", "channel", "tensor")
-
-
-def _stats_key(mode: str, normalize: str) -> str:
-    return normalize if mode == "topo" else "none"
-
-
-def _after_load(module: FusedMixedOp, incompatible_keys) -> None:
-    """After a load_state_dict (the candidates' buffers are loaded by now): a state saved in
-    another mode leaves BN statistics that do not fit; reset them."""
-    source, module._loaded_from = module._loaded_from, None
-    if source is not None and source != module._stats_key():
-        module._reset_bn_statistics(incompatible_keys.missing_keys)
-
-
-# The missing-keys list of the last load that warned (held, so its id cannot be reused).
-_LAST_LOAD: list = [None]
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches, *, forward=None) -> int:
-    """Re-estimate the running statistics of every BatchNorm in ``model`` from ``batches``, e.g.
-    after loading a state saved in another mode (see ``FusedMixedOp``). The statistics are reset
-    and become the plain average over the batches (momentum None while this runs); parameters
-    do not change and no gradient is taken. The model's train/eval state is put back.
-
-    Args:
-        model: any module.
-        batches: an iterable; each item is passed as ``model(item)``, or ``model(*item)`` for a
-            tuple or list (``FusedMixedOp`` takes ``(x, weights)``), unless ``forward`` is given.
-        forward: optional ``forward(model, item)`` that runs one batch (e.g. to drop labels).
-    Returns the number of batches run (a ValueError when there were none).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    count = 0
-    try:
-        for item in batches:
-            if forward is not None:
-                forward(model, item)
-            elif isinstance(item, (tuple, list)):
-                model(*item)
-            else:
-                model(item)
-            count += 1
-    finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
-        for m, training in modes:
-            m.training = training
-    if count == 0:
-        raise ValueError("batches: no batch to estimate the BN statistics from")
-    return count
-
 
 class _Plan:
     """A simplified graph, cached per mask."""
@@ -809,17 +530,6 @@ class _Plan:
         if idx is None:
             idx = self._index[key] = torch.tensor(members, dtype=torch.long, device=device)
         return idx
-
-
-def _promoted(outputs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Outputs and weights in one dtype, the promotion of theirs: under autocast the candidates
-    come out in mixed dtypes (convs in half, pools and BN in float), and DARTS' ``sum(w * op(x))``
-    promotes. Without autocast nothing is cast."""
-    dtype = w.dtype
-    for y in outputs:
-        if y.dtype != dtype:  # torch.promote_types is an op call, made only when it has work
-            dtype = torch.promote_types(dtype, y.dtype)
-    return [y if y.dtype == dtype else y.to(dtype) for y in outputs], (w if w.dtype == dtype else w.to(dtype))
 
 
 def _check_options(mode, normalize, eps, backend, recompute, merge) -> None:

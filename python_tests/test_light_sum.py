@@ -14,6 +14,7 @@ from toponas_kernels.nas import _autograd as A
 from toponas_kernels.nas import run_graph as MO
 from toponas_kernels.nas.networks import DartsSearchNetwork
 from test_forms import _run, _x
+from utils import saved_bytes
 
 pytestmark = pytest.mark.skipif(A._LIGHT_SUM is None, reason="the C++ extension lacks light_sum_fused")
 
@@ -100,16 +101,7 @@ def test_no_python_backward_for_the_tails_of_a_darts_step(partial_channels, monk
 
 
 def _saved_bytes(op, x, w):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op(x, w)
-    return total
+    return saved_bytes(lambda: op(x, w), [*op.parameters(), *op.buffers()])
 
 
 def test_keeps_no_more_for_backward_than_the_python_path(monkeypatch):

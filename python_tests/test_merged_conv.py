@@ -14,7 +14,7 @@ from toponas_kernels import FusedMixedOp
 from toponas_kernels.nas import forms as Fm
 from toponas_kernels.nas import spaces as S
 from test_forms import _run, _x
-from utils import dilations_space
+from utils import dilations_space, saved_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import _harness as H  # noqa: E402
@@ -83,16 +83,7 @@ def test_backward_node_is_cpp():
 
 
 def _saved_bytes(op, x, w):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op(x, w)
-    return total
+    return saved_bytes(lambda: op(x, w), [*op.parameters(), *op.buffers()])
 
 
 @pytest.mark.parametrize("merge", Fm.FORMS)

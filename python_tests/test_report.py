@@ -92,7 +92,7 @@ def test_default_edge_labels_darts_nb201_other():
 @pytest.mark.parametrize("epochs", [1, 12])
 def test_plot_arch_weights_darts(tmp_path, epochs):
     history = darts_history(epochs)
-    fig = R._arch_weights_figure(history, list(DARTS_PRIMITIVES), title="search")
+    fig = R.arch_weights_figure(history, list(DARTS_PRIMITIVES), title="search")
     t = texts(fig)
     for label in R._default_edge_labels(14):  # one panel per edge, in each of the two alpha grids
         assert t.count(label) >= 2, label
@@ -119,7 +119,7 @@ def test_plot_arch_weights_nb201_edge_labels(tmp_path):
     rnd = random.Random(1)
     history = [{"alphas": [softmax([rnd.random() for _ in NB201_PRIMITIVES]) for _ in range(6)]} for _ in range(3)]
     labels = [f"edge{k}" for k in range(6)]
-    fig = R._arch_weights_figure(history, list(NB201_PRIMITIVES), edge_labels={"alphas": labels})
+    fig = R.arch_weights_figure(history, list(NB201_PRIMITIVES), edge_labels={"alphas": labels})
     assert all(texts(fig).count(lab) == 1 for lab in labels)
     assert_png(R.plot_arch_weights(history, list(NB201_PRIMITIVES), tmp_path / "nb.png"))
 
@@ -129,7 +129,7 @@ def test_plot_arch_weights_takes_tensors():
 
     history = [{"alphas": torch.softmax(torch.randn(6, 5), -1), "betas": torch.softmax(torch.randn(6), -1)}
                for _ in range(2)]
-    fig = R._arch_weights_figure(history, list(NB201_PRIMITIVES))
+    fig = R.arch_weights_figure(history, list(NB201_PRIMITIVES))
     panel = next(ax for ax in fig.findobj(matplotlib.axes.Axes) if ax.get_title() == "3<-1")
     assert [line.get_ydata()[1] for line in panel.get_lines()] == pytest.approx(history[1]["alphas"][4].tolist())
     betas = next(ax for ax in fig.findobj(matplotlib.axes.Axes) if len(ax.get_lines()) == 6 and not ax.get_title())
@@ -179,7 +179,7 @@ def op_label_counts(fig, names):
 def test_draw_darts_cell_v2(tmp_path, as_namedtuple):
     genotype = Genotype(**{k: [tuple(g) for g in v] if k in ("normal", "reduce") else v
                            for k, v in DARTS_V2.items()}) if as_namedtuple else DARTS_V2
-    fig = R._darts_cell_figure(genotype, title="DARTS_V2")
+    fig = R.darts_cell_figure(genotype, title="DARTS_V2")
     expected = Counter(op for key in ("normal", "reduce") for op, _ in DARTS_V2[key])
     assert op_label_counts(fig, set(DARTS_PRIMITIVES)) == expected  # every edge labelled once
     t = texts(fig)
@@ -197,7 +197,7 @@ def test_draw_darts_cell_any_steps_and_default_concat(tmp_path):
     genotype = {"normal": [["skip_connect", 0], ["sep_conv_5x5", 1], ["avg_pool_3x3", 2], ["none", 0],
                            ["sep_conv_3x3", 3], ["dil_conv_5x5", 2]],
                 "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1]]}
-    fig = R._darts_cell_figure(genotype)
+    fig = R.darts_cell_figure(genotype)
     assert op_label_counts(fig, set(DARTS_PRIMITIVES)) == Counter(
         ["skip_connect", "sep_conv_5x5", "avg_pool_3x3", "none", "sep_conv_3x3", "dil_conv_5x5",
          "max_pool_3x3", "max_pool_3x3"])
@@ -278,7 +278,7 @@ def test_parse_nb201_errors(arch, match):
 @pytest.mark.parametrize("arch", NB201_ARCHS[:3])
 def test_draw_nb201_cell(tmp_path, arch):
     nodes = parse_nb201(arch)
-    fig = R._nb201_cell_figure(arch, title="best")
+    fig = R.nb201_cell_figure(arch, title="best")
     ops = [op for n in nodes for op, _ in n]
     assert op_label_counts(fig, set(NB201_PRIMITIVES)) == Counter(ops)
     assert all(texts(fig).count(str(i)) == 1 for i in range(4))
@@ -306,7 +306,7 @@ def test_plot_curves(tmp_path):
     rows[5]["val_loss"] = float("nan")
     del rows[6]["val_loss"]
     rows[7]["test_acc"] = 70.5  # only the last row has it
-    fig = R._curves_figure(rows, title="train")
+    fig = R.curves_figure(rows, title="train")
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["loss", "accuracy", "lr"]
     lines = {line.get_label(): line for ax in axes for line in ax.get_lines()}
@@ -317,14 +317,14 @@ def test_plot_curves(tmp_path):
     assert all(ax.get_xlabel() == "epoch" for ax in axes)
     assert_png(R.plot_curves(rows, tmp_path / "curves.png", title="train"), min_w=600, min_h=200)
     # chosen groups, any x column
-    fig = R._curves_figure(rows, x="lr", groups={"acc": ["train_acc"]})
+    fig = R.curves_figure(rows, x="lr", groups={"acc": ["train_acc"]})
     (ax,) = [ax for ax in fig.axes if ax.get_visible()]
     assert ax.get_xlabel() == "lr" and [line.get_label() for line in ax.get_lines()] == ["train_acc"]
 
 
 def test_plot_curves_one_row_and_no_x_column(tmp_path):
     assert_png(R.plot_curves([{"epoch": 0, "train_loss": 1.5, "lr": 0.1}], tmp_path / "one.png"), min_w=400)
-    fig = R._curves_figure([{"loss": 3.0}, {"loss": 2.0}, {"loss": 1.0}])
+    fig = R.curves_figure([{"loss": 3.0}, {"loss": 2.0}, {"loss": 1.0}])
     (ax,) = [ax for ax in fig.axes if ax.get_visible()]
     assert ax.get_xlabel() == "row" and list(ax.get_lines()[0].get_xdata()) == [0, 1, 2]
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import math
 import numbers
-import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -34,6 +33,10 @@ __all__ = [
     "draw_darts_cell",
     "draw_nb201_cell",
     "plot_curves",
+    "arch_weights_figure",
+    "darts_cell_figure",
+    "nb201_cell_figure",
+    "curves_figure",
     "write_csv",
     "read_csv",
 ]
@@ -243,7 +246,9 @@ def _edge_rows(labels: list[str]) -> list[list[int]]:
     return [list(range(k, min(k + 5, len(labels)))) for k in range(0, len(labels), 5)]
 
 
-def _arch_weights_figure(history, op_names, *, title="", edge_labels=None):
+def arch_weights_figure(history, op_names, *, title="", edge_labels=None):
+    """``plot_arch_weights``' picture as a matplotlib ``Figure`` (to show in a notebook or
+    draw further), nothing written."""
     if not isinstance(history, Sequence) or isinstance(history, str) or not history:
         raise ValueError("history: expected a non-empty list with one dict {param_name: weights} per epoch")
     if (not isinstance(op_names, Sequence) or isinstance(op_names, str) or not op_names
@@ -340,7 +345,7 @@ def plot_arch_weights(history: list[dict[str, list[list[float]]]], op_names: lis
     per edge). Each 2-D param gets a grid of panels, one per edge, one row per target node when
     the edge count matches a DARTS (2 inputs) or NB201 (1 input) cell, labelled ``i<-j`` unless
     ``edge_labels[param]`` gives the labels; every op keeps one colour in all panels."""
-    return _save(_arch_weights_figure(history, op_names, title=title, edge_labels=edge_labels), path)
+    return _save(arch_weights_figure(history, op_names, title=title, edge_labels=edge_labels), path)
 
 
 # --------------------------------------------------------------------------- cell drawings
@@ -488,7 +493,8 @@ def _genes(genotype, key: str) -> tuple[list[tuple[str, int]], list[int]]:
     return out, [int(c) for c in concat]
 
 
-def _darts_cell_figure(genotype, *, title=""):
+def darts_cell_figure(genotype, *, title=""):
+    """``draw_darts_cell``'s picture as a matplotlib ``Figure``, nothing written."""
     if hasattr(genotype, "_asdict"):  # the Genotype namedtuple
         genotype = genotype._asdict()
     if not isinstance(genotype, Mapping):
@@ -522,10 +528,11 @@ def draw_darts_cell(genotype: dict, path, *, title: str = "") -> str:
     0 = c_{k-2}, 1 = c_{k-1}, j >= 2 = intermediate node j-2; ``normal_concat`` / ``reduce_concat``
     name the nodes the output c_{k} concatenates (all intermediate nodes when absent). Every op
     edge carries its op's name; 'none' edges are drawn dashed grey, the concat edges plain grey."""
-    return _save(_darts_cell_figure(genotype, title=title), path, crop=True)
+    return _save(darts_cell_figure(genotype, title=title), path, crop=True)
 
 
-def _nb201_cell_figure(arch: str, *, title=""):
+def nb201_cell_figure(arch: str, *, title=""):
+    """``draw_nb201_cell``'s picture as a matplotlib ``Figure``, nothing written."""
     groups = parse_nb201(arch)
     nodes = {i: (1.9 * i, 0.0, str(i), "#c8e6c9" if i == 0 else "#fff59d" if i == len(groups) else "#bbdefb")
              for i in range(len(groups) + 1)}
@@ -542,7 +549,7 @@ def _nb201_cell_figure(arch: str, *, title=""):
 def draw_nb201_cell(arch: str, path, *, title: str = "") -> str:
     """Draw a NAS-Bench-201 cell (nodes 0..3 left to right, edge j -> i labelled with its op; 'none'
     edges are drawn dashed grey, with their label, not left out); returns ``path``."""
-    return _save(_nb201_cell_figure(arch, title=title), path, crop=True)
+    return _save(nb201_cell_figure(arch, title=title), path, crop=True)
 
 
 # --------------------------------------------------------------------------- learning curves
@@ -564,7 +571,8 @@ def _default_groups(columns: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _curves_figure(rows, *, x="epoch", groups=None, title=""):
+def curves_figure(rows, *, x="epoch", groups=None, title=""):
+    """``plot_curves``' picture as a matplotlib ``Figure``, nothing written."""
     if not isinstance(rows, Sequence) or isinstance(rows, str) or not rows:
         raise ValueError("rows: expected a non-empty list of dicts (one per epoch)")
     for i, row in enumerate(rows):
@@ -619,4 +627,4 @@ def plot_curves(rows: list[dict], path, *, x: str = "epoch", groups: dict[str, l
     By default columns are grouped as 'loss' (names containing 'loss'), 'accuracy' ('acc'), 'lr',
     'tau', and every other numeric column on a panel of its own. Missing, non-numeric and
     non-finite values are skipped point by point; one row is enough (drawn as markers)."""
-    return _save(_curves_figure(rows, x=x, groups=groups, title=title), path)
+    return _save(curves_figure(rows, x=x, groups=groups, title=title), path)

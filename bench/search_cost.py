@@ -28,7 +28,6 @@ ranks on the run's training half (steps x batch images) and the table says how m
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import re

@@ -10,10 +10,8 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent

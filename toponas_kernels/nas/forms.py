@@ -248,7 +248,7 @@ def _stacked(node, x, coefs, tensors, normalize, eps):
     else:
         stats = _statistics(Ps, Ds, normalize, eps)
         cols = (c[:, None] * stats["a"]).unsqueeze(2) * stats["P"]
-    O, C = cols.shape[1], cols.shape[2]
+    O = cols.shape[1]
     kernel = cols.transpose(0, 1).reshape(O, -1)
     if stats is not None:
         zs.append(_shift_channels(x, node))
@@ -483,7 +483,7 @@ class FactoredGroup(_Group):
             grad, z, kernel, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
         )
         gk = gk.flatten(1)
-        C, n = x.shape[1], len(node.parts)
+        C = x.shape[1]
         half = node.size // 2
         gx, gDm, _ = torch.ops.aten.convolution_backward(
             gz[:, :C], sv["xl"], sv["D"], None, [node.stride] * 2, [half] * 2,

@@ -14,7 +14,7 @@ from toponas_kernels.nas import _autograd as A
 from toponas_kernels.nas import run_graph as MO
 from toponas_kernels.nas.networks import DartsSearchNetwork
 from test_forms import _run, _x
-from utils import saved_bytes
+from utils import kept_bytes_fused_and_python
 
 pytestmark = pytest.mark.skipif(A._LIGHT_SUM is None, reason="the C++ extension lacks light_sum_fused")
 
@@ -100,19 +100,12 @@ def test_no_python_backward_for_the_tails_of_a_darts_step(partial_channels, monk
     assert len(calls) == len(fused)
 
 
-def _saved_bytes(op, x, w):
-    return saved_bytes(lambda: op(x, w), [*op.parameters(), *op.buffers()])
-
-
 def test_keeps_no_more_for_backward_than_the_python_path(monkeypatch):
     op = FusedMixedOp(6, 1, mode="topo").to(DT)
     x = _x(6, 9, 1).requires_grad_()
     w = torch.softmax(torch.randn(len(op.primitives), dtype=DT), 0).requires_grad_()
-    fused = _saved_bytes(op, x, w)
-    with monkeypatch.context() as m:
-        _python_path(m)
-        python = _saved_bytes(op, x, w)
-    assert fused <= python
+    fused, python = kept_bytes_fused_and_python(op, x, w, monkeypatch, A, "_LIGHT_SUM")
+    assert 0 < fused <= python
 
 
 def _tails(C, stride, training=True):

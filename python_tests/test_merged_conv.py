@@ -14,7 +14,7 @@ from toponas_kernels import FusedMixedOp
 from toponas_kernels.nas import forms as Fm
 from toponas_kernels.nas import spaces as S
 from test_forms import _run, _x
-from utils import dilations_space, saved_bytes
+from utils import dilations_space, kept_bytes_fused_and_python
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import _harness as H  # noqa: E402
@@ -82,20 +82,13 @@ def test_backward_node_is_cpp():
     assert not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
 
 
-def _saved_bytes(op, x, w):
-    return saved_bytes(lambda: op(x, w), [*op.parameters(), *op.buffers()])
-
-
 @pytest.mark.parametrize("merge", Fm.FORMS)
 def test_keeps_no_more_for_backward_than_the_python_path(merge, monkeypatch):
     op = _op(merge, "channel", 1, "darts")
     x = _x(6, 9, 1).requires_grad_()
     w = torch.softmax(torch.randn(len(op.primitives), dtype=DT), 0).requires_grad_()
-    fused = _saved_bytes(op, x, w)
-    with monkeypatch.context() as m:
-        _python_path(m)
-        python = _saved_bytes(op, x, w)
-    assert fused <= python
+    fused, python = kept_bytes_fused_and_python(op, x, w, monkeypatch, Fm, "_MERGED_CONV")
+    assert 0 < fused <= python
 
 
 def _group_args(merge, normalize="channel"):

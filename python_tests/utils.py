@@ -92,6 +92,20 @@ def saved_bytes(run, exclude) -> int:
     return measure_memory(run, "cpu", params=list(exclude), peak=False).saved_bytes
 
 
+def kept_bytes_fused_and_python(op, x, w, monkeypatch, owner, name: str) -> tuple[int, int]:
+    """Bytes ``op(x, w)`` keeps for backward (``saved_bytes``, the op's parameters and buffers
+    apart) with a fused op, and on the Python path (``owner.name`` set to None)."""
+
+    def kept():
+        return saved_bytes(lambda: op(x, w), [*op.parameters(), *op.buffers()])
+
+    fused = kept()
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, None)
+        python = kept()
+    return fused, python
+
+
 def dilations_space():
     """A user space whose separable convs merge on a dilated lattice: dilations 2, 4 and 2 (gcd
     2) plus a 1x1 unit (its one tap is on every lattice), and a skip."""

@@ -1,6 +1,8 @@
 """Memory-saving autograd for the TopoNAS edges and supernets: merged convs that rebuild their
 kernel in backward (``merged_conv``), and recomputation of parameter-free ends, cells and stems
-(``recompute``). Both keep only their inputs for backward and run again there.
+(``recompute``; where the kernels are compiled, an edge's recomputed pooling/BN tails are one op
+each way with a C++ backward, ``light_sum``). All keep only their inputs for backward and run
+again there.
 
 A merged conv group (``forms.py``) is an object with ``conv`` (stride, dilation, groups) and a
 differentiable ``prepare(x, coefs, tensors) -> (z, kernel)`` (the conv input and kernel). A

@@ -46,7 +46,8 @@ also through nested sums, so sums of merged convs are plain additions that save 
 the sums with other branches go through ``mixed_sum``, which saves its inputs for the weight
 gradient. With ``recompute`` (topo's default) the parameter-free ends of the weighted branches
 (pools with their BN, identity, a group's trailing BN) keep nothing either: they run again in
-backward from their input, which is kept anyway (``_autograd.recompute``). Kept for backward by the
+backward from their input, which is kept anyway: one op each way with a C++ backward where
+the kernels are compiled (``_autograd.light_sum``), else ``_autograd.recompute``. Kept for backward by the
 DARTS edge at stride 1, in units of |x| (saved-tensor hooks;
 ``test_memory_kept_for_backward_by_a_darts_edge``): 30 in plain, 24 in pms, 25 in pms+fms (FMS
 without merging adds a sum per stage), 12 in topo without recompute and 5 with it, and no

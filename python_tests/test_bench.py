@@ -70,6 +70,7 @@ def _check_row(r: dict) -> None:
         assert isinstance(r["host_us"], float) and 1 < r["host_us"] < 1e5, r
 
 
+@pytest.mark.slow  # a minute: bench/ops.py --quick in a subprocess
 def test_quick_run_json_csv_table(tmp_path):
     out = tmp_path / "results.csv"
     proc, rows = _run(tmp_path, "--no-compile", "--csv", str(out))
@@ -115,6 +116,7 @@ def test_default_run_writes_no_csv(tmp_path):
     assert bad.returncode != 0 and "--record" in bad.stderr
 
 
+@pytest.mark.slow
 def test_csv_header_written_once(tmp_path):
     out = tmp_path / "r.csv"
     _, rows1 = _run(tmp_path, "--no-compile", "--ops", "channel_shuffle", "--backend", "eager", "--csv", str(out))

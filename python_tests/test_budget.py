@@ -18,8 +18,8 @@ from toponas_kernels.search.config import ConfigError
     "kw",
     [
         dict(space="nb201", method="darts", topo="plain", layers=1),
-        dict(space="nb201", method="gdas", topo="topo", layers=1),
-        dict(space="darts", method="darts", topo="topo", layers=3, init_channels=8),
+        pytest.param(dict(space="nb201", method="gdas", topo="topo", layers=1), marks=pytest.mark.slow),
+        pytest.param(dict(space="darts", method="darts", topo="topo", layers=3, init_channels=8), marks=pytest.mark.slow),
     ],
     ids=["nb201-darts-plain", "nb201-gdas-topo", "darts-darts-topo"],
 )

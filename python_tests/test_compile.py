@@ -59,7 +59,9 @@ def _data():
 @pytest.mark.parametrize(
     "kw, masked",
     [
-        (dict(), False),
+        # all slow (about two minutes each on two cores); the default run compiles a topo step in
+        # test_forms.py::test_compile_step_matches_eager and traces one on CUDA in test_compile_cuda_trace.py
+        pytest.param(dict(), False, marks=pytest.mark.slow),
         pytest.param(dict(), True, marks=pytest.mark.slow),
         pytest.param(dict(partial_channels=2), False, marks=pytest.mark.slow),  # PC-DARTS: edge normalization, bypass pools
         pytest.param(dict(partial_channels=2, recompute=True), True, marks=pytest.mark.slow),  # and cell recomputation

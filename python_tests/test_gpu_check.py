@@ -12,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ def _record(out: Path) -> dict:
     return json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow  # two minutes on two cores: the bench phases run for real on the CPU
 def test_dry_run(tmp_path):
     """One dry run (a minute or more of CPU), checked three ways; one test, so that pytest-xdist
     never runs it twice."""

@@ -195,20 +195,18 @@ def _ops(arch: str) -> list[str]:
 
 
 def ground_truth(table: str = "analog-nasbench") -> tuple[dict, str]:
-    """({table code: CIFAR-10 test accuracy}, label) for every NB201 cell. The offline table by
-    default; a NAS-Bench-201 / NATS-tss table is looked up cell by cell (``dataset='cifar10'``,
-    hp 200) through its own package."""
+    """({table code: CIFAR-10 test accuracy}, label) for every NB201 cell of the table. The offline
+    table by default; a NAS-Bench-201 / NATS-tss table is looked up cell by cell
+    (``dataset='cifar10'``, hp 200, the mean over its trials) through its own package."""
     from toponas_kernels import nb201_offline as O
 
     if O.is_offline(table):
         return dict(O.load_table(table)), O.LABEL
-    from itertools import product
-
-    from toponas_kernels.lookup import lookup
+    from toponas_kernels.lookup import lookup, table_api
 
     scores = {}
-    for code in product(range(len(O.OPS)), repeat=len(O.EDGES)):
-        scores[code] = float(lookup(O.decode(code), table, dataset="cifar10", hp="200")["test_accuracy"])
+    for arch in table_api(table)[1].meta_archs:  # every cell the table holds (all 15,625 in a full one)
+        scores[O.encode(arch)] = float(lookup(arch, table, dataset="cifar10", hp="200")["test_accuracy"])
     return scores, f"{os.path.basename(os.fspath(table))}: NAS-Bench-201 CIFAR-10 test accuracy, hp 200 (mean over its trials)"
 
 

@@ -8,6 +8,7 @@ the reference's value)."""
 import itertools
 import json
 import statistics
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +21,7 @@ import _quality_search as Q  # noqa: E402
 import search_quality as SQ  # noqa: E402
 
 from toponas_kernels import nb201_offline as O  # noqa: E402
+from test_lookup import ARCHS as LOOKUP_ARCHS, nb201_table  # noqa: E402,F401  (the fixture)
 
 ALL_CODES = list(itertools.product(range(5), repeat=6))
 CONV3 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
@@ -66,6 +68,29 @@ def test_score_reads_each_cell_from_the_table():
     assert plain["skip"] == pytest.approx(1 / 3)
     assert "| gdas / plain | 0,1,2 | 80.0 / 10.0 / 50.0 | 46.67 ± 35.12 | 67% (33%) | 1 |" in md
     assert "| gdas / TopoNAS | 0 | 50.0 |" in md and "random cell" in md
+
+
+def test_ground_truth_from_a_nas_bench_201_table_file(nb201_table, tmp_path):
+    """``--table FILE``: a NAS-Bench-201 table (a small one in the published format, made by
+    test_lookup.py) is the ground truth: every cell it holds, at its CIFAR-10 hp-200 test
+    accuracy, scores the searches, end to end through the script."""
+    from toponas_kernels.lookup import lookup
+
+    truth, label = SQ.ground_truth(nb201_table)
+    assert set(truth) == {O.encode(a) for a in LOOKUP_ARCHS}
+    for arch in LOOKUP_ARCHS:
+        assert truth[O.encode(arch)] == lookup(arch, nb201_table, dataset="cifar10", hp="200")["test_accuracy"]
+    assert "NAS-Bench-201" in label and "analog" not in label
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([_row("darts", "plain", 0, LOOKUP_ARCHS[1]), _row("darts", "topo", 0, LOOKUP_ARCHS[2])]))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "search_quality.py"), "--score-only", "--rows", str(rows),
+                           "--table", nb201_table, "--json", "--epochs", str(TINY.epochs), "--train-size", str(TINY.train_size),
+                           "--batch", str(TINY.batch), "--dataset", TINY.dataset], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scored = json.loads(done.stdout[done.stdout.index("{"):])
+    got = {(r["method"], r["topo"]): r["accuracy"] for r in scored["searches"]}
+    assert got == {("darts", "plain"): [truth[O.encode(LOOKUP_ARCHS[1])]], ("darts", "topo"): [truth[O.encode(LOOKUP_ARCHS[2])]]}
+    assert scored["random"]["best"] == max(truth.values())
 
 
 def test_trajectory_scores_the_cell_of_every_epoch():

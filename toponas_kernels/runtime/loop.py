@@ -1,6 +1,6 @@
 """What every training loop needs around its steps: step clocks that do not sync the host, the
-peak memory a run records, progress bars, one-line logs, TensorBoard. (Nothing here stops a run for a test: the tests kill
-a run by raising inside one of its steps, as a real kill would stop it mid-step.)"""
+peak memory a run records, progress bars, one-line logs, TensorBoard. Nothing here stops a run
+for a test: the tests kill a run by raising inside one of its steps, as a real kill stops it."""
 
 from __future__ import annotations
 
@@ -138,8 +138,9 @@ def silent(msg: str) -> None:
 
 class EpochLoop:
     """The steps of a run, epoch after epoch, with what every step needs around it: the progress
-    bar, the step clock, the peak-memory watch, the running sums, the mid-epoch checkpoints. ``run_state`` (in the checkpoint) holds the position:
-    ``epoch``, ``step``, ``sums``, ``step_times``, ``seconds``. ::
+    bar, the step clock, the peak-memory watch, the running sums, the mid-epoch checkpoints.
+    ``run_state`` (in the checkpoint) holds the position: ``epoch``, ``step``, ``sums``,
+    ``step_times``, ``seconds``. ::
 
         for epoch in loop.epochs():
             for step in loop.steps(epoch):

@@ -132,6 +132,9 @@ def test_bad_arguments_are_refused_with_a_clear_message():
         with pytest.raises(RuntimeError, match="do not nest"):
             with memory_meter("cpu"):
                 pass
+        # the refused meter left no saved-tensor hooks of its own behind (the outer one's are on)
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    assert outer is not None and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     with memory_meter("cpu") as m:
         with pytest.raises(RuntimeError, match="GPU only"):
             m.current_peak_bytes()

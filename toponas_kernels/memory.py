@@ -117,10 +117,9 @@ class MemoryMeter:
     def __enter__(self) -> "MemoryMeter":
         if self._active:
             raise RuntimeError("memory_meter: this meter is already measuring a block")
-        self._active = True
         self.peak_bytes = self.saved_bytes = self.saved_param_bytes = None
-        if self.count_saved:
-            self._start_saved()
+        # The peak first: a refused CPU meter (one already running) must leave nothing behind,
+        # above all no saved-tensor hooks, which would stay on every later forward of the process.
         if not self.count_peak:
             pass
         elif self.device.type == "cuda":
@@ -129,6 +128,13 @@ class MemoryMeter:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             self._start_profiler()
+        self._active = True
+        if self.count_saved:
+            try:
+                self._start_saved()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -141,7 +147,7 @@ class MemoryMeter:
                 self.peak_bytes = self._stop_profiler()
         finally:
             self._active = False
-            if self.count_saved:
+            if self.count_saved and getattr(self, "_hooks", None) is not None:
                 self._stop_saved()
 
     def current_peak_bytes(self) -> int:
@@ -207,7 +213,8 @@ class MemoryMeter:
         self._hooks.__enter__()
 
     def _stop_saved(self) -> None:
-        self._hooks.__exit__(None, None, None)
+        hooks, self._hooks = self._hooks, None
+        hooks.__exit__(None, None, None)
         self.saved_bytes, self.saved_param_bytes = int(self._most[0]), int(self._most[1])
 
     def _is_param(self, t: torch.Tensor, ptr: int) -> bool:

@@ -31,6 +31,47 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (at the top or inside functions), a package's
+    ``__init__`` not counted as importing its own children (it re-exports them)."""
+    mods = {}
+    for path in PKG.rglob("*.py"):
+        parts = path.relative_to(PKG.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in mods.items():
+        is_init = path.name == "__init__.py"
+        found = set()
+        for m in _imports(path):
+            # "from .x import y": the module x.y when there is one, else x
+            while m and m not in mods:
+                m = m.rpartition(".")[0]
+            if m and m != name and not (is_init and m.startswith(name + ".")):
+                found.add(m)
+        graph[name] = found
+    return graph
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph = _module_graph()
+    assert "toponas_kernels.nas.mixed_op" in graph and graph["toponas_kernels.nas.mixed_op"]
+    done, active = set(), []
+
+    def visit(m):
+        if m in active:
+            raise AssertionError("import cycle: " + " -> ".join(active[active.index(m):] + [m]))
+        if m in done:
+            return
+        active.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        active.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+
+
 def test_runtime_imports_nothing_of_search_or_train():
     for path in (PKG / "runtime").glob("*.py"):
         bad = [m for m in _imports(path) if re.match(r"toponas_kernels\.(search|train)\b", m)]

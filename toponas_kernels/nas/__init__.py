@@ -1,7 +1,7 @@
 """TopoNAS on top of the kernels: search spaces as data (``spaces``), the topological
 simplification engine (``simplify``), plain reference operations (``operations``) and the
 drop-in mixed operation ``FusedMixedOp`` (``mixed_op``), which also wraps a user's own
-candidate modules (``FusedMixedOp.wrap``, ``wrap_supernet``; recognition in ``wrap``)."""
+candidate modules (``FusedMixedOp.wrap``, ``wrap_supernet`` in ``supernet_wrap``; recognition in ``wrap``)."""
 
 from .spaces import (
     BN,
@@ -25,7 +25,7 @@ from .spaces import (
 )
 from .operations import OpChain, build_op, chosen_module
 from .mixed_op import FusedMixedOp, recalibrate_bn
-from .wrap import wrap_supernet
+from .supernet_wrap import wrap_supernet
 from .simplify import MODES, STAGES, Counts, Graph, count, format_graph, simplify_space, stages
 
 # The engine's ``simplify`` function is not re-exported here: it would shadow the ``simplify``

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._common import fused_op, register_kernel_fake
+from .. import backend as _backend
+from ..ops._common import FUSED_BACKENDS, fused_op, register_kernel_fake
 
 __all__ = ["merged_conv", "recompute", "recomputed", "channels_last_on_cpu", "light_tail", "light_sum"]
 
@@ -223,13 +224,16 @@ def light_tail(pool: nn.Module | None, bn: nn.Module | None, channels_last: bool
     return spec, floats, bn if bn_code == 2 else None
 
 
-def light_sum(tails: list[tuple], w: Tensor, inputs: list[Tensor]) -> Tensor | None:
+def light_sum(tails: list[tuple], w: Tensor, inputs: list[Tensor], backend: str | None) -> Tensor | None:
     """``sum_k w_k tail_k(inputs[k])`` for tails from ``light_tail``, as one op whose backward
     runs the tails again in C++ (batch statistics, running statistics advanced once, in
     forward), keeping only ``w`` and the inputs, as ``_Recomputed`` does; None where it does not
-    apply (no compiled op, under ``torch.compile``, autocast, mixed dtypes, BNs in different
-    modes), for the caller to take the Python path."""
-    if _LIGHT_SUM is None or torch.compiler.is_compiling() or torch.is_autocast_enabled(w.device.type):
+    apply (no compiled op, a backend other than the compiled ones, no autograd, under
+    ``torch.compile``, autocast, mixed dtypes, BNs in different modes), for the caller to take
+    the Python path."""
+    if _LIGHT_SUM is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled(w.device.type) or _backend.resolve(backend, w.device) not in FUSED_BACKENDS:
         return None
     if any(h.dtype != w.dtype or h.dim() != 4 for h in inputs):
         return None

@@ -85,9 +85,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import backend as _backend
 from .. import ops
-from ..ops._common import FUSED_BACKENDS
 from ..backend import BACKENDS
 from . import forms as Fm
 from . import spaces as S
@@ -330,11 +328,9 @@ class FusedMixedOp(GraphRunner, ModeState, nn.Module):
         if self.recompute and self.mp is not None:
             # Pooled again in backward: keeps no indices and no pooled copy for the edge weight.
             # Where the kernels are compiled, one op with a C++ backward (as the tails' sums).
-            fused = None
-            if torch.is_grad_enabled() and _backend.resolve(self.backend, x.device) in FUSED_BACKENDS:
-                tail = light_tail(self.mp, None, channels_last=x.device.type == "cpu")
-                w = x.new_ones(1) if edge_weight is None else edge_weight.reshape(1)
-                fused = None if tail is None else light_sum([tail], w, [bypass])
+            tail = light_tail(self.mp, None, channels_last=x.device.type == "cpu")
+            w = x.new_ones(1) if edge_weight is None else edge_weight.reshape(1)
+            fused = None if tail is None else light_sum([tail], w, [bypass], self.backend)
             if fused is not None:
                 bypass = fused
             elif edge_weight is None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import backend as _backend
 from .. import ops
-from ..ops._common import FUSED_BACKENDS
 from . import forms as Fm
 from ._autograd import channels_last_on_cpu, light_sum, light_tail, merged_conv, recomputed
 from .operations import PoolBN
@@ -108,6 +106,11 @@ class GraphRunner:
     def _recomputed_sum(self, tails: list[tuple[list, Tensor]], w: Tensor) -> Tensor:
         """``sum_k w_k tail_k(input_k)`` for parameter-free tails, keeping only the inputs (the edge
         input, or what the tail's first BN keeps anyway) and ``w`` for backward."""
+        inputs = [h for _, h in tails]
+        fused = self._light_tails(tails, w.device.type)
+        y = None if fused is None else light_sum(fused, w, inputs, self.backend)
+        if y is not None:
+            return y
         bns = [
             m
             for items, _ in tails
@@ -121,12 +124,6 @@ class GraphRunner:
             ys, w = _promoted([self._run_items(items, h, None) for (items, _), h in zip(tails, inputs)], w)
             return ops.mixed_sum(ys, w, backend=self.backend)
 
-        inputs = [h for _, h in tails]
-        if _backend.resolve(self.backend, w.device) in FUSED_BACKENDS and torch.is_grad_enabled():
-            fused = self._light_tails(tails, w.device.type)
-            y = None if fused is None else light_sum(fused, w, inputs)
-            if y is not None:
-                return y
         return recomputed(run, bns, 1 + len(inputs), w, *inputs)
 
     def _light_tails(self, tails, device_type: str) -> list[tuple] | None:

@@ -112,6 +112,7 @@ class MemoryMeter:
         self.saved_bytes: int | None = None
         self.saved_param_bytes: int | None = None
         self._active = False
+        self._hooks = None  # the saved-tensor hooks while a block runs
 
     # ---------------------------------------------------------------------- the block
     def __enter__(self) -> "MemoryMeter":
@@ -147,7 +148,7 @@ class MemoryMeter:
                 self.peak_bytes = self._stop_profiler()
         finally:
             self._active = False
-            if self.count_saved and getattr(self, "_hooks", None) is not None:
+            if self._hooks is not None:
                 self._stop_saved()
 
     def current_peak_bytes(self) -> int:

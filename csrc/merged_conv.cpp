@@ -110,96 +110,23 @@ std::vector<Tensor> merge_kernels_backward_op(const Tensor& grad, at::TensorList
   return op.call(grad, kernels, w, dil, mode, eps);
 }
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+// The factored group's 1x1 kernel (and separable merge weights) from its coefficients and kernel
+// tensors, and the backward of that: csrc/group_pointwise.h, one launch each.
+std::tuple<Tensor, Tensor> group_pointwise_op(const Tensor& c, at::TensorList tensors, int64_t form, int64_t normalize,
+                                              double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::group_pointwise_kernel", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, at::TensorList, int64_t, int64_t, double)>();
+  return op.call(c, tensors, form, normalize, eps);
 }
 
-// ----------------------------------------------------------------------- normalization statistics
-// Per part i and output channel o of W_i[o, c, t] = P_i[o, c] D_i[c, t] (T taps): with m1[c] and
-// v[c] the mean and variance of D's taps of channel c and u[o, c] = P[o, c] m1[c],
-//   mean_o = mean_c u[o, c],   var_o = mean_c (u[o, c] - mean_o)^2 + mean_c P[o, c]^2 v[c]
-// (the cross term vanishes: D's centred taps sum to 0). Both variance terms are sums of squares of
-// centred values, so float32 loses nothing to cancellation (E[W^2] - mean^2 would, for kernels
-// whose mean is large against their spread). "tensor" mode combines the channels' means and
-// variances (var = mean_o (var_o + (mean_o - mean)^2)).
-struct Stats {
-  Tensor P;                // [n, O, C] stacked pointwise kernels, parameters' dtype
-  Tensor p;                // the same in the accumulation dtype
-  std::vector<Tensor> d;   // per part D [C, T], accumulation dtype
-  Tensor m1, v;            // [n, C]
-  Tensor dev;              // [n, O, C]: u - mean_o
-  Tensor mo;               // [n, O]: per-channel means
-  Tensor mean, stdv, a_acc;  // [n, O]: the statistics applied (mode 2: the part's, expanded)
-  Tensor a, b;             // [n, O] in the parameters' dtype: standardize(W) = a W + b
-};
-
-Stats statistics(const std::vector<Tensor>& Ps, const std::vector<Tensor>& Ds, int64_t normalize, double eps) {
-  Stats st;
-  std::vector<Tensor> flat, m1s, vs;
-  for (const auto& P : Ps) flat.push_back(P.flatten(1));
-  st.P = at::stack(flat);
-  const auto acc = acc_type(st.P.scalar_type());
-  st.p = st.P.to(acc);
-  for (const auto& D : Ds) {
-    Tensor d = D.flatten(1).to(acc);
-    Tensor m1 = d.mean(1);
-    Tensor c = d - m1.unsqueeze(1);
-    vs.push_back((c * c).mean(1));
-    m1s.push_back(m1);
-    st.d.push_back(d);
-  }
-  st.m1 = at::stack(m1s);
-  st.v = at::stack(vs);
-  Tensor u = st.p * st.m1.unsqueeze(1);
-  st.mo = u.mean(2);
-  st.dev = u - st.mo.unsqueeze(2);
-  Tensor var = (st.dev * st.dev).mean(2) + (st.p * st.p * st.v.unsqueeze(1)).mean(2);
-  Tensor mean = st.mo;
-  if (normalize == 2) {
-    Tensor mt = st.mo.mean(1, true);
-    Tensor dm = st.mo - mt;
-    var = (var + dm * dm).mean(1, true).expand_as(st.mo);
-    mean = mt.expand_as(st.mo);
-  }
-  st.mean = mean;
-  st.stdv = var.clamp_min(0).sqrt();
-  st.a_acc = (st.stdv + eps).reciprocal();
-  st.a = st.a_acc.to(st.P.scalar_type());
-  st.b = (-(mean * st.a_acc)).to(st.P.scalar_type());
-  return st;
-}
-
-// The gradients of the stacked P [n, O, C] and of each D for the gradients ga, gb [n, O] of
-// (a, b). A constant channel (std 0) passes no gradient through its std.
-std::pair<Tensor, std::vector<Tensor>> statistics_backward(const Stats& st, const Tensor& ga_in, const Tensor& gb_in,
-                                                           int64_t normalize, const std::vector<Tensor>& Ds) {
-  const auto acc = st.a_acc.scalar_type();
-  Tensor ga = ga_in.to(acc), gb = gb_in.to(acc);
-  const Tensor& a = st.a_acc;
-  Tensor g_mean = -(a * gb);
-  Tensor g_std = -((ga - st.mean * gb) * a * a);  // b = -mean a, da/dstd = -a^2
-  Tensor pos = st.stdv > 0;
-  Tensor g_var = at::where(pos, g_std / (at::where(pos, st.stdv, at::ones_like(st.stdv)) * 2), at::zeros_like(g_std));
-  if (normalize == 2) {
-    const double O = static_cast<double>(st.mo.size(1));
-    Tensor gvt = g_var.sum(1, true);
-    g_mean = g_mean.sum(1, true) / O + gvt * (st.mo - st.mean) * (2.0 / O);
-    g_var = (gvt / O).expand_as(g_var);
-  }
-  const double C = static_cast<double>(st.p.size(2));
-  Tensor gm3 = g_mean.unsqueeze(2), gv3 = g_var.unsqueeze(2);
-  Tensor m13 = st.m1.unsqueeze(1);
-  Tensor gp = (gm3 * m13 + gv3 * (st.dev * m13 + st.p * st.v.unsqueeze(1)) * 2) / C;
-  Tensor g_m1 = ((gm3 + gv3 * st.dev * 2) * st.p).sum(1) / C;  // [n, C]
-  Tensor g_v = (gv3 * st.p * st.p).sum(1) / C;
-  std::vector<Tensor> gDs;
-  for (size_t i = 0; i < Ds.size(); ++i) {
-    const Tensor& d = st.d[i];
-    const double T = static_cast<double>(d.size(1));
-    Tensor gd = (g_m1[i].unsqueeze(1) + g_v[i].unsqueeze(1) * (d - st.m1[i].unsqueeze(1)) * 2) / T;
-    gDs.push_back(gd.view(Ds[i].sizes()).to(Ds[i].scalar_type()));
-  }
-  return {gp.to(st.P.scalar_type()), gDs};
+std::vector<Tensor> group_pointwise_backward_op(const Tensor& gk, const Tensor& gdw, const Tensor& c,
+                                                at::TensorList tensors, int64_t form, int64_t normalize, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("toponas::group_pointwise_backward_kernel", "")
+                             .typed<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, at::TensorList,
+                                                        int64_t, int64_t, double)>();
+  return op.call(gk, gdw, c, tensors, form, normalize, eps);
 }
 
 // ----------------------------------------------------------------------- pieces of the forms
@@ -218,20 +145,19 @@ Tensor shift_input_grad(const Tensor& g, const Tensor& x, const Tensor& pattern,
   return at::conv_transpose2d(g, pattern, {}, two(st), two(s.size / 2), extra);
 }
 
-void split(at::TensorList tensors, std::vector<Tensor>& Ds, std::vector<Tensor>& Ps) {
-  for (size_t i = 0; i + 1 < tensors.size(); i += 2) {
-    Ds.push_back(tensors[i]);
-    Ps.push_back(tensors[i + 1]);
-  }
-}
-
-Tensor stack_pointwise(const std::vector<Tensor>& Ps) {
-  std::vector<Tensor> flat;
-  for (const auto& P : Ps) flat.push_back(P.flatten(1));
-  return at::stack(flat);
+std::vector<Tensor> depthwise_kernels(at::TensorList tensors) {
+  std::vector<Tensor> Ds;
+  for (size_t i = 0; i + 1 < tensors.size(); i += 2) Ds.push_back(tensors[i]);
+  return Ds;
 }
 
 // ----------------------------------------------------------------------- dense form
+// D [C, 1, k, k] as the row [1, C, k, k] of a dense kernel (a view where D is contiguous: one op
+// fewer than a transpose, which also records its as_strided).
+Tensor depthwise_row(const Tensor& D) {
+  return D.is_contiguous() ? D.view({1, D.size(0), D.size(2), D.size(3)}) : D.transpose(0, 1);
+}
+
 struct Dense {
   std::vector<Tensor> kernels;
   Tensor merged;
@@ -243,7 +169,7 @@ Dense dense_build(const Tensor& coefs, at::TensorList tensors, const Spec& s, do
   size_t t = 0;
   for (const auto& part : s.parts) {
     if (part.ntensors == 2)
-      b.kernels.push_back(tensors[t + 1] * tensors[t].transpose(0, 1));  // P * D^T: [O, C, k, k]
+      b.kernels.push_back(tensors[t + 1] * depthwise_row(tensors[t]));  // P * D^T: [O, C, k, k]
     else
       b.kernels.push_back(tensors[t]);
     t += part.ntensors;
@@ -269,8 +195,8 @@ std::vector<Tensor> dense_backward(const Tensor& grad, const Tensor& x, const Te
   for (size_t i = 0; i < s.parts.size(); ++i) {
     if (s.parts[i].ntensors == 2) {
       const Tensor &D = tensors[t], &P = tensors[t + 1];
-      out.push_back((g[i] * P).sum(0, true).transpose(0, 1));
-      out.push_back((g[i] * D.transpose(0, 1)).sum({2, 3}, true));
+      out.push_back((g[i] * P).sum(0, true).view(D.sizes()));
+      out.push_back((g[i] * depthwise_row(D)).sum({2, 3}, true));
     } else {
       out.push_back(g[i]);
     }
@@ -280,194 +206,78 @@ std::vector<Tensor> dense_backward(const Tensor& grad, const Tensor& x, const Te
 }
 
 // ----------------------------------------------------------------------- stacked and separable
+// z: the conv input (stacked depthwise outputs, or the merged depthwise conv's output; then the
+// shift channels when normalized); kernel: the 1x1 conv over z; D, dw: the separable form's
+// merged depthwise kernel and its merge weights.
 struct Factored {
-  Tensor z, kernel, xl;
-  Tensor P;  // [n, O, C] stacked pointwise kernels
-  std::optional<Stats> st;
-  // separable only
-  Tensor q, total, safe, rms, scale, D;
-  std::vector<Tensor> Dn;
+  Tensor z, kernel, xl, D, dw;
 };
 
-Factored stacked_build(const Tensor& x, const Tensor& c, at::TensorList tensors, const Tensor& pattern, const Spec& s,
-                       double eps) {
+Factored factored_build(const Tensor& x, const Tensor& c, at::TensorList tensors, const Tensor& pattern, const Spec& s,
+                        double eps) {
   Factored f;
-  std::vector<Tensor> Ds, Ps;
-  split(tensors, Ds, Ps);
+  const std::vector<Tensor> Ds = depthwise_kernels(tensors);
   f.xl = depthwise_layout(x, s);
-  const int64_t C = x.size(1), n = static_cast<int64_t>(Ds.size());
   std::vector<Tensor> zs;
-  for (int64_t i = 0; i < n; ++i) {
-    const Part& p = s.parts[i];
-    zs.push_back(at::conv2d(f.xl, Ds[i], {}, two(p.stride), two(p.padding), two(p.dilation), C));
-  }
-  Tensor cols;
-  if (s.normalize == 0) {
-    f.P = stack_pointwise(Ps);
-    cols = c.view({n, 1, 1}) * f.P;
+  if (s.form == 1) {
+    std::tie(f.kernel, std::ignore) = group_pointwise_op(c, tensors, 1, s.normalize, eps);
+    for (size_t i = 0; i < Ds.size(); ++i) {
+      const Part& p = s.parts[i];
+      zs.push_back(at::conv2d(f.xl, Ds[i], {}, two(p.stride), two(p.padding), two(p.dilation), x.size(1)));
+    }
   } else {
-    f.st = statistics(Ps, Ds, s.normalize, eps);
-    f.P = f.st->P;
-    cols = (c.unsqueeze(1) * f.st->a).unsqueeze(2) * f.P;
+    std::tie(f.kernel, f.dw) = group_pointwise_op(c, tensors, 2, s.normalize, eps);
+    f.D = merge_kernels_op(Ds, f.dw, s.lattice_dils, 0, eps);
+    zs.push_back(at::conv2d(f.xl, f.D, {}, two(s.stride), two(s.size / 2), two(s.dilation), x.size(1)));
   }
-  const int64_t O = cols.size(1);
-  Tensor kernel = cols.transpose(0, 1).reshape({O, -1});
-  if (f.st) {
-    zs.push_back(shift_channels(f.xl, pattern, s));
-    kernel = at::cat({kernel, (c.unsqueeze(1) * f.st->b).t()}, 1);
-  }
-  f.z = at::cat(zs, 1);
-  f.kernel = kernel.unsqueeze(-1).unsqueeze(-1);
+  if (s.normalize != 0) zs.push_back(shift_channels(f.xl, pattern, s));
+  f.z = zs.size() == 1 ? zs[0] : at::cat(zs, 1);
   return f;
 }
 
-Factored separable_build(const Tensor& x, const Tensor& c, at::TensorList tensors, const Tensor& pattern,
-                         const Spec& s, double eps) {
-  Factored f;
-  std::vector<Tensor> Ds, Ps;
-  split(tensors, Ds, Ps);
-  const int64_t n = static_cast<int64_t>(Ds.size());
-  f.total = c.sum();
-  f.safe = at::where(f.total == 0, at::ones_like(f.total), f.total);
-  f.q = c / f.safe;
-  f.xl = depthwise_layout(x, s);
-  Tensor pw;
-  if (s.normalize != 0) {
-    // Each depthwise kernel enters the merged one at unit RMS, its scale moving to the pointwise
-    // side (forms.py: the sum then depends on P_i D_i only).
-    f.st = statistics(Ps, Ds, s.normalize, eps);
-    f.P = f.st->P;
-    std::vector<Tensor> ms;
-    for (const auto& D : Ds) ms.push_back((D * D).mean());
-    f.rms = at::stack(ms).sqrt();
-    for (int64_t i = 0; i < n; ++i) f.Dn.push_back(Ds[i] / f.rms[i]);
-    f.scale = f.st->a * f.rms.unsqueeze(1);
-    pw = ((c.unsqueeze(1) * f.scale).unsqueeze(2) * f.P).sum(0);
-  } else {
-    f.P = stack_pointwise(Ps);
-    pw = (c.view({n, 1, 1}) * f.P).sum(0);
-    f.Dn = Ds;
-  }
-  f.D = merge_kernels_op(f.Dn, f.q, s.lattice_dils, 0, eps);
-  f.z = at::conv2d(f.xl, f.D, {}, two(s.stride), two(s.size / 2), two(s.dilation), x.size(1));
-  Tensor kernel = pw;
-  if (f.st) {
-    f.z = at::cat({f.z, shift_channels(f.xl, pattern, s)}, 1);
-    kernel = at::cat({pw, (c.unsqueeze(1) * f.st->b).t()}, 1);
-  }
-  f.kernel = kernel.unsqueeze(-1).unsqueeze(-1);
-  return f;
-}
-
-Factored factored_build(const Tensor& x, const Tensor& c, at::TensorList tensors, const Tensor& pattern,
-                        const Spec& s, double eps) {
-  return s.form == 1 ? stacked_build(x, c, tensors, pattern, s, eps) : separable_build(x, c, tensors, pattern, s, eps);
-}
-
-std::tuple<Tensor, Tensor> pointwise_backward(const Tensor& grad, const Factored& f) {
-  auto r = at::convolution_backward(grad, f.z, f.kernel, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-                                    {true, true, false});
-  return {std::get<0>(r), std::get<1>(r).flatten(1)};
-}
-
-// What both factored backwards start from: the group's conv input and 1x1 kernel rebuilt, the
-// 1x1 conv's gradients, and the candidates' parameters split into depthwise and pointwise.
-struct FactoredBackward {
-  Factored f;
-  Tensor gz, gk;
-  std::vector<Tensor> Ds, Ps;
-};
-
-FactoredBackward factored_backward_start(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
-                                         const Tensor& pattern, const Spec& s, double eps) {
-  FactoredBackward b{factored_build(x, c, tensors, pattern, s, eps), {}, {}, {}, {}};
-  std::tie(b.gz, b.gk) = pointwise_backward(grad, b.f);
-  split(tensors, b.Ds, b.Ps);
-  return b;
-}
-
-// [gD_0, gP_0, gD_1, gP_1, ...] in the parameters' shapes; each its own storage (an op's outputs
-// may not alias each other).
-void push_part_grads(std::vector<Tensor>& out, const std::vector<Tensor>& gDs, const Tensor& gP,
-                     const std::vector<Tensor>& Ps) {
-  for (size_t i = 0; i < gDs.size(); ++i) {
-    out.push_back(gDs[i]);
-    out.push_back(gP[i].clone(at::MemoryFormat::Contiguous).view(Ps[i].sizes()));
-  }
-}
-
-std::vector<Tensor> stacked_backward(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
-                                     const Tensor& pattern, const Spec& s, double eps, bool need_x) {
-  auto [f, gz, gk, Ds, Ps] = factored_backward_start(grad, x, c, tensors, pattern, s, eps);
-  const int64_t C = x.size(1), n = static_cast<int64_t>(Ds.size()), O = gk.size(0);
+// [grad x (empty when not needed), grad coefs, grad D_0, grad P_0, ...]. Rebuilds z and the 1x1
+// kernel, then: the 1x1 conv's backward, the depthwise convs' (stacked: one per part; separable:
+// the merged one, then the merge's), the shift channels' transposed box sums, and the pointwise
+// kernel's backward (group_pointwise), whose gradients of D the depthwise convs' add to.
+std::vector<Tensor> factored_backward(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
+                                      const Tensor& pattern, const Spec& s, double eps, bool need_x) {
+  const Factored f = factored_build(x, c, tensors, pattern, s, eps);
+  auto r1 = at::convolution_backward(grad, f.z, f.kernel, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                     {true, true, false});
+  const Tensor gz = std::get<0>(r1), gk = std::get<1>(r1);
+  const std::vector<Tensor> Ds = depthwise_kernels(tensors);
+  const int64_t C = x.size(1), n = static_cast<int64_t>(Ds.size());
   Tensor gx;
   std::vector<Tensor> gDs;
-  for (int64_t i = 0; i < n; ++i) {
-    const Part& p = s.parts[i];
-    auto r = at::convolution_backward(gz.slice(1, i * C, (i + 1) * C), f.xl, Ds[i], std::nullopt, two(p.stride),
-                                      two(p.padding), two(p.dilation), false, {0, 0}, C, {need_x, true, false});
-    if (need_x) gx = gx.defined() ? gx + std::get<0>(r) : std::get<0>(r);
-    gDs.push_back(std::get<1>(r));
-  }
-  Tensor G = gk.slice(1, 0, n * C).view({O, n, C}).transpose(0, 1);  // [n, O, C]
-  Tensor h = (G * f.P).sum(2);                                        // [n, O]
-  Tensor gP, gc;
-  if (s.normalize == 0) {
-    gP = c.view({n, 1, 1}) * G;
-    gc = h.sum(1);
-  } else {
-    const Stats& st = *f.st;
-    Tensor gs = gk.slice(1, n * C).t();  // [n, O]
-    gP = (c.unsqueeze(1) * st.a).unsqueeze(2) * G;
-    gc = (st.a * h).sum(1) + (st.b * gs).sum(1);
-    auto [sP, sD] = statistics_backward(st, c.unsqueeze(1) * h, c.unsqueeze(1) * gs, s.normalize, Ds);
-    gP = gP + sP;
-    for (int64_t i = 0; i < n; ++i) gDs[i] = gDs[i] + sD[i];
-    if (need_x) gx = gx + shift_input_grad(gz.slice(1, n * C), x, pattern, s);
-  }
-  std::vector<Tensor> out{need_x ? gx : x.new_empty({0}), gc};
-  push_part_grads(out, gDs, gP, Ps);
-  return out;
-}
-
-std::vector<Tensor> separable_backward(const Tensor& grad, const Tensor& x, const Tensor& c, at::TensorList tensors,
-                                       const Tensor& pattern, const Spec& s, double eps, bool need_x) {
-  auto [f, gz, gk, Ds, Ps] = factored_backward_start(grad, x, c, tensors, pattern, s, eps);
-  const int64_t C = x.size(1), n = static_cast<int64_t>(Ds.size());
-  auto r = at::convolution_backward(gz.slice(1, 0, C), f.xl, f.D, std::nullopt, two(s.stride), two(s.size / 2),
-                                    two(s.dilation), false, {0, 0}, C, {need_x, true, false});
-  Tensor gx = std::get<0>(r);
-  auto g = merge_kernels_backward_op(std::get<1>(r), f.Dn, f.q, s.lattice_dils, 0, eps);
-  Tensor gq = g.back();
-  Tensor gpw = gk.slice(1, 0, C);  // [O, C]
-  Tensor gP, gc;
-  std::vector<Tensor> gDs;
-  if (s.normalize == 0) {
-    gc = (gpw * f.P).sum({1, 2});
-    gP = c.view({n, 1, 1}) * gpw;
-    for (int64_t i = 0; i < n; ++i) gDs.push_back(g[i]);
-  } else {
-    const Stats& st = *f.st;
-    Tensor gs = gk.slice(1, C).t();  // [n, O]
-    Tensor h = (gpw * st.P).sum(2);  // [n, O]
-    gP = (c.unsqueeze(1) * f.scale).unsqueeze(2) * gpw;
-    gc = (f.scale * h).sum(1) + (st.b * gs).sum(1);
-    Tensor gt = c.unsqueeze(1) * h;  // gradient of a_i r_i
-    std::vector<Tensor> dots;
-    for (int64_t i = 0; i < n; ++i) dots.push_back((g[i] * Ds[i]).sum());
-    Tensor gr = (gt * st.a).sum(1) - at::stack(dots) / (f.rms * f.rms);  // D_i / r_i, r_i = sqrt(mean(D_i^2))
-    auto [sP, sD] = statistics_backward(st, gt * f.rms.unsqueeze(1), c.unsqueeze(1) * gs, s.normalize, Ds);
-    gP = gP + sP;
+  Tensor gdw;
+  auto add_x = [&](const Tensor& g) { gx = gx.defined() ? gx.add_(g) : g; };
+  // gz split by what produced its channels (one op for all the pieces)
+  std::vector<int64_t> sizes(s.form == 1 ? n : 1, C);
+  if (s.normalize != 0) sizes.push_back(n);  // one shift channel per part
+  const std::vector<Tensor> gzs = sizes.size() == 1 ? std::vector<Tensor>{gz} : gz.split_with_sizes(sizes, 1);
+  if (s.form == 1) {
     for (int64_t i = 0; i < n; ++i) {
-      const Tensor r_i = f.rms[i];
-      gDs.push_back(g[i] / r_i + gr[i] * Ds[i] / (r_i * static_cast<double>(Ds[i].numel())) + sD[i]);
+      const Part& p = s.parts[i];
+      auto r = at::convolution_backward(gzs[i], f.xl, Ds[i], std::nullopt, two(p.stride),
+                                        two(p.padding), two(p.dilation), false, {0, 0}, C, {need_x, true, false});
+      if (need_x) add_x(std::get<0>(r));
+      gDs.push_back(std::get<1>(r));
     }
-    if (need_x) gx = gx + shift_input_grad(gz.slice(1, C), x, pattern, s);
+  } else {
+    auto r = at::convolution_backward(gzs[0], f.xl, f.D, std::nullopt, two(s.stride), two(s.size / 2), two(s.dilation),
+                                      false, {0, 0}, C, {need_x, true, false});
+    if (need_x) add_x(std::get<0>(r));
+    gDs = merge_kernels_backward_op(std::get<1>(r), Ds, f.dw, s.lattice_dils, 0, eps);
+    gdw = gDs.back();
+    gDs.pop_back();
   }
-  // q = c / T (T = sum c, or 1 when it is 0)
-  gc = gc + (gq - (gq * f.q).sum() * (f.total != 0)) / f.safe;
-  std::vector<Tensor> out{need_x ? gx : x.new_empty({0}), gc};
-  push_part_grads(out, gDs, gP, Ps);
+  if (need_x && s.normalize != 0) add_x(shift_input_grad(gzs.back(), x, pattern, s));
+  std::vector<Tensor> g = group_pointwise_backward_op(gk, gdw, c, tensors, s.form, s.normalize, eps);
+  std::vector<Tensor> out{need_x ? gx : x.new_empty({0}), g[0]};
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(g[1 + 2 * i].add_(gDs[i]));
+    out.push_back(g[2 + 2 * i]);
+  }
   return out;
 }
 
@@ -496,8 +306,7 @@ std::vector<Tensor> merged_conv_backward_kernel(const Tensor& grad, const Tensor
   TORCH_CHECK(grad.dim() == 4 && grad.scalar_type() == x.scalar_type(), "merged_conv: grad must be 4-D in x's dtype");
   if (s.form == 0) return dense_backward(grad, x, coefs, tensors, s, eps, need_x);
   const Tensor p = pattern_for(pattern, s);
-  if (s.form == 1) return stacked_backward(grad, x, coefs, tensors, p, s, eps, need_x);
-  return separable_backward(grad, x, coefs, tensors, p, s, eps, need_x);
+  return factored_backward(grad, x, coefs, tensors, p, s, eps, need_x);
 }
 
 class MergedConvFunction : public torch::autograd::Function<MergedConvFunction> {

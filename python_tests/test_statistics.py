@@ -1,5 +1,5 @@
 """Kernel-normalization statistics of the stacked and separable forms in float32 (``forms._statistics``
-and the fused op's copy in csrc/merged_conv.cpp): two passes over centred values, no float64
+and the fused op's in csrc/group_pointwise.h): two passes over centred values, no float64
 round trip, and accurate where ``E[W^2] - mean^2`` is not, on kernels whose mean is large against
 their spread; compared with the float64 standardization of the dense kernel."""
 

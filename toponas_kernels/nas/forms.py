@@ -30,8 +30,10 @@ recomputes them (one depthwise pass).
 
 Eagerly, on the compiled backends (C++ and CUDA kernels) and without autocast, a group in any
 form is ONE op (``toponas::merged_conv_fused``, csrc/merged_conv.cpp: the same formulas as the
-Python functions below, composed in C++ with the merge kernels): one dispatcher call in forward,
-one in backward, its autograd node a C++ Function, so no Python runs in a group's backward. The
+Python functions below, composed in C++ of the convs, the merge kernels and, for the stacked and
+separable forms, one launch that turns the statistics, rescaling, shift columns and coefficients
+into the 1x1 kernel, csrc/group_pointwise.h): one dispatcher call in forward, one in backward,
+its autograd node a C++ Function, so no Python runs in a group's backward. The
 Python functions remain the path under ``torch.compile``, autocast and the reference and Triton
 backends, and the float64 reference the fused op is tested against.
 
@@ -152,7 +154,7 @@ def _statistics(Ps, Ds, normalize: str, eps: float) -> dict:
     centred taps sum to 0), both sums of squares of centred values, so float32 keeps the
     variance of a kernel whose mean is large against its spread (where ``E[W^2] - mean^2``
     loses every digit; ``python_tests/test_statistics.py``). The same formulas as the fused op
-    (csrc/merged_conv.cpp)."""
+    (csrc/group_pointwise.h)."""
     P0 = Ps[0]
     acc = torch.float32 if P0.dtype in (torch.float16, torch.bfloat16) else P0.dtype
     Pst = torch.stack([P.flatten(1) for P in Ps])

@@ -64,6 +64,7 @@ from ._common import (
     block_size,
     check_like,
     check_tensor,
+    empty_contiguous,
     empty_grads,
     register_kernel_fake,
     tl,
@@ -547,6 +548,22 @@ def _(grad, x, coefs, tensors, pattern, spec, eps, need_x):
     cl = spec[0] != 0 and spec[6]
     gx = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.preserve_format) if need_x else x.new_empty(0)
     return [gx, torch.empty_like(coefs)] + [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+
+# A factored group's 1x1 kernel and separable merge weights (csrc/group_pointwise.h, called by
+# merged_conv_kernel): [O, cols, 1, 1], cols = (n C stacked, C separable) + n shift channels when
+# normalized; the merge weights [n] (separable) or empty.
+@register_kernel_fake("group_pointwise_kernel")
+def _(coefs, tensors, form, normalize, eps):
+    n = len(tensors) // 2
+    O, C = tensors[1].shape[:2]
+    cols = (C if form == 2 else n * C) + (n if normalize else 0)
+    return tensors[1].new_empty(O, cols, 1, 1), tensors[1].new_empty(n if form == 2 else 0)
+
+
+@register_kernel_fake("group_pointwise_backward_kernel")
+def _(grad_kernel, grad_dw, coefs, tensors, form, normalize, eps):
+    return [empty_contiguous(coefs)] + [empty_contiguous(t) for t in tensors]
 
 
 # ============================================================================ public function

@@ -64,7 +64,26 @@ Tensor layout_in(const Tensor& t, const Tail& tail) {
   return tail.channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
 }
 
+// layout_in of every input, converting a tensor that several tails read (an edge's max and
+// average pools share their input) once.
+std::vector<Tensor> layouts_in(at::TensorList inputs, const std::vector<Tail>& tails) {
+  std::vector<Tensor> out(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    for (size_t j = 0; j < i && !out[i].defined(); ++j)
+      if (inputs[j].is_same(inputs[i]) && tails[j].channels_last == tails[i].channels_last) out[i] = out[j];
+    if (!out[i].defined()) out[i] = layout_in(inputs[i], tails[i]);
+  }
+  return out;
+}
+
 Tensor layout_out(const Tensor& t, const Tail& tail) { return tail.channels_last ? t.contiguous() : t; }
+
+// A non-affine BN straight through native_batch_norm: what at::batch_norm ends in on every
+// backend here (it would add two dispatcher calls per BN to pick it).
+Tensor batch_norm(const Tensor& y, const Tensor& running_mean, const Tensor& running_var, bool training,
+                  double momentum, double eps) {
+  return std::get<0>(at::native_batch_norm(y, {}, {}, running_mean, running_var, training, momentum, eps));
+}
 
 Tensor pool_forward(const Tensor& x, const Tail& t) {
   const int64_t k = t.kernel, s = t.stride, p = t.padding;
@@ -78,18 +97,19 @@ Tensor light_sum_kernel(const Tensor& weights, at::TensorList inputs, at::Tensor
   TORCH_CHECK(!inputs.empty() && weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(inputs.size()),
               "light_sum: one weight per input");
   const auto tails = parse_tails(spec, floats, inputs.size());
+  const std::vector<Tensor> xs = layouts_in(inputs, tails);
   std::vector<Tensor> ys;
   size_t next = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tail& t = tails[i];
-    Tensor y = t.pool ? pool_forward(layout_in(inputs[i], t), t) : layout_in(inputs[i], t);
+    Tensor y = t.pool ? pool_forward(xs[i], t) : xs[i];
     if (t.bn == 1) {
-      y = at::batch_norm(y, {}, {}, {}, {}, true, t.momentum, t.eps, true);
+      y = batch_norm(y, {}, {}, true, t.momentum, t.eps);
     } else if (t.bn == 2) {
       TORCH_CHECK(next < running_means.size() && next < running_vars.size() && next < counters.size(),
                   "light_sum: fewer running statistics than BNs that keep them");
       if (training) counters[next].add_(1);  // as BatchNorm2d.forward counts its batches
-      y = at::batch_norm(y, {}, {}, running_means[next], running_vars[next], training, t.momentum, t.eps, true);
+      y = batch_norm(y, running_means[next], running_vars[next], training, t.momentum, t.eps);
       ++next;
     }
     ys.push_back(layout_out(y, t));
@@ -104,13 +124,13 @@ std::vector<Tensor> light_sum_backward_kernel(const Tensor& grad, const Tensor& 
                                               at::IntArrayRef spec, at::ArrayRef<double> floats, bool training) {
   const auto tails = parse_tails(spec, floats, inputs.size());
   const size_t n = inputs.size();
-  std::vector<Tensor> xs(n), zs(n), idx(n), mean(n), invstd(n), ys(n);
+  const std::vector<Tensor> xs = layouts_in(inputs, tails);
+  std::vector<Tensor> zs(n), idx(n), mean(n), invstd(n), ys(n);
   std::vector<int64_t> stat(n, -1);
   int64_t next = 0;
   for (size_t i = 0; i < n; ++i) {
     const Tail& t = tails[i];
     const int64_t k = t.kernel, s = t.stride, p = t.padding;
-    xs[i] = layout_in(inputs[i], t);
     if (t.pool == 1) {
       std::tie(zs[i], idx[i]) = at::max_pool2d_with_indices(xs[i], {k, k}, {s, s}, {p, p});
     } else if (t.pool == 2) {
@@ -123,7 +143,7 @@ std::vector<Tensor> light_sum_backward_kernel(const Tensor& grad, const Tensor& 
     if (t.bn == 1 || (t.bn == 2 && training)) {
       std::tie(y, mean[i], invstd[i]) = at::native_batch_norm(zs[i], {}, {}, {}, {}, true, 0.0, t.eps);
     } else if (t.bn == 2) {
-      y = at::batch_norm(zs[i], {}, {}, running_means[stat[i]], running_vars[stat[i]], false, 0.0, t.eps, true);
+      y = batch_norm(zs[i], running_means[stat[i]], running_vars[stat[i]], false, 0.0, t.eps);
     }
     ys[i] = layout_out(y, t);
   }
@@ -146,7 +166,9 @@ std::vector<Tensor> light_sum_backward_kernel(const Tensor& grad, const Tensor& 
     } else if (t.pool == 2) {
       gx = at::avg_pool2d_backward(gz, xs[i], {k, k}, {s, s}, {p, p}, false, false, std::nullopt);
     }
-    out.push_back(layout_out(gx, t).clone(at::MemoryFormat::Contiguous));  // outputs may not alias
+    // gx is a fresh tensor (a pool's, a BN's or mixed_sum's backward made it), so no output aliases
+    // another or an input; contiguous copies only where it is not already.
+    out.push_back(layout_out(gx, t).contiguous());
   }
   out.push_back(g.back());
   return out;

@@ -7,9 +7,11 @@
 //
 // toponas::merged_conv_fused is one dispatcher call per group in forward and one in backward (its
 // autograd node is a C++ Function, so no Python runs in backward); it keeps only x, the
-// coefficients and the kernel tensors, as the Python path does. The bodies compose ATen ops and
-// the merge kernels (toponas::merge_kernels_kernel and its backward) on whatever device the
-// tensors are on, so this file has no device code.
+// coefficients and the kernel tensors, as the Python path does. The bodies compose ATen ops, the
+// merge kernels (toponas::merge_kernels_kernel and its backward) and, for the stacked and
+// separable forms, the group's statistics-to-1x1-kernel op (toponas::group_pointwise_kernel and
+// its backward, csrc/group_pointwise.h) on whatever device the tensors are on, so this file has
+// no device code.
 //
 // spec (ints): form (0 dense, 1 stacked, 2 separable), normalize (0 none, 1 channel, 2 tensor),
 // stride, dilation, groups (of the dense conv), size (of the group's span: the shift channels'
